@@ -1,0 +1,47 @@
+# marketplacedb-operator: the two commands are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test lint unit demo bench bench-quick e2e soak crd clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)  ## apt packages when missing (postgresql-15, pgbouncer) and a virtualenv with the project
+
+lint: $(STAMP)  ## ruff, mypy (strict on the package), import-linter contracts
+	$(BIN)/ruff check operator tests bench
+	$(BIN)/mypy operator/marketplacedb_operator
+	$(BIN)/lint-imports
+
+test: lint  ## everything CI runs: lint, then every test tier (PostgreSQL, pgbouncer, KMock, manifests)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+crd: $(STAMP)  ## regenerate the CRD in crds/ and the chart
+	$(BIN)/marketplacedb crd > crds/marketplacedbs.marketplacedb.io.yaml
+	cp crds/marketplacedbs.marketplacedb.io.yaml charts/marketplacedb-operator/crds/
+
+demo: $(STAMP)  ## run the operator on a local sandbox (PostgreSQL + pgbouncer + KMock API); CLUSTER=1 for a real cluster
+	$(BIN)/marketplacedb demo $(if $(CLUSTER),--cluster,)
+
+bench: $(STAMP)  ## full benchmark (~10 min), writes bench/REPORT.md
+	$(PY) -m bench.run --full
+
+bench-quick: $(STAMP)  ## quick benchmark (~2 min), writes bench/REPORT.md
+	$(PY) -m bench.run --quick
+
+e2e: $(STAMP)  ## kind cluster end-to-end (needs Docker and kind; says so and exits 0 without them)
+	bash scripts/e2e.sh
+
+soak: $(STAMP)  ## the longer reliability soak
+	SOAK=1 $(BIN)/pytest -q tests/reliability
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""Allow-listed settings with typed values: PgBouncer parameters and per-database GUCs.
+
+Anything not listed here is rejected at validation time, so a typo or an injection attempt never
+reaches a config file or an `ALTER DATABASE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    kind: Kind
+    minimum: int = 0
+    maximum: int = 2**31 - 1
+    # PgBouncer: True when `RELOAD` applies it to a running process without a restart.
+    reload_safe: bool = True
+    choices: tuple[str, ...] = ()
+
+
+# https://www.pgbouncer.org/config.html (1.18 as shipped by Debian 12). pool_mode, max_client_conn
+# and default_pool_size are explicit fields of the pooler spec; listen_*, auth_* and TLS
+# are the operator's (a parameter must not re-route or unlock the pooler).
+PGBOUNCER_PARAMETERS: dict[str, Param] = {
+    "application_name_add_host": Param("bool"),
+    "client_idle_timeout": Param("int"),
+    "client_login_timeout": Param("int", maximum=86400),
+    "idle_transaction_timeout": Param("int"),
+    "log_connections": Param("bool"),
+    "log_disconnections": Param("bool"),
+    "log_pooler_errors": Param("bool"),
+    "log_stats": Param("bool"),
+    "max_db_connections": Param("int", maximum=100000),
+    "max_packet_size": Param("int", minimum=9, maximum=2**31 - 1),
+    "max_user_connections": Param("int", maximum=100000),
+    "min_pool_size": Param("int", maximum=10000),
+    "query_timeout": Param("int"),
+    "query_wait_timeout": Param("int"),
+    "reserve_pool_size": Param("int", maximum=10000),
+    "reserve_pool_timeout": Param("int", maximum=3600),
+    "server_check_delay": Param("int"),
+    "server_connect_timeout": Param("int", minimum=1, maximum=3600),
+    "server_idle_timeout": Param("int"),
+    "server_lifetime": Param("int"),
+    "server_login_retry": Param("int", maximum=3600),
+    "server_round_robin": Param("bool"),
+    "stats_period": Param("int", minimum=1, maximum=86400),
+    "tcp_keepalive": Param("bool"),
+    "tcp_keepcnt": Param("int", maximum=1000),
+    "tcp_keepidle": Param("int", maximum=86400),
+    "tcp_keepintvl": Param("int", maximum=86400),
+    "verbose": Param("int", maximum=3),
+    # Read only at start-up: a change rolls the pods (through the restart hash).
+    "listen_backlog": Param("int", minimum=1, maximum=65535, reload_safe=False),
+    "pkt_buf": Param("int", minimum=512, maximum=2**20, reload_safe=False),
+    "sbuf_loopcnt": Param("int", maximum=10000, reload_safe=False),
+    "tcp_defer_accept": Param("int", maximum=3600, reload_safe=False),
+    "tcp_socket_buffer": Param("int", maximum=2**24, reload_safe=False),
+}
+
+# Per-database settings applied with ALTER DATABASE ... SET (https://www.postgresql.org/docs/15/runtime-config.html).
+DATABASE_SETTINGS: dict[str, Param] = {
+    "work_mem": Param("memory"),
+    "maintenance_work_mem": Param("memory"),
+    "temp_buffers": Param("memory"),
+    "effective_cache_size": Param("memory"),
+    "random_page_cost": Param("float"),
+    "seq_page_cost": Param("float"),
+    "cpu_tuple_cost": Param("float"),
+    "effective_io_concurrency": Param("int", maximum=1000),
+    "default_statistics_target": Param("int", minimum=1, maximum=10000),
+    "statement_timeout": Param("duration_ms"),
+    "lock_timeout": Param("duration_ms"),
+    "idle_in_transaction_session_timeout": Param("duration_ms"),
+    "jit": Param("bool"),
+    "enable_seqscan": Param("bool"),
+    "enable_nestloop": Param("bool"),
+    "enable_partitionwise_join": Param("bool"),
+    "enable_partitionwise_aggregate": Param("bool"),
+    "default_transaction_isolation": Param(
+        "enum", choices=("read committed", "repeatable read", "serializable")
+    ),
+}
+
+# Server-wide settings: reported as advice, never changed (they need a restart or superuser).
+SERVER_SETTINGS = ("max_connections", "shared_buffers", "max_wal_size", "wal_buffers", "max_worker_processes")
+
+_MEMORY = re.compile(r"^[0-9]+(kB|MB|GB|TB)?$")
+_DURATION_MS = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
+_FLOAT = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+_BOOLS = {"0": "0", "1": "1", "true": "1", "false": "0", "on": "1", "off": "0"}
+
+
+def check_value(param: Param, value: object) -> str:
+    """The canonical text of `value` for `param`; ValueError naming the expectation otherwise."""
+    text = str(value).strip().lower() if isinstance(value, bool) else str(value).strip()
+    if param.kind == "bool":
+        if text.lower() in _BOOLS:
+            return _BOOLS[text.lower()]
+        raise ValueError(f"{value!r} is not a boolean (0/1, true/false)")
+    if param.kind == "int":
+        if not re.fullmatch(r"[0-9]+", text):
+            raise ValueError(f"{value!r} is not a whole number")
+        if not param.minimum <= int(text) <= param.maximum:
+            raise ValueError(f"{text} is outside {param.minimum}..{param.maximum}")
+        return str(int(text))
+    pattern = {"memory": _MEMORY, "float": _FLOAT, "duration_ms": _DURATION_MS}.get(param.kind)
+    if pattern is not None:
+        if not pattern.fullmatch(text):
+            raise ValueError(f"{value!r} is not a valid {param.kind.replace('_ms', '')} value")
+        return text
+    if text.lower() in param.choices:
+        return text.lower()
+    raise ValueError(f"{value!r} is not one of {', '.join(param.choices)}")
+
+
+def check_named(table: dict[str, Param], name: str, value: object, what: str) -> str:
+    param = table.get(name)
+    if param is None:
+        raise ValueError(f"{name!r} is not an allowed {what} (allowed: {', '.join(sorted(table))})")
+    return check_value(param, value)

@@ -1,0 +1,93 @@
+-- Reference schema of the marketplace this operator was designed for (DESIGN.md section 6).
+--
+-- Only primary keys, foreign keys and one natural unique key are declared here. The five
+-- targeted indexes and the two materialized views are *not*: the MarketplaceDB resource in
+-- examples/marketplacedb.yaml declares them and the operator creates them CONCURRENTLY.
+-- Run on a fresh database; fill it with `python examples/generate.py --products N`.
+
+CREATE TABLE categories (
+    id            serial PRIMARY KEY,
+    name          text        NOT NULL,
+    slug          text        NOT NULL,
+    icon          text,
+    color         text,                       -- '#rrggbb'
+    display_order integer     NOT NULL DEFAULT 0,
+    is_active     boolean     NOT NULL DEFAULT true,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Accounts of AI services sold by the marketplace itself (no seller).
+CREATE TABLE ai_accounts (
+    id           bigserial PRIMARY KEY,
+    name         text          NOT NULL,
+    description  text,
+    price        numeric(12,2) NOT NULL CHECK (price >= 0),
+    icon_url     text,
+    category_id  integer       REFERENCES categories (id),
+    sold_count   integer       NOT NULL DEFAULT 0,
+    view_count   integer       NOT NULL DEFAULT 0,
+    rating       numeric(3,2),
+    is_available boolean       NOT NULL DEFAULT true,
+    created_at   timestamptz   NOT NULL DEFAULT now(),
+    updated_at   timestamptz   NOT NULL DEFAULT now()
+);
+
+CREATE TABLE seller_profiles (
+    id          bigserial PRIMARY KEY,
+    user_id     bigint       NOT NULL,
+    store_name  text         NOT NULL,
+    store_slug  text         NOT NULL,
+    description text,
+    rating      numeric(3,2),
+    is_verified boolean      NOT NULL DEFAULT false,
+    created_at  timestamptz  NOT NULL DEFAULT now()
+);
+
+-- Products listed by third-party sellers; shown only once approved by moderation.
+CREATE TABLE seller_products (
+    id           bigserial PRIMARY KEY,
+    seller_id    bigint        NOT NULL REFERENCES seller_profiles (id),
+    category_id  integer       REFERENCES categories (id),
+    name         text          NOT NULL,
+    description  text,
+    price        numeric(12,2) NOT NULL CHECK (price >= 0),
+    icon_url     text,
+    stock        integer       NOT NULL DEFAULT 0,
+    sold_count   integer       NOT NULL DEFAULT 0,
+    view_count   integer       NOT NULL DEFAULT 0,
+    rating       numeric(3,2),
+    is_available boolean       NOT NULL DEFAULT true,
+    is_approved  boolean       NOT NULL DEFAULT false,
+    created_at   timestamptz   NOT NULL DEFAULT now(),
+    updated_at   timestamptz   NOT NULL DEFAULT now()
+);
+
+CREATE TABLE seller_orders (
+    id         bigserial PRIMARY KEY,
+    seller_id  bigint        NOT NULL REFERENCES seller_profiles (id),
+    product_id bigint        NOT NULL REFERENCES seller_products (id),
+    buyer_id   bigint        NOT NULL,
+    quantity   integer       NOT NULL DEFAULT 1 CHECK (quantity > 0),
+    amount     numeric(12,2) NOT NULL CHECK (amount >= 0),
+    status     text          NOT NULL DEFAULT 'pending'
+               CHECK (status IN ('pending', 'paid', 'delivered', 'cancelled', 'refunded')),
+    created_at timestamptz   NOT NULL DEFAULT now(),
+    updated_at timestamptz   NOT NULL DEFAULT now()
+);
+
+CREATE TABLE search_history (
+    id            bigserial PRIMARY KEY,
+    user_id       bigint      NOT NULL,
+    query         text        NOT NULL,
+    results_count integer     NOT NULL DEFAULT 0,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per normalized query; the search service upserts on `query`.
+CREATE TABLE popular_searches (
+    id               bigserial PRIMARY KEY,
+    query            text        NOT NULL UNIQUE,
+    search_count     integer     NOT NULL DEFAULT 0,
+    is_trending      boolean     NOT NULL DEFAULT false,
+    last_searched_at timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,60 @@
+"""Every operator knob, read from the environment (MARKETPLACEDB_*) once at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+PREFIX = "MARKETPLACEDB_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # Images. The operator's own image runs the refresh CronJobs (`marketplacedb refresh`).
+    operator_image: str = "ghcr.io/marketplacedb/marketplacedb-operator:0.1.0"
+    pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.23.0"
+    pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
+    # Watch scope: empty means all namespaces.
+    namespaces: tuple[str, ...] = ()
+    # Periodic drift detection; also the level-based safety net for missed events.
+    resync_seconds: float = 300.0
+    # Connections kept free on the server for the operator, refresh jobs and superusers when
+    # sizing the pooler: max(headroom_min, headroom_fraction * max_connections).
+    headroom_min_connections: int = 10
+    headroom_fraction: float = 0.1
+    # Index builds wait for older snapshots; they get their own, longer lock policy.
+    index_lock_timeout_seconds: float = 60.0
+    ddl_retries: int = 3
+    ddl_retry_base_seconds: float = 0.5
+    connect_timeout_seconds: float = 5.0
+    # Temporary errors (unreachable database, missing Secret) back off up to this.
+    max_backoff_seconds: float = 300.0
+    metrics_port: int = 9090
+    health_port: int = 8080
+    log_format: str = "json"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build from MARKETPLACEDB_<FIELD> variables; unknown or malformed values fail loudly."""
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[field.name] = _convert(field.type, raw)
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r}: {exc}") from None
+        return cls(**values)
+
+
+def _convert(annotation: Any, raw: str) -> Any:
+    kind = str(annotation)
+    if kind == "float":
+        return float(raw)
+    if kind == "int":
+        return int(raw)
+    if kind.startswith("tuple"):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
