@@ -18,8 +18,16 @@ STALE = "Stale"
 DRIFTED = "Drifted"
 
 # The order conditions are listed in (stable output for kubectl and GitOps diffs).
-CONDITION_ORDER = (READY, DATABASE_REACHABLE, SCHEMA_APPLIED, REFRESH_SCHEDULED, POOLER_AVAILABLE, PROBES_APPLIED,
-                   STALE, DRIFTED)
+CONDITION_ORDER = (
+    READY,
+    DATABASE_REACHABLE,
+    SCHEMA_APPLIED,
+    REFRESH_SCHEDULED,
+    POOLER_AVAILABLE,
+    PROBES_APPLIED,
+    STALE,
+    DRIFTED,
+)
 
 Status = Literal["True", "False", "Unknown"]
 

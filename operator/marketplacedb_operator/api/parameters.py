@@ -82,9 +82,7 @@ DATABASE_SETTINGS: dict[str, Param] = {
     "enable_nestloop": Param("bool"),
     "enable_partitionwise_join": Param("bool"),
     "enable_partitionwise_aggregate": Param("bool"),
-    "default_transaction_isolation": Param(
-        "enum", choices=("read committed", "repeatable read", "serializable")
-    ),
+    "default_transaction_isolation": Param("enum", choices=("read committed", "repeatable read", "serializable")),
 }
 
 # Server-wide settings: reported as advice, never changed (they need a restart or superuser).

@@ -129,7 +129,8 @@ class DDLPolicy(Model):
     lock_timeout: Duration = Field("5s", description="lock_timeout for ordinary DDL; failures retry with jitter.")
     statement_timeout: Duration = Field("30m", description="statement_timeout for every DDL statement.")
     deletion_policy: Literal["Retain", "Drop"] = Field(
-        "Retain", description="On delete: Retain keeps database objects; Drop removes only objects this resource created."
+        "Retain",
+        description="On delete: Retain keeps database objects; Drop removes only objects this resource created.",
     )
     approval: Literal["Automatic", "Manual"] = Field(
         "Automatic",
@@ -206,7 +207,9 @@ class MaterializedViewSpec(Model):
 
     name: Identifier = Field(description="View name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema.")
-    query: str = Field(min_length=1, max_length=65536, description="Exactly one SELECT (checked by PostgreSQL's parser).")
+    query: str = Field(
+        min_length=1, max_length=65536, description="Exactly one SELECT (checked by PostgreSQL's parser)."
+    )
     unique_key: list[Identifier] = Field(
         min_length=1, max_length=32, description="Columns of the unique index (plain columns the view returns)."
     )

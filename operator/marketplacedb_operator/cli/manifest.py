@@ -20,9 +20,7 @@ class ManifestError(ValueError):
 def register(commands: Any) -> None:
     crd = commands.add_parser("crd", help="print the generated MarketplaceDB CRD (YAML)")
     crd.set_defaults(handler=_crd)
-    validate = commands.add_parser(
-        "validate", help="check MarketplaceDB manifests; exit 1 naming each bad field"
-    )
+    validate = commands.add_parser("validate", help="check MarketplaceDB manifests; exit 1 naming each bad field")
     validate.add_argument("-f", "--filename", required=True, help="manifest file (YAML, may hold several documents)")
     validate.set_defaults(handler=_validate)
 

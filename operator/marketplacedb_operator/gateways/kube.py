@@ -1,0 +1,143 @@
+"""The only user of the Kubernetes client: server-side apply, reads, deletes.
+
+Every write is a server-side apply with one field manager (`marketplacedb-operator`), so the
+operator owns exactly the fields it sets and GitOps tools own the rest
+(https://kubernetes.io/docs/reference/using-api/server-side-apply/).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import urllib.parse
+from typing import Any
+
+from kubernetes import client as k8s
+
+from .. import naming
+
+log = logging.getLogger(__name__)
+
+# (apiVersion, kind) -> (path prefix, plural). Only the kinds the operator writes or reads;
+# RBAC in the chart is generated from the same table's users (see rbac.py).
+RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("batch/v1", "CronJob"): ("/apis/batch/v1", "cronjobs"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
+    (naming.API_VERSION, naming.KIND): (f"/apis/{naming.API_VERSION}", naming.PLURAL),
+}
+
+
+class KubeError(Exception):
+    """An API call failed; carries the HTTP status and the server's message (never a body)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    try:
+        prefix, plural = RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise KubeError(0, f"the operator does not manage {kind} ({api_version})") from None
+    path = f"{prefix}/namespaces/{urllib.parse.quote(namespace)}/{plural}"
+    return f"{path}/{urllib.parse.quote(name)}" if name else path
+
+
+class KubeGateway:
+    """Synchronous calls through the official client (kopf runs sync handlers in threads)."""
+
+    def __init__(self, api_client: k8s.ApiClient) -> None:
+        self._api = api_client
+        self.writes = 0  # API writes made, for the "idle resync writes nothing" check and metrics
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any] | None:
+        """One request; the parsed JSON body, None on 404, KubeError on other failures."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        method_, url, headers_, body_, _ = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        if method != "GET":
+            self.writes += 1
+        response = self._api.call_api(method_, url, header_params=headers_, body=body_)
+        data: bytes = response.read()  # type: ignore[no-untyped-call]
+        if response.status == 404:
+            return None
+        if not 200 <= response.status < 300:
+            raise KubeError(response.status, _message(data))
+        parsed: dict[str, Any] = json.loads(data) if data else {}
+        return parsed
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply (force: the operator is the authority for the fields it sets)."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", naming.FIELD_MANAGER), ("force", "true")]
+        result = self._call("PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
+        if result is None:
+            # A real API server creates on apply; API emulators answer 404 for a missing
+            # object, so create it (same body, same field manager).
+            created = self._call(
+                "POST",
+                _path(obj["apiVersion"], obj["kind"], meta["namespace"]),
+                query=[("fieldManager", naming.FIELD_MANAGER)],
+                body=obj,
+            )
+            if created is None:
+                raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
+            result = created
+        return result
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._call("GET", _path(api_version, kind, namespace, name))
+
+    def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        result = self._call("GET", _path(api_version, kind, namespace), query=[("labelSelector", label_selector)])
+        items: list[dict[str, Any]] = (result or {}).get("items", [])
+        # Emulators may ignore labelSelector: filter here too (a no-op on a real server).
+        return [i for i in items if _matches(i, selector)]
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """True when something was deleted; a missing object is not an error."""
+        return self._call("DELETE", _path(api_version, kind, namespace, name)) is not None
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's decoded data, None when missing. Values are never logged."""
+        secret = self.get("v1", "Secret", namespace, name)
+        if secret is None:
+            return None
+        decoded = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        decoded.update(secret.get("stringData") or {})
+        return decoded
+
+
+def _matches(obj: dict[str, Any], selector: dict[str, str]) -> bool:
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _message(data: bytes) -> str:
+    try:
+        return str(json.loads(data).get("message", ""))[:500]
+    except (ValueError, AttributeError):
+        return data[:200].decode(errors="replace")
