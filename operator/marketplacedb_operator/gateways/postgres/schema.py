@@ -1,0 +1,284 @@
+"""Observe the catalog and execute a Plan on a direct, autocommit connection.
+
+Execution rules (DESIGN.md section 4):
+* every step runs with `lock_timeout` and `statement_timeout` set for the session: the resource's
+  lockTimeout for ordinary DDL, the operator's index policy for CONCURRENTLY builds and drops;
+  a lock timeout or deadlock is retried with jittered exponential backoff;
+* after every index build `pg_index.indisvalid` is checked; a build that failed or came out
+  INVALID is dropped CONCURRENTLY (https://www.postgresql.org/docs/15/sql-createindex.html#SQL-CREATEINDEX-CONCURRENTLY);
+* the steps of one object stop at its first failure, undo what they left behind, and the next
+  object goes on: one outcome per object;
+* error messages carry PostgreSQL's primary message and SQLSTATE only (never DETAIL, which can
+  quote row data), and no connection parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+
+from ...sql.catalog import (
+    BLOCKERS,
+    OBSERVE,
+    OPEN_TRANSACTIONS,
+    Catalog,
+    SessionInfo,
+    observe_params,
+    parse_catalog,
+    session_from_row,
+)
+from ...sql.ddl import drop_index, qualified, render
+from ...sql.plan import ExecutionPolicy, Plan, Step, StepOutcome, ViewCheck
+from ...sqlcheck import normalize_select
+
+Connection = psycopg.Connection[Any]
+Connect = Callable[[], Connection]
+_RETRYABLE = (errors.LockNotAvailable, errors.DeadlockDetected)
+
+
+class StepFailed(Exception):
+    """A step could not complete; the message is safe for status and events."""
+
+
+# --- observation ---------------------------------------------------------------------------------
+
+
+def observe(conn: Connection) -> Catalog:
+    """One READ ONLY snapshot of the catalog (pipelined: a single network round trip)."""
+    with conn.pipeline(), conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
+        conn.execute("SET LOCAL search_path = pg_catalog")
+        cur = conn.execute(OBSERVE, observe_params())
+        row = cur.fetchone()
+    if row is None:  # pragma: no cover - the statement always returns one row
+        raise StepFailed("catalog observation returned nothing")
+    return parse_catalog(row[0])
+
+
+def blocking_sessions(conn: Connection, min_age_seconds: float = 0.0) -> tuple[SessionInfo, ...]:
+    """Sessions of this database holding a transaction open longer than `min_age_seconds`:
+    what a CONCURRENTLY build or drop has to wait for."""
+    rows = conn.execute(OPEN_TRANSACTIONS, {"min_age": min_age_seconds}).fetchall()
+    return tuple(session_from_row(row) for row in rows)
+
+
+def sessions_blocking(conn: Connection, pid: int) -> tuple[SessionInfo, ...]:
+    """The sessions backend `pid` is waiting for right now (pg_blocking_pids), seen from `conn`."""
+    return tuple(session_from_row(row) for row in conn.execute(BLOCKERS, {"pid": pid}).fetchall())
+
+
+def check_view_columns(conn: Connection, query: str, timeout_seconds: float = 30.0) -> list[str]:
+    """The columns `query` returns, asked of the server with LIMIT 0 in a READ ONLY transaction
+    (nothing is read, nothing can be written), after the parser has checked it is one SELECT."""
+    text = normalize_select(query)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
+                     [str(max(1, round(timeout_seconds * 1000)))])
+        cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS mdb_view_check LIMIT 0").format(sql.SQL(text)))
+        columns = [column.name for column in cur.description or ()]
+        raise psycopg.Rollback()
+    return columns  # Rollback ends the transaction block above without an error
+
+
+# --- execution -----------------------------------------------------------------------------------
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        primary = exc.diag.message_primary or type(exc).__name__
+        return f"{primary} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else primary
+    return str(exc)
+
+
+def _set_timeouts(conn: Connection, lock_seconds: float, statement_seconds: float) -> None:
+    conn.execute(
+        "SELECT pg_catalog.set_config('lock_timeout', %s, false), "
+        "pg_catalog.set_config('statement_timeout', %s, false)",
+        [str(max(1, round(lock_seconds * 1000))), str(max(1, round(statement_seconds * 1000)))],
+    )
+
+
+def _backoff(policy: ExecutionPolicy, attempt: int, rng: random.Random) -> float:
+    # Full jitter around an exponential base, so several operators never retry in lockstep.
+    return float(policy.retry_base_seconds * (2**attempt) * rng.uniform(0.5, 1.5))
+
+
+def _lock_seconds(policy: ExecutionPolicy, step_policy: str) -> float:
+    return policy.index_lock_timeout_seconds if step_policy == "index" else policy.lock_timeout_seconds
+
+
+def _index_state(conn: Connection, schema: str, name: str) -> bool | None:
+    """indisvalid of the index, or None when it does not exist."""
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
+        [render(qualified(schema, name))],
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+class _Runner:
+    def __init__(self, conn: Connection, policy: ExecutionPolicy, watch: Connect | None,
+                 sleep: Callable[[float], None], rng: random.Random) -> None:
+        self.conn, self.policy, self.watch, self.sleep, self.rng = conn, policy, watch, sleep, rng
+        self.blockers: dict[int, SessionInfo] = {}
+        self.attempts = 0
+        self.cleanup_problem = ""  # an INVALID index that could not be dropped yet
+
+    def statements(self, statements: Sequence[sql.Composed], transactional: bool, lock_policy: str,
+                   cleanup_index: tuple[str, str] | None = None) -> None:
+        """Run with timeouts; retry lock timeouts and deadlocks with jittered backoff."""
+        for attempt in range(self.policy.retries + 1):
+            self.attempts += 1
+            _set_timeouts(self.conn, _lock_seconds(self.policy, lock_policy), self.policy.statement_timeout_seconds)
+            try:
+                with self._watching(lock_policy == "index"):
+                    if transactional:
+                        with self.conn.transaction():
+                            for statement in statements:
+                                self.conn.execute(statement)
+                    else:
+                        for statement in statements:
+                            self.conn.execute(statement)
+                return
+            except _RETRYABLE as exc:
+                self._note_blockers()
+                if cleanup_index:  # a timed-out CONCURRENTLY build leaves an INVALID index
+                    problem = self.drop_if_invalid(*cleanup_index)
+                    if problem:  # the same blocker holds the drop: retrying the build cannot succeed
+                        self.cleanup_problem = problem
+                        raise StepFailed(describe_error(exc)) from exc
+                if attempt >= self.policy.retries:
+                    raise
+                self.sleep(_backoff(self.policy, attempt, self.rng))
+
+    def drop_if_invalid(self, schema: str, name: str) -> str:
+        """Drop the index CONCURRENTLY when it exists and is INVALID; '' or why it could not."""
+        try:
+            if _index_state(self.conn, schema, name) is False:
+                self.statements([drop_index(schema, name)], transactional=False, lock_policy="index")
+            return ""
+        except psycopg.Error as exc:
+            return f"INVALID index {schema}.{name} could not be dropped yet ({describe_error(exc)}): retried next time"
+
+    def _note_blockers(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            for session in blocking_sessions(self.conn):
+                self.blockers.setdefault(session.pid, session)
+
+    @contextlib.contextmanager
+    def _watching(self, enabled: bool) -> Iterator[None]:
+        """While an index build waits, sample from a second connection who it waits for."""
+        if not enabled or self.watch is None:
+            yield
+            return
+        stop = threading.Event()
+        pid = self.conn.info.backend_pid
+        thread = threading.Thread(target=self._watch, args=(self.watch, pid, stop), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def _watch(self, connect: Connect, pid: int, stop: threading.Event) -> None:
+        try:
+            with connect() as other:
+                while not stop.wait(0.2):
+                    for session in sessions_blocking(other, pid):
+                        self.blockers[session.pid] = session  # keep the latest (oldest age)
+        except Exception:  # observation only: never fail a build because of it
+            return
+
+
+def _run_object(runner: _Runner, obj: str, steps: Sequence[Step]) -> StepOutcome:
+    started = time.monotonic()
+    done: list[Step] = []
+    current: Step | None = None
+    try:
+        for current in steps:
+            if current.check_view is not None:
+                _check_view(runner.conn, current.check_view, runner.policy)
+            runner.statements(current.statements, current.transactional, current.lock_policy, current.cleanup_index)
+            if current.verify_index is not None and _index_state(runner.conn, *current.verify_index) is not True:
+                raise StepFailed(f"index {'.'.join(current.verify_index)} is not valid after the build")
+            done.append(current)
+    except (psycopg.Error, StepFailed) as exc:
+        message = f"{current.description if current else obj}: {describe_error(exc)}"
+        leftovers = _undo(runner, current, done, exc)
+        return StepOutcome(obj, ok=False, executed=tuple(s.description for s in done),
+                           message="; ".join([message, *leftovers]), blocking=tuple(runner.blockers.values()),
+                           seconds=round(time.monotonic() - started, 3), attempts=runner.attempts)
+    waited = "; ".join(s.describe() for s in runner.blockers.values())
+    return StepOutcome(obj, ok=True, executed=tuple(s.description for s in done),
+                       message=f"waited for {waited}" if waited else "",
+                       blocking=tuple(runner.blockers.values()), seconds=round(time.monotonic() - started, 3),
+                       attempts=runner.attempts)
+
+
+def _undo(runner: _Runner, failed: Step | None, done: Sequence[Step], exc: BaseException) -> list[str]:
+    """Leave nothing behind: the failed build's INVALID index, then earlier steps' cleanups."""
+    problems = []
+    if runner.conn.closed:
+        return ["connection lost: leftovers are cleaned up on the next reconcile"]
+    if runner.cleanup_problem:
+        problems.append(runner.cleanup_problem)
+    elif failed is not None and failed.cleanup_index and not isinstance(exc, errors.DuplicateTable):
+        problems.append(runner.drop_if_invalid(*failed.cleanup_index))
+    for step in reversed(done):
+        for statement in step.cleanup:
+            try:
+                runner.statements([statement], transactional=False, lock_policy="index")
+            except psycopg.Error as error:
+                problems.append(f"cleanup `{render(statement)}` failed ({describe_error(error)}): retried next time")
+    return [p for p in problems if p]
+
+
+def _check_view(conn: Connection, check: ViewCheck, policy: ExecutionPolicy) -> None:
+    try:
+        columns = check_view_columns(conn, check.query, policy.statement_timeout_seconds)
+    except psycopg.Error as exc:
+        raise StepFailed(f"{check.field}.query: {describe_error(exc)}") from None
+    duplicates = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicates:
+        raise StepFailed(f"{check.field}.query: returns duplicate column names {duplicates}")
+    missing = [k for k in check.unique_key if k not in columns]
+    if missing:
+        raise StepFailed(f"{check.field}.uniqueKey: {missing} not returned by the query (it returns {columns})")
+
+
+def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Connect | None = None,
+            sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> list[StepOutcome]:
+    """Run `plan` on an autocommit connection; one outcome per object, in plan order.
+
+    `watch`, when given, opens a second connection used only to report which sessions an index
+    build is waiting for (pg_blocking_pids), while it waits.
+    """
+    if not conn.autocommit:
+        raise ValueError("execute() needs an autocommit connection (CONCURRENTLY cannot run in a transaction)")
+    original = conn.execute("SELECT pg_catalog.current_setting('lock_timeout'), "
+                            "pg_catalog.current_setting('statement_timeout')").fetchone()
+    outcomes = []
+    jitter = rng or random.Random()
+    try:
+        for obj in plan.objects:
+            steps = [s for s in plan.steps if s.object == obj]
+            if conn.closed:
+                outcomes.append(StepOutcome(obj, ok=False, message="connection lost before this object"))
+                continue
+            outcomes.append(_run_object(_Runner(conn, policy, watch, sleep, jitter), obj, steps))
+    finally:
+        if original is not None and not conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false), "
+                             "pg_catalog.set_config('statement_timeout', %s, false)", list(original))
+    return outcomes

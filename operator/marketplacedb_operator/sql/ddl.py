@@ -1,0 +1,256 @@
+"""DDL for indexes, materialized views and database settings, as `psycopg.sql.Composed`.
+
+Pure builders: no connection, no clock. Every name goes through `sql.Identifier` and every value
+through `sql.Literal`; the only raw SQL text taken from a spec is a view query or an index
+predicate, and both are the deparsed output of PostgreSQL's own parser (`sqlcheck`), re-checked
+here so that a spec built without validation cannot smuggle a second statement in.
+
+Ownership and drift marker, written with `COMMENT ON` on every object the operator creates:
+
+    marketplacedb.io/owner=<namespace>/<name>;hash=<sha256 of desired definition>;def=<sha256 of live definition>
+
+* `hash` is computed from the *desired* definition (normalized spec), so PostgreSQL's own
+  reformatting of `pg_get_indexdef` never looks like a change of the resource.
+* `def` is the sha256 of `pg_get_indexdef` / `pg_get_viewdef` taken by the server right after the
+  build (search_path pinned to pg_catalog so the text is fully qualified and does not depend on the
+  session). Comparing it with the live definition detects a hand-made change (`ALTER INDEX ... SET
+  (fillfactor ...)`, a drop-and-recreate that copied the comment, a renamed column...) without ever
+  having to predict PostgreSQL's formatting. A hand-made object *without* the marker is not ours:
+  it is reported as a conflict and left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from psycopg import sql
+
+from .. import naming
+from ..api.v1alpha1 import IndexSpec, MaterializedViewSpec
+from ..sqlcheck import normalize_predicate, normalize_select
+
+MARKER_PREFIX = f"{naming.GROUP}/owner="
+ObjectKind = Literal["INDEX", "MATERIALIZED VIEW"]
+
+# Table privileges that GRANT accepts on a materialized view, by aclexplode()'s privilege_type.
+# Only names from this table ever become SQL keywords.
+PRIVILEGES = {
+    "SELECT": sql.SQL("SELECT"),
+    "INSERT": sql.SQL("INSERT"),
+    "UPDATE": sql.SQL("UPDATE"),
+    "DELETE": sql.SQL("DELETE"),
+    "TRUNCATE": sql.SQL("TRUNCATE"),
+    "REFERENCES": sql.SQL("REFERENCES"),
+    "TRIGGER": sql.SQL("TRIGGER"),
+}
+
+
+def render(query: sql.Composable) -> str:
+    """The exact text psycopg sends; psycopg >= 3.2 renders Composed without a connection.
+
+    Without a connection, literals are quoted in the `E'...'` form when they hold a backslash,
+    which means the same thing whatever `standard_conforming_strings` is set to on the server.
+    """
+    return query.as_string(None)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def qualified(schema: str, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name)
+
+
+# --- names --------------------------------------------------------------------------------------
+
+
+def temp_name(name: str) -> str:
+    """Where a replacement is built before the swap."""
+    return naming.temp_object_name(name, "new")
+
+
+def old_name(name: str) -> str:
+    """Where a replaced index waits for its DROP INDEX CONCURRENTLY."""
+    return naming.temp_object_name(name, "old")
+
+
+def view_key_name(view: str) -> str:
+    """The unique index REFRESH MATERIALIZED VIEW CONCURRENTLY needs."""
+    return naming.temp_object_name(view, "key")
+
+
+# --- marker ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Marker:
+    owner: str
+    spec_hash: str
+    def_hash: str
+
+
+def marker_prefix(owner: str, spec_hash: str) -> str:
+    """The marker up to `def=`; the server appends the hash of the live definition."""
+    return f"{MARKER_PREFIX}{owner};hash={spec_hash};def="
+
+
+def parse_marker(comment: str | None) -> Marker | None:
+    """The marker in an object's comment, or None when the comment is not ours."""
+    if not comment or not comment.startswith(MARKER_PREFIX):
+        return None
+    fields: dict[str, str] = {}
+    for part in comment[len(naming.GROUP) + 1 :].split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if not fields.get("owner"):
+        return None
+    return Marker(owner=fields["owner"], spec_hash=fields.get("hash", ""), def_hash=fields.get("def", ""))
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def index_hash(spec: IndexSpec) -> str:
+    """sha256 of the normalized desired definition (the name is the identity, not the definition)."""
+    where = normalize_predicate(spec.where) if spec.where else None
+    return sha256(_canonical({
+        "schema": spec.schema_name,
+        "table": spec.table,
+        "columns": [[c.name, c.order, c.nulls] for c in spec.columns],
+        "include": list(spec.include),
+        "where": where,
+        "unique": spec.unique,
+    }))
+
+
+def view_hash(spec: MaterializedViewSpec) -> str:
+    """sha256 of the normalized query and unique key (refresh policy is not part of the DDL)."""
+    return sha256(_canonical({
+        "schema": spec.schema_name,
+        "query": normalize_select(spec.query),
+        "uniqueKey": list(spec.unique_key),
+    }))
+
+
+def mark(kind: ObjectKind, schema: str, name: str, prefix: str) -> sql.Composed:
+    """COMMENT ON the object with `prefix` + sha256 of its live definition, computed by the server.
+
+    A DO block so that the plan holds the exact SQL before the object exists. The body is passed as
+    an ordinary quoted literal (never dollar-quoted) so that no identifier can end it early.
+    search_path is pinned to pg_catalog for the definition (and restored) so the text is fully
+    qualified: the same text the catalog observation hashes.
+    """
+    getter = "pg_get_indexdef" if kind == "INDEX" else "pg_get_viewdef"
+    reg = sql.Literal(render(qualified(schema, name)))
+    body = sql.SQL(
+        "DECLARE old_path text := pg_catalog.current_setting('search_path'); "
+        "BEGIN PERFORM pg_catalog.set_config('search_path', 'pg_catalog', true); "
+        "EXECUTE pg_catalog.format('COMMENT ON {kind} %s IS %L', {reg}::pg_catalog.regclass, "
+        "{prefix} || pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to("
+        "pg_catalog.{getter}({reg}::pg_catalog.regclass), 'UTF8')), 'hex')); "
+        "PERFORM pg_catalog.set_config('search_path', old_path, true); END"
+    ).format(kind=sql.SQL(kind), reg=reg, prefix=sql.Literal(prefix), getter=sql.SQL(getter))
+    return sql.SQL("DO {}").format(sql.Literal(render(body)))
+
+
+# --- indexes -------------------------------------------------------------------------------------
+
+
+def _key_column(column: Any) -> sql.Composed:
+    parts: list[sql.Composable] = [sql.Identifier(column.name)]
+    if column.order == "desc":
+        parts.append(sql.SQL("DESC"))
+    if column.nulls is not None:
+        parts.append(sql.SQL("NULLS FIRST" if column.nulls == "first" else "NULLS LAST"))
+    return sql.SQL(" ").join(parts)
+
+
+def create_index(spec: IndexSpec, name: str | None = None) -> sql.Composed:
+    """CREATE [UNIQUE] INDEX CONCURRENTLY: never blocks writes; cannot run in a transaction."""
+    query = sql.SQL("CREATE {unique}INDEX CONCURRENTLY {name} ON {table} USING btree ({columns})").format(
+        unique=sql.SQL("UNIQUE " if spec.unique else ""),
+        name=sql.Identifier(name or spec.name),
+        table=qualified(spec.schema_name, spec.table),
+        columns=sql.SQL(", ").join(_key_column(c) for c in spec.columns),
+    )
+    if spec.include:
+        query = sql.SQL("{} INCLUDE ({})").format(query, sql.SQL(", ").join(map(sql.Identifier, spec.include)))
+    if spec.where:
+        # Parser-verified, deparsed expression (one boolean expression, no subquery).
+        query = sql.SQL("{} WHERE {}").format(query, sql.SQL(normalize_predicate(spec.where)))
+    return query
+
+
+def drop_index(schema: str, name: str) -> sql.Composed:
+    """DROP INDEX CONCURRENTLY: waits for readers instead of blocking them."""
+    return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(qualified(schema, name))
+
+
+def rename_index(schema: str, old: str, new: str) -> sql.Composed:
+    # PostgreSQL 12+ renames an index under ShareUpdateExclusiveLock: writes go on.
+    return sql.SQL("ALTER INDEX {} RENAME TO {}").format(qualified(schema, old), sql.Identifier(new))
+
+
+# --- materialized views ----------------------------------------------------------------------------
+
+
+def create_view(schema: str, name: str, query: str) -> sql.Composed:
+    """CREATE MATERIALIZED VIEW ... WITH DATA (populated, so REFRESH CONCURRENTLY works at once)."""
+    # The query is the parser's deparsed text of exactly one SELECT (sqlcheck.normalize_select).
+    return sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(
+        qualified(schema, name), sql.SQL(normalize_select(query))
+    )
+
+
+def create_view_index(schema: str, view: str, index: str, key: Sequence[str], *, concurrently: bool) -> sql.Composed:
+    """The unique index on plain columns, no WHERE: what REFRESH ... CONCURRENTLY requires."""
+    return sql.SQL("CREATE UNIQUE INDEX {how}{index} ON {view} USING btree ({columns})").format(
+        how=sql.SQL("CONCURRENTLY " if concurrently else ""),
+        index=sql.Identifier(index),
+        view=qualified(schema, view),
+        columns=sql.SQL(", ").join(map(sql.Identifier, key)),
+    )
+
+
+def drop_view(schema: str, name: str) -> sql.Composed:
+    # RESTRICT (the default): a view something else depends on is never dropped from under it.
+    return sql.SQL("DROP MATERIALIZED VIEW IF EXISTS {}").format(qualified(schema, name))
+
+
+def rename_view(schema: str, old: str, new: str) -> sql.Composed:
+    return sql.SQL("ALTER MATERIALIZED VIEW {} RENAME TO {}").format(qualified(schema, old), sql.Identifier(new))
+
+
+def refresh_view(schema: str, name: str) -> sql.Composed:
+    """Populate an unpopulated view (the first refresh cannot be CONCURRENTLY)."""
+    return sql.SQL("REFRESH MATERIALIZED VIEW {}").format(qualified(schema, name))
+
+
+def grant(privilege: str, schema: str, name: str, grantee: str | None, grantable: bool) -> sql.Composed:
+    """Re-create one privilege of a replaced view on its successor (a swap would lose it)."""
+    keyword = PRIVILEGES[privilege]
+    query = sql.SQL("GRANT {} ON {} TO {}").format(
+        keyword, qualified(schema, name), sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+    )
+    return sql.SQL("{} WITH GRANT OPTION").format(query) if grantable else query
+
+
+# --- database settings ------------------------------------------------------------------------------
+
+
+def set_database(database: str, name: str, value: str) -> sql.Composed:
+    """ALTER DATABASE ... SET: applies to new sessions; existing ones keep their value."""
+    return sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+        sql.Identifier(database), sql.Identifier(name), sql.Literal(value)
+    )
+
+
+def reset_database(database: str, name: str) -> sql.Composed:
+    return sql.SQL("ALTER DATABASE {} RESET {}").format(sql.Identifier(database), sql.Identifier(name))
