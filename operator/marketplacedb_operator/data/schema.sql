@@ -4,6 +4,7 @@
 -- targeted indexes and the two materialized views are *not*: the MarketplaceDB resource in
 -- examples/marketplacedb.yaml declares them and the operator creates them CONCURRENTLY.
 -- Run on a fresh database; fill it with `python examples/generate.py --products N`.
+-- The foreign keys are named: the data loader drops and re-adds them around its bulk insert.
 
 CREATE TABLE categories (
     id            serial PRIMARY KEY,
@@ -23,13 +24,14 @@ CREATE TABLE ai_accounts (
     description  text,
     price        numeric(12,2) NOT NULL CHECK (price >= 0),
     icon_url     text,
-    category_id  integer       REFERENCES categories (id),
+    category_id  integer,
     sold_count   integer       NOT NULL DEFAULT 0,
     view_count   integer       NOT NULL DEFAULT 0,
     rating       numeric(3,2),
     is_available boolean       NOT NULL DEFAULT true,
     created_at   timestamptz   NOT NULL DEFAULT now(),
-    updated_at   timestamptz   NOT NULL DEFAULT now()
+    updated_at   timestamptz   NOT NULL DEFAULT now(),
+    CONSTRAINT ai_accounts_category_id_fkey FOREIGN KEY (category_id) REFERENCES categories (id)
 );
 
 CREATE TABLE seller_profiles (
@@ -46,8 +48,8 @@ CREATE TABLE seller_profiles (
 -- Products listed by third-party sellers; shown only once approved by moderation.
 CREATE TABLE seller_products (
     id           bigserial PRIMARY KEY,
-    seller_id    bigint        NOT NULL REFERENCES seller_profiles (id),
-    category_id  integer       REFERENCES categories (id),
+    seller_id    bigint        NOT NULL,
+    category_id  integer,
     name         text          NOT NULL,
     description  text,
     price        numeric(12,2) NOT NULL CHECK (price >= 0),
@@ -59,20 +61,24 @@ CREATE TABLE seller_products (
     is_available boolean       NOT NULL DEFAULT true,
     is_approved  boolean       NOT NULL DEFAULT false,
     created_at   timestamptz   NOT NULL DEFAULT now(),
-    updated_at   timestamptz   NOT NULL DEFAULT now()
+    updated_at   timestamptz   NOT NULL DEFAULT now(),
+    CONSTRAINT seller_products_seller_id_fkey FOREIGN KEY (seller_id) REFERENCES seller_profiles (id),
+    CONSTRAINT seller_products_category_id_fkey FOREIGN KEY (category_id) REFERENCES categories (id)
 );
 
 CREATE TABLE seller_orders (
     id         bigserial PRIMARY KEY,
-    seller_id  bigint        NOT NULL REFERENCES seller_profiles (id),
-    product_id bigint        NOT NULL REFERENCES seller_products (id),
+    seller_id  bigint        NOT NULL,
+    product_id bigint        NOT NULL,
     buyer_id   bigint        NOT NULL,
     quantity   integer       NOT NULL DEFAULT 1 CHECK (quantity > 0),
     amount     numeric(12,2) NOT NULL CHECK (amount >= 0),
     status     text          NOT NULL DEFAULT 'pending'
                CHECK (status IN ('pending', 'paid', 'delivered', 'cancelled', 'refunded')),
     created_at timestamptz   NOT NULL DEFAULT now(),
-    updated_at timestamptz   NOT NULL DEFAULT now()
+    updated_at timestamptz   NOT NULL DEFAULT now(),
+    CONSTRAINT seller_orders_seller_id_fkey FOREIGN KEY (seller_id) REFERENCES seller_profiles (id),
+    CONSTRAINT seller_orders_product_id_fkey FOREIGN KEY (product_id) REFERENCES seller_products (id)
 );
 
 CREATE TABLE search_history (

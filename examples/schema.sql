@@ -1,0 +1,1 @@
+../operator/marketplacedb_operator/data/schema.sql
