@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test lint unit demo bench bench-quick e2e soak crd clean
+.PHONY: help install test lint demo bench bench-quick e2e soak generate clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,9 +24,12 @@ lint: $(STAMP)  ## ruff, mypy (strict on the package), import-linter contracts
 test: lint  ## everything CI runs: lint, then every test tier (PostgreSQL, pgbouncer, KMock, manifests)
 	$(BIN)/pytest -q -p no:cacheprovider
 
-crd: $(STAMP)  ## regenerate the CRD in crds/ and the chart
+generate: $(STAMP)  ## regenerate every generated file: CRD (crds/, chart), chart RBAC rules, deploy/install.yaml
 	$(BIN)/marketplacedb crd > crds/marketplacedbs.marketplacedb.io.yaml
 	cp crds/marketplacedbs.marketplacedb.io.yaml charts/marketplacedb-operator/crds/
+	$(BIN)/marketplacedb install-manifests --chart-rbac-rules > charts/marketplacedb-operator/templates/_rbac_rules.tpl
+	$(BIN)/marketplacedb install-manifests > deploy/install.yaml
+	$(PY) -m marketplacedb_operator.specs.reference README.md
 
 demo: $(STAMP)  ## run the operator on a local sandbox (PostgreSQL + pgbouncer + KMock API); CLUSTER=1 for a real cluster
 	$(BIN)/marketplacedb demo $(if $(CLUSTER),--cluster,)

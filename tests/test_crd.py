@@ -19,11 +19,11 @@ K8S_VERSION = "1.30.0"
 
 
 def test_crds_directory_matches_generated() -> None:
-    assert CRD_FILE.read_text() == crd_yaml(), "crds/ drifted from the models: run `make crd`"
+    assert CRD_FILE.read_text() == crd_yaml(), "crds/ drifted from the models: run `make generate`"
 
 
 def test_chart_crd_is_identical_copy() -> None:
-    assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), "chart crds/ differs: run `make crd`"
+    assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), "chart crds/ differs: run `make generate`"
 
 
 def test_cli_crd_prints_the_file_byte_for_byte(capsys: Any) -> None:
@@ -119,3 +119,10 @@ def _as_json_schema(node: Any) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
     return out
+
+
+def test_readme_reference_is_in_sync() -> None:
+    from marketplacedb_operator.specs.reference import with_reference
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme == with_reference(readme), "README resource reference drifted: run `make generate`"

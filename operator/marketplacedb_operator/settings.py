@@ -13,7 +13,7 @@ PREFIX = "MARKETPLACEDB_"
 class Settings:
     # Images. The operator's own image runs the refresh CronJobs (`marketplacedb refresh`).
     operator_image: str = "ghcr.io/marketplacedb/marketplacedb-operator:0.1.0"
-    pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.23.0"
+    pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.26.0"
     pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
     # Watch scope: empty means all namespaces.
     namespaces: tuple[str, ...] = ()

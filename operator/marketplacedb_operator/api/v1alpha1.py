@@ -336,17 +336,17 @@ class HealthProbeSpec(Model):
 
 
 class MarketplaceDBSpec(Model):
-    database: DatabaseSpec
-    ddl: DDLPolicy = Field(default_factory=DDLPolicy)
+    database: DatabaseSpec = Field(description="The database (reached directly, never through the pooler).")
+    ddl: DDLPolicy = Field(default_factory=DDLPolicy, description="How DDL runs: timeouts, deletion, approval.")
     indexes: Annotated[list[IndexSpec], Field(json_schema_extra=_list_map("name"))] = Field(
-        default_factory=list, max_length=200
+        default_factory=list, max_length=200, description="B-tree indexes, built and dropped CONCURRENTLY."
     )
     materialized_views: Annotated[list[MaterializedViewSpec], Field(json_schema_extra=_list_map("name"))] = Field(
-        default_factory=list, max_length=50
+        default_factory=list, max_length=50, description="Materialized views and their refresh schedules."
     )
-    pooler: PoolerSpec = Field(default_factory=PoolerSpec)
+    pooler: PoolerSpec = Field(default_factory=PoolerSpec, description="The PgBouncer pooler.")
     health_probes: Annotated[list[HealthProbeSpec], Field(json_schema_extra=_list_map("deployment"))] = Field(
-        default_factory=list, max_length=100
+        default_factory=list, max_length=100, description="Probes to patch onto application Deployments."
     )
 
     @model_validator(mode="after")
@@ -391,6 +391,12 @@ class PoolerBudget(Model):
     reserve_pool_size: int
     max_db_connections: int
     oversubscribed: bool = False
+    superuser_reserved_connections: int = 0
+    # Pods that may hold server connections at once: replicas + 1 (a surge or draining pod).
+    budgeted_pods: int = 0
+    # max_connections - superuser_reserved_connections - headroom: what the pooler pods may share.
+    available: int = 0
+    message: str = ""
 
 
 class PoolerStatus(Model):
@@ -433,6 +439,11 @@ class MarketplaceDBStatus(Model):
     blocking_sessions: list[BlockingSession] = Field(default_factory=list)
     advice: list[str] = Field(default_factory=list)
     summary: Summary | None = None
+    # What this resource changed outside its own objects, so that removals can be undone.
+    managed_settings: list[str] = Field(default_factory=list)
+    probed_deployments: list[str] = Field(default_factory=list)
+    # The last marketplacedb.io/refresh-now annotation value acted upon.
+    handled_refresh_request: str | None = None
 
 
 class MarketplaceDB(Model):

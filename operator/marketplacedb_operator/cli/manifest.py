@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ..api.errors import format_errors
 from ..api.v1alpha1 import MarketplaceDB
 from ..specs.crd import crd_yaml
 
@@ -28,18 +29,6 @@ def register(commands: Any) -> None:
 def _crd(args: argparse.Namespace) -> int:
     sys.stdout.write(crd_yaml())
     return 0
-
-
-def format_errors(error: ValidationError) -> list[str]:
-    """One line per problem: `spec.indexes[0].name: <what is wrong>`."""
-    lines = []
-    for item in error.errors(include_url=False):
-        path = ""
-        for part in item["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or '(document)'}: {message}")
-    return lines
 
 
 def load_resources(path: str) -> list[MarketplaceDB]:

@@ -20,7 +20,7 @@ from .. import naming
 log = logging.getLogger(__name__)
 
 # (apiVersion, kind) -> (path prefix, plural). Only the kinds the operator writes or reads;
-# RBAC in the chart is generated from the same table's users (see rbac.py).
+# RBAC in the chart is generated from RBAC_NEEDS below (see install.py).
 RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Secret"): ("/api/v1", "secrets"),
@@ -31,6 +31,28 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
     (naming.API_VERSION, naming.KIND): (f"/apis/{naming.API_VERSION}", naming.PLURAL),
 }
+
+# What this gateway's calls need from RBAC: (apiGroup, resource, verbs). install.py builds the
+# chart's and deploy/install.yaml's Role/ClusterRole from this list (and kopf's in handlers.py);
+# tests/test_rbac.py checks the rendered rules grant exactly these. `apply` is a server-side apply
+# PATCH, which also needs `create` when the object does not exist yet
+# (https://kubernetes.io/docs/reference/using-api/server-side-apply/#using-server-side-apply-in-a-controller).
+# Secrets: `get` for the database credentials, `patch`/`create`/`delete` for the pooler's auth
+# Secret (deleted when the pooler is disabled); no list or watch, so the operator cannot enumerate
+# Secrets (names are per resource and chosen by users, so resourceNames cannot narrow them: see
+# docs/rbac.md).
+_OWNED_VERBS = ("get", "list", "patch", "create", "delete")
+RBAC_NEEDS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("", "configmaps", _OWNED_VERBS),
+    ("", "secrets", ("get", "patch", "create", "delete")),
+    ("", "services", _OWNED_VERBS),
+    ("apps", "deployments", _OWNED_VERBS),  # the pooler's; get/patch also on application Deployments (probes)
+    ("batch", "cronjobs", _OWNED_VERBS),
+    ("policy", "poddisruptionbudgets", _OWNED_VERBS),
+    ("monitoring.coreos.com", "servicemonitors", _OWNED_VERBS),
+    (naming.GROUP, naming.PLURAL, ("get",)),
+    (naming.GROUP, f"{naming.PLURAL}/status", ("patch",)),
+]
 
 
 class KubeError(Exception):
@@ -106,6 +128,11 @@ class KubeGateway:
                 raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
             result = created
         return result
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Replace the status (merge patch on the status subresource; lists are replaced whole)."""
+        path = _path(naming.API_VERSION, naming.KIND, namespace, name) + "/status"
+        self._call("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._call("GET", _path(api_version, kind, namespace, name))

@@ -7,61 +7,17 @@ autocommit (CONCURRENTLY cannot run inside a transaction block).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
 import psycopg
 
-APPLICATION_NAME = "marketplacedb-operator"
+from ...ports import ConnInfo
 
+__all__ = ["ConnInfo", "DatabaseUnreachable", "connect", "scrub"]
 
 class DatabaseUnreachable(Exception):
     """The server could not be reached or refused the login; the message carries no secret."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnInfo:
-    """Where and as whom to connect. The password never appears in repr or messages."""
-
-    host: str
-    port: int
-    dbname: str
-    user: str
-    password: str = dataclasses.field(default="", repr=False)
-    sslmode: str = "prefer"
-    application_name: str = APPLICATION_NAME
-    connect_timeout: int = 5
-
-    @classmethod
-    def from_dsn(cls, dsn: str, **overrides: Any) -> ConnInfo:
-        """From a libpq DSN (key=value or URI); missing parts fall back to libpq's defaults."""
-        params = psycopg.conninfo.conninfo_to_dict(dsn)
-        values: dict[str, Any] = {
-            "host": str(params.get("host", "localhost")),
-            "port": int(params.get("port", 5432) or 5432),
-            "dbname": str(params.get("dbname", "postgres")),
-            "user": str(params.get("user", "postgres")),
-            "password": str(params.get("password", "")),
-            "sslmode": str(params.get("sslmode", "prefer")),
-        }
-        values.update(overrides)
-        return cls(**values)
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "port": self.port,
-            "dbname": self.dbname,
-            "user": self.user,
-            "password": self.password,
-            "sslmode": self.sslmode,
-            "application_name": self.application_name,
-            "connect_timeout": self.connect_timeout,
-        }
-
-    def describe(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
 
 
 def scrub(text: str, *secrets: str) -> str:

@@ -1,0 +1,180 @@
+"""`python -m bench.run --quick|--full`: every scenario, three runs each, then REPORT.md and plots.
+
+One command starts everything it measures on loopback (PostgreSQL 15, pgbouncer on the rendered
+config, the KMock API emulator, the operator), loads the reference workload, applies the example
+resource with `marketplacedb apply`, runs the scenarios in an order that keeps each one's
+preconditions (the "before" home page needs the database as the operator finds it; the 2,000-client
+test needs max_connections = 100), and writes bench/REPORT.md, bench/results.json, bench/plots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import env, machine, plots, report
+from .scenarios import home, indexes, operator_scale, pooling, refresh
+from .scripts import Scripts
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    name: str
+    products: int
+    base_pages: int  # home pages from the base tables without indexes, per run (seconds each at 2 M)
+    indexed_pages: int
+    latency_seconds: int  # single-client latency runs
+    peak_seconds: int  # 500 clients at 5,800 tx/s
+    flat_seconds: int  # 500 clients flat out
+    many_seconds: int  # 2,000 clients
+    refresh_seconds: int  # the read load around both refreshes (plain and concurrent)
+    build_seconds: int  # the write load around both index builds
+    lead_seconds: float  # load before the first refresh/build starts
+    gap_seconds: float  # between the two
+    checks: int  # skip-if-unchanged checks timed back to back
+    forced: int  # forced refreshes per view per run (the cost of always refreshing)
+    fleet: tuple[tuple[int, int], ...]  # (resources, runs) for scenario 6
+    peak_clients: int = pooling.PEAK_CLIENTS
+    many_clients: int = pooling.MANY_CLIENTS
+    runs: int = 3
+
+
+QUICK = Scale("quick", products=100_000, base_pages=1, indexed_pages=5, latency_seconds=1, peak_seconds=1,
+              flat_seconds=1, many_seconds=1, refresh_seconds=2, build_seconds=2, lead_seconds=0.5,
+              gap_seconds=0.4, checks=100, forced=1, fleet=((20, 3),), peak_clients=50, many_clients=200)
+FULL = Scale("full", products=2_000_000, base_pages=1, indexed_pages=5, latency_seconds=2, peak_seconds=5,
+             flat_seconds=3, many_seconds=2, refresh_seconds=6, build_seconds=8, lead_seconds=1.0,
+             gap_seconds=1.0, checks=200, forced=2, fleet=((100, 3), (1000, 1)))
+
+
+class Log:
+    """Progress on stderr, with the machine's load average at each step."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.loads: list[tuple[str, float]] = []
+
+    def __call__(self, message: str) -> None:
+        load = os.getloadavg()[0]
+        self.loads.append((message, load))
+        print(f"[{time.monotonic() - self.started:6.1f}s load {load:4.2f}] {message}", file=sys.stderr, flush=True)
+
+
+def _runs(log: Log, label: str, count: int, once: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`once(number)` for number 1..count."""
+    results = []
+    for number in range(1, count + 1):
+        log(f"{label}: run {number}/{count}")
+        results.append(once(number))
+    return results
+
+
+def run_workbench(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
+    """Scenarios 1 to 5 on one server with the reference workload."""
+    log(f"PostgreSQL + workload ({scale.products:,} products)")
+    bench = env.start(scale.products, workdir)
+    try:
+        scripts = Scripts(workdir / "scripts", scale.products)
+        out: dict[str, Any] = {"timings": bench.timings}
+        out["home_before"] = _runs(log, "1. home page before the operator", scale.runs,
+                                   lambda _: home.before_operator(bench, scripts, scale.base_pages))
+        log("marketplacedb apply -f examples/marketplacedb.yaml")
+        out["apply"] = bench.apply_example()
+        bench.start_pooler()
+        out["home_after"] = _runs(log, "1. home page after", scale.runs, lambda _: home.after_operator(
+            bench, scripts, indexed_pages=scale.indexed_pages, seconds=scale.latency_seconds))
+        out["peak"] = _runs(log, f"2. {scale.peak_clients} clients", scale.runs, lambda _: pooling.peak(
+            bench, scripts, seconds=scale.peak_seconds, flat_seconds=scale.flat_seconds, clients=scale.peak_clients))
+        log("restart PostgreSQL with max_connections = 100 (and the pooler re-rendered for it)")
+        bench.set_max_connections(100)
+        out["many"] = _runs(log, f"2. {scale.many_clients:,} clients", scale.runs,
+                            lambda _: pooling.many_clients(bench, scripts, seconds=scale.many_seconds,
+                                                         clients=scale.many_clients))
+        out["refresh"] = _runs(log, "3. refresh under reads", scale.runs, lambda n: refresh.under_reads(
+            bench, scripts, seconds=scale.refresh_seconds, lead=scale.lead_seconds, gap=scale.gap_seconds, number=n))
+        out["skip"] = _runs(log, "4. skip-if-unchanged", scale.runs,
+                            lambda _: refresh.skip_if_unchanged(bench, checks=scale.checks, forced=scale.forced))
+        out["build"] = _runs(log, "5. index builds under writes", scale.runs, lambda n: indexes.under_writes(
+            bench, scripts, seconds=scale.build_seconds, lead=scale.lead_seconds, gap=scale.gap_seconds, number=n))
+        out["pool_sizes"] = {k: v for k, v in bench.timings.items() if k.startswith("pool_size")}
+        return out
+    finally:
+        bench.close()
+
+
+def run_fleet(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
+    """Scenario 6 on its own server (a database per resource)."""
+    log("6. fleet server and template database")
+    fleet = operator_scale.Fleet(workdir / "fleet")
+    try:
+        out: dict[str, Any] = {}
+        for count, runs in scale.fleet:
+            timeout = 120 + count * 1.0
+            out[str(count)] = _runs(log, f"6. operator with {count} resources", runs, lambda _, c=count, t=timeout:
+                                    operator_scale.run_once(fleet, c, workdir / f"fleet-{c}-{time.monotonic_ns()}",
+                                                            ready_timeout=t, idle_timeout=t))
+        out["database_create_seconds"] = fleet.create_seconds
+        out["databases"] = len(fleet.tenants)
+        return out
+    finally:
+        fleet.close()
+
+
+def _raise_fd_limit() -> None:
+    """2,000 clients need more than the usual 1,024 descriptors in pgbench and pgbouncer (children
+    inherit the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--quick", action="store_true", help=f"{QUICK.products:,} products, N=20 (~2 minutes)")
+    which.add_argument("--full", action="store_true", help=f"{FULL.products:,} products, N=100 and 1,000 (~10 min)")
+    parser.add_argument("--out", type=Path, default=HERE, help="where REPORT.md, results.json, plots/ go")
+    args = parser.parse_args(argv)
+    scale = QUICK if args.quick else FULL
+    _raise_fd_limit()
+    log = Log()
+    log(f"bench {scale.name}: describing the machine")
+    facts = machine.describe()
+    started = datetime.datetime.now(datetime.UTC)
+    workdir = Path(tempfile.mkdtemp(prefix="mdb-bench-"))
+    try:
+        results: dict[str, Any] = {"scale": dataclasses.asdict(scale), "machine": facts,
+                                   "started": started.isoformat(timespec="seconds")}
+        results["workbench"] = run_workbench(scale, workdir, log)
+        results["fleet"] = run_fleet(scale, workdir, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["seconds"] = time.monotonic() - log.started
+    results["loads"] = log.loads
+    facts["load_end"] = os.getloadavg()
+    log("writing the report and plots")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_files = plots.draw(results, args.out / "plots")
+    text = report.render(results, plot_files, command=f"make bench{'-quick' if args.quick else ''}")
+    (args.out / "REPORT.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(report.compact(results), indent=1, default=str) + "\n")
+    log(f"done in {results['seconds']:.0f} s: {args.out / 'REPORT.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

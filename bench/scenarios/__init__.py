@@ -1,0 +1,1 @@
+"""One module per scenario; each exposes `run_once(...)` returning one run's figures."""

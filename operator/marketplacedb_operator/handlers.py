@@ -1,0 +1,154 @@
+"""kopf wiring, and nothing else: every handler calls the same level-based reconcile().
+
+Why an event handler plus a timer rather than on.create/on.update: kopf's change detection keeps a
+copy of the whole spec in an annotation (a large spec would outgrow the 256 KiB annotation limit)
+and retries through progress annotations (more writes). Reconcile is level-based: a watch event
+for a new generation or a trigger annotation runs it at once; a short timer runs it when due
+(periodic drift detection, or the next attempt of a bounded exponential backoff). kopf keeps no
+state on the object except the finalizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kopf
+
+from . import naming
+from .ports import Deps
+from .reconcile import Outcome, reconcile, teardown
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 5.0  # how often each resource's timer checks whether a reconcile is due
+
+# What kopf itself needs from RBAC, as (apiGroup, resource, verbs); install.py builds the chart's
+# and deploy/install.yaml's rules from these and gateways/kube.py's RBAC_NEEDS, and
+# tests/test_rbac.py checks both ways. https://kopf.readthedocs.io/en/stable/deployment/#rbac
+RBAC_NEEDS: list[tuple[str, str, tuple[str, ...]]] = [
+    (naming.GROUP, naming.PLURAL, ("list", "watch", "patch")),  # the watch; finalizer and annotations
+    ("", "events", ("create",)),  # kopf.event() posts core v1 Events
+]
+# Cluster-scoped in every mode: kopf watches CRDs so a re-installed CRD is noticed without a restart
+# (without it kopf logs "Not enough permissions to watch for resources" and carries on). Namespaces
+# are deliberately not granted: kopf lists them only when watching named namespaces, and then falls
+# back to the exact names given (kopf/_core/reactor/observation.py).
+RBAC_NEEDS_CLUSTER: list[tuple[str, str, tuple[str, ...]]] = [
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
+]
+# With `--peering NAME` only: KopfPeering in each watched namespace, ClusterKopfPeering cluster-wide.
+RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
+    ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
+    ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
+]
+
+
+class ResourceState:
+    """Per-resource memory of the operator process (lost on restart: reconcile is level-based)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.handled_generation: int | None = None
+        self.handled_triggers: tuple[str, str] = ("", "")
+        self.next_due: float = 0.0
+        self.pending = False  # something arrived while a reconcile ran: run again at the next tick
+
+
+def _state(memo: kopf.Memo) -> ResourceState:
+    state = memo.get("state")
+    if not isinstance(state, ResourceState):
+        state = ResourceState()
+        memo["state"] = state
+    return state
+
+
+def _triggers(body: kopf.Body) -> tuple[str, str]:
+    annotations = body.get("metadata", {}).get("annotations") or {}
+    return annotations.get(naming.ANN_REFRESH_NOW, ""), annotations.get(naming.ANN_APPROVE_PLAN, "")
+
+
+def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None:
+    """Reconcile once (serialized per resource), post Events, schedule the next run."""
+    if not state.lock.acquire(blocking=False):
+        state.pending = True  # a reconcile is running; the next tick runs again with the new body
+        return
+    try:
+        state.pending = False
+        outcome: Outcome = reconcile(dict(body), deps)
+        state.handled_generation = body.get("metadata", {}).get("generation")
+        state.handled_triggers = _triggers(body)
+        state.next_due = 0.0 if state.pending else deps.monotonic() + outcome.requeue_after
+        for event in outcome.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        if outcome.events:
+            logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
+    finally:
+        state.lock.release()
+
+
+def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
+    """Register the handlers on `registry` (tests pass their own; `run` uses the default one)."""
+    group, version, plural = naming.GROUP, naming.VERSION, naming.PLURAL
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # kopf's own state lives under our annotation prefix; only the finalizer is ever written.
+        settings.persistence.finalizer = naming.FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.ANNOTATION_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=naming.ANNOTATION_PREFIX, key="last-handled-configuration"
+        )
+        # Events are posted on condition transitions by us, not for every kopf log line.
+        settings.posting.level = logging.CRITICAL
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+
+    @kopf.on.event(group, version, plural, registry=registry)
+    def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        state = _state(memo)
+        generation = body.get("metadata", {}).get("generation")
+        if generation != state.handled_generation or _triggers(body) != state.handled_triggers:
+            _run(deps, body, state, logger)
+
+    @kopf.timer(group, version, plural, interval=TICK_SECONDS, registry=registry)
+    def on_timer(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        state = _state(memo)
+        if deps.monotonic() >= state.next_due:
+            _run(deps, body, state, logger)
+
+    @kopf.on.delete(group, version, plural, registry=registry)
+    def on_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        state = _state(memo)
+        with state.lock:
+            problem = teardown(dict(body), deps)
+        if problem is not None:
+            # The finalizer stays until teardown succeeds; kopf retries with its backoff.
+            raise kopf.TemporaryError(problem, delay=30)
+        logger.info("teardown done (deletionPolicy honoured)")
+
+
+def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:
+    """Run kopf until stopped (SIGTERM/SIGINT), with the real cluster's credentials."""
+    registry = kopf.OperatorRegistry()
+    register(registry, deps)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # In-cluster service account, else the current kubeconfig context.
+        return kopf.login_via_client(**kwargs)
+
+    kopf.run(
+        registry=registry,
+        standalone=peering is None,
+        peering_name=peering,
+        priority=100,
+        namespaces=namespaces,
+        clusterwide=not namespaces,
+        liveness_endpoint=liveness_endpoint,
+    )

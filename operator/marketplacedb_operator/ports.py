@@ -1,0 +1,118 @@
+"""What reconcile() needs from the outside world, as Protocols; gateways implement them.
+
+reconcile.py imports only this module for I/O, so it runs against the real gateways in the
+operator and the CLI, and tests can hand it real gateways pointed at throwaway servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import psycopg
+
+from .api.v1alpha1 import MaterializedViewSpec
+from .settings import Settings
+from .sql.catalog import Catalog
+from .sql.plan import ExecutionPolicy, Plan, StepOutcome
+from .sql.refresh import RefreshState
+
+APPLICATION_NAME = "marketplacedb-operator"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnInfo:
+    """Where and as whom to connect. The password never appears in repr or messages."""
+
+    host: str
+    port: int
+    dbname: str
+    user: str
+    password: str = dataclasses.field(default="", repr=False)
+    sslmode: str = "prefer"
+    application_name: str = APPLICATION_NAME
+    connect_timeout: int = 5
+
+    @classmethod
+    def from_dsn(cls, dsn: str, **overrides: Any) -> ConnInfo:
+        """From a libpq DSN (key=value or URI); missing parts fall back to libpq's defaults."""
+        params = psycopg.conninfo.conninfo_to_dict(dsn)  # parsing only, no connection
+        values: dict[str, Any] = {
+            "host": str(params.get("host", "localhost")),
+            "port": int(params.get("port", 5432) or 5432),
+            "dbname": str(params.get("dbname", "postgres")),
+            "user": str(params.get("user", "postgres")),
+            "password": str(params.get("password", "")),
+            "sslmode": str(params.get("sslmode", "prefer")),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "user": self.user,
+            "password": self.password,
+            "sslmode": self.sslmode,
+            "application_name": self.application_name,
+            "connect_timeout": self.connect_timeout,
+        }
+
+    def describe(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+
+class RefreshResult(Protocol):
+    """One refresh's outcome (refresh.RefreshOutcome)."""
+
+    @property
+    def view(self) -> str: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def ok(self) -> bool: ...
+
+
+class Database(Protocol):
+    """One reconcile's session with the managed database (direct, autocommit, never the pooler)."""
+
+    def observe(self) -> Catalog: ...
+    def execute(self, plan: Plan, policy: ExecutionPolicy) -> list[StepOutcome]: ...
+    def server_limits(self) -> tuple[int, int]: ...  # max_connections, superuser_reserved_connections
+    def scram_verifier(self, role: str) -> str | None: ...
+    def refresh_states(self) -> list[RefreshState]: ...
+    def refresh(self, view: MaterializedViewSpec, now: datetime.datetime, force: bool) -> RefreshResult: ...
+    def close(self) -> None: ...
+
+
+class Kube(Protocol):
+    """The Kubernetes API as reconcile uses it (gateways.kube.KubeGateway)."""
+
+    writes: int
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]: ...
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class Deps:
+    """Everything reconcile() touches outside itself, built once at start-up."""
+
+    kube: Kube
+    open_database: Callable[[ConnInfo], Database]
+    settings: Settings
+    now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
+    monotonic: Callable[[], float] = time.monotonic

@@ -1,0 +1,410 @@
+"""One level-based reconcile: observe, plan, act, report. No kopf here.
+
+Every trigger (a new generation, a trigger annotation, the periodic timer) calls reconcile() with
+the object as it is now; nothing depends on what changed. Re-running after a crash at any point
+converges: DDL is planned from the catalog, manifests are applied idempotently, status is
+recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import metrics, naming
+from .api.errors import format_errors
+from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
+from .durations import parse_duration
+from .owned import OWNED_KINDS, sync_owned
+from .ports import ConnInfo, Database, Deps
+from .specs import cronjobs, pgbouncer, pooler_manifests, pooler_sizing
+from .specs import probes as probe_specs
+from .sql import plan as planning
+from .sql import report as schema_report
+from .sql.refresh import due, is_stale
+from .status import Event, Problem, Report, compute
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(Exception):
+    """Credentials or connection problem; carries the Problem to report (never a secret)."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    events: list[Event]
+    temporary: bool  # a retry with backoff is due (unreachable database, missing Secret, ...)
+    requeue_after: float
+
+
+@dataclasses.dataclass
+class Context:
+    body: dict[str, Any]
+    spec: MarketplaceDBSpec
+    previous: MarketplaceDBStatus | None
+    deps: Deps
+    now: datetime.datetime
+
+    @property
+    def namespace(self) -> str:
+        return str(self.body["metadata"]["namespace"])
+
+    @property
+    def name(self) -> str:
+        return str(self.body["metadata"]["name"])
+
+    @property
+    def owner(self) -> str:
+        return naming.owner_key(self.namespace, self.name)
+
+    def annotation(self, key: str) -> str:
+        return str((self.body["metadata"].get("annotations") or {}).get(key, ""))
+
+
+def _previous_status(body: dict[str, Any]) -> MarketplaceDBStatus | None:
+    try:
+        return MarketplaceDBStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return None  # status written by someone else: recompute from scratch
+
+
+def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
+    started = time.perf_counter()
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    previous = _previous_status(body)
+    report = Report()
+    try:
+        spec = MarketplaceDB.model_validate(body).spec
+    except ValidationError as exc:
+        report.spec_problem = Problem("InvalidSpec", _validation_message(exc))
+        return _finish(body, deps, previous, report, started, temporary=False)
+    ctx = Context(body, spec, previous, deps, deps.now())
+    report.pooler_enabled, report.pooler_replicas = spec.pooler.enabled, spec.pooler.replicas
+    database: Database | None = None
+    try:
+        database = _open_database(ctx)
+    except DatabaseUnavailable as exc:
+        report.database_problem = exc.problem
+    try:
+        if database is not None:
+            _schema(ctx, database, report)
+            _refreshes(ctx, database, report)
+        _cronjobs(ctx, report)
+        _pooler(ctx, database, report)
+        _probes(ctx, report)
+    finally:
+        if database is not None:
+            database.close()
+    _record_metrics(namespace, name, report, time.perf_counter() - started)
+    temporary = report.database_problem is not None or report.pooler_problem is not None and not report.pooler
+    return _finish(body, deps, previous, report, started, temporary=temporary, ctx=ctx)
+
+
+def _record_metrics(namespace: str, name: str, report: Report, seconds: float) -> None:
+    problems = [
+        report.database_problem,
+        report.schema_problem,
+        report.refresh_problem,
+        report.pooler_problem,
+        report.probes_problem,
+    ]
+    metrics.record_reconcile(
+        namespace,
+        name,
+        seconds,
+        invalid_indexes=sum(1 for i in report.indexes if i.state in ("Invalid", "Failed")),
+        drifted=len(report.drifted),
+        pooler_ready=report.pooler.ready_replicas if report.pooler else None,
+        problems=[p.reason for p in problems if p is not None],
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    lines = format_errors(exc)
+    more = f" (and {len(lines) - 10} more)" if len(lines) > 10 else ""
+    return "; ".join(lines[:10]) + more
+
+
+def _finish(
+    body: dict[str, Any],
+    deps: Deps,
+    previous: MarketplaceDBStatus | None,
+    report: Report,
+    started: float,
+    *,
+    temporary: bool,
+    ctx: Context | None = None,
+) -> Outcome:
+    generation = body["metadata"].get("generation")
+    status, events = compute(previous, report, generation, deps.now())
+    if ctx is not None:
+        status.managed_settings = (
+            sorted(ctx.spec.database.settings)
+            if report.database_problem is None
+            else (previous.managed_settings if previous else [])
+        )
+        status.probed_deployments = sorted(p.deployment for p in ctx.spec.health_probes)
+        status.handled_refresh_request = ctx.annotation(naming.ANN_REFRESH_NOW) or (
+            previous.handled_refresh_request if previous else None
+        )
+    rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
+    if rendered != _comparable(body.get("status")):
+        deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
+    requeue = deps.settings.resync_seconds
+    if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
+        requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
+    return Outcome(events=events, temporary=temporary, requeue_after=requeue)
+
+
+def _comparable(status: Any) -> Any:
+    """The live status as our own dump would render it, so an unchanged status is not rewritten."""
+    if not isinstance(status, dict):
+        return status
+    try:
+        parsed = MarketplaceDBStatus.model_validate(status)
+    except ValidationError:
+        return status
+    return parsed.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+# --- the database -----------------------------------------------------------------------------
+
+
+def _credentials(ctx: Context) -> tuple[str, str]:
+    ref = ctx.spec.database.credentials_secret_ref
+    secret = ctx.deps.kube.read_secret(ctx.namespace, ref.name)
+    if secret is None:
+        raise DatabaseUnavailable(Problem("SecretNotFound", f"Secret {ctx.namespace}/{ref.name} not found"))
+    missing = [key for key in (ref.username_key, ref.password_key) if not secret.get(key)]
+    if missing:
+        raise DatabaseUnavailable(
+            Problem("SecretInvalid", f"Secret {ctx.namespace}/{ref.name} has no (or empty) key(s) {missing}")
+        )
+    return secret[ref.username_key], secret[ref.password_key]
+
+
+def _conn_info(ctx: Context) -> ConnInfo:
+    user, password = _credentials(ctx)
+    db = ctx.spec.database
+    return ConnInfo(
+        host=db.host,
+        port=db.port,
+        dbname=db.dbname,
+        user=user,
+        password=password,
+        sslmode=db.ssl_mode,
+        connect_timeout=int(ctx.deps.settings.connect_timeout_seconds),
+    )
+
+
+def _open_database(ctx: Context) -> Database:
+    info = _conn_info(ctx)
+    try:
+        return ctx.deps.open_database(info)
+    except Exception as exc:  # the gateway raises DatabaseUnreachable with a scrubbed message
+        message = str(exc).replace(info.password, "***") if info.password else str(exc)
+        raise DatabaseUnavailable(Problem("DatabaseUnreachable", message)) from None
+
+
+def _schema(ctx: Context, database: Database, report: Report) -> None:
+    previous_settings = ctx.previous.managed_settings if ctx.previous else []
+    desired = planning.desired_state(ctx.spec, ctx.owner, previous_settings)
+    catalog = database.observe()
+    plan = planning.plan(desired, catalog)
+    report.advice = schema_report.advice(desired, catalog) + list(plan.notes)
+    outcomes = []
+    if not plan.empty:
+        if ctx.spec.ddl.approval == "Manual" and ctx.annotation(naming.ANN_APPROVE_PLAN) != plan.hash:
+            report.plan = PlanStatus(hash=plan.hash, steps=plan.descriptions(), approved=False)
+            report.schema_problem = Problem(
+                "AwaitingApproval",
+                f"{len(plan.steps)} step(s) wait for approval: annotate {naming.ANN_APPROVE_PLAN}={plan.hash}",
+            )
+        else:
+            policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
+            outcomes = database.execute(plan, policy)
+            metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
+            catalog = database.observe()
+    report.indexes = schema_report.index_statuses(desired, catalog, outcomes)
+    report.views = schema_report.view_statuses(desired, catalog, outcomes)
+    report.blocking = schema_report.blocking_status(s for o in outcomes for s in o.blocking)
+    report.drifted = [i.name for i in report.indexes if i.state in ("Drifted", "Invalid")]
+    report.drifted += [v.name for v in report.views if v.message.startswith("Drifted")]
+    failed = [o for o in outcomes if not o.ok]
+    conflicts = list(plan.conflicts) + [f"index {i.name}: {i.message}" for i in report.indexes if i.state == "Conflict"]
+    conflicts += [f"view {v.name}: {v.message}" for v in report.views if v.message.startswith("Conflict")]
+    if failed:
+        report.schema_problem = Problem("DDLFailed", "; ".join(f"{o.object}: {o.message}" for o in failed))
+    elif conflicts:
+        report.schema_problem = Problem("Conflict", "; ".join(dict.fromkeys(conflicts)))
+
+
+# --- refreshes --------------------------------------------------------------------------------
+
+
+def _refreshes(ctx: Context, database: Database, report: Report) -> None:
+    """Operator-mode refreshes that are due, on-demand refreshes, then status from the state table."""
+    states = {s.name: s for s in database.refresh_states() if s.schema}
+    request = ctx.annotation(naming.ANN_REFRESH_NOW)
+    requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
+    failures = []
+    for view in ctx.spec.materialized_views:
+        policy = view.refresh
+        state = states.get(view.name)
+        scheduled = policy is not None and policy.mode == "Operator" and not policy.suspend
+        if requested or (scheduled and policy and due(policy.schedule, state.last_attempt if state else None, ctx.now)):
+            result = database.refresh(view, ctx.now, requested)
+            if not result.ok:
+                failures.append(f"{view.name}: {result.error or result.reason}")
+    if failures or requested or any(v.refresh and v.refresh.mode == "Operator" for v in ctx.spec.materialized_views):
+        states = {s.name: s for s in database.refresh_states()}
+    limits = {v.name: parse_duration(v.refresh.max_staleness) for v in ctx.spec.materialized_views if v.refresh}
+    report.views = [_with_refresh(v, states.get(v.name), limits.get(v.name), ctx.now) for v in report.views]
+    metrics.set_refresh_metrics(ctx.namespace, ctx.name, list(states.values()), ctx.now, limits)
+    report.refresh_scheduled = sum(1 for v in ctx.spec.materialized_views if v.refresh and not v.refresh.suspend)
+    if failures:
+        report.refresh_problem = Problem("RefreshFailed", "; ".join(failures))
+
+
+def _with_refresh(view: ViewStatus, state: Any, limit: float | None, now: datetime.datetime) -> ViewStatus:
+    if state is None:
+        return view.model_copy(update={"stale": limit is not None and view.populated is False})
+    return view.model_copy(
+        update={
+            "last_refresh_time": state.last_success,
+            "last_refresh_seconds": state.last_seconds,
+            "last_result": state.result,
+            "stale": limit is not None and is_stale(state, now, limit),
+            "message": view.message if not state.error else f"{view.message}; last refresh failed: {state.error}",
+        }
+    )
+
+
+# --- Kubernetes objects -----------------------------------------------------------------------
+
+
+def _cronjobs(ctx: Context, report: Report) -> None:
+    desired = cronjobs.build_cronjobs(ctx.body, ctx.spec, ctx.deps.settings)
+    try:
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired, [("batch/v1", "CronJob")])
+    except Exception as exc:  # reported per part; the other parts go on
+        report.refresh_problem = Problem("CronJobApplyFailed", str(exc)[:500])
+
+
+def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
+    component = pooler_manifests.COMPONENT
+    if not ctx.spec.pooler.enabled:
+        secrets = (naming.pooler_auth_secret_name(ctx.name),)
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets)
+        return
+    if database is None:
+        # Sizing and auth need the database; keep whatever runs now and say why.
+        report.pooler_problem = Problem("WaitingForDatabase", "pooler sizing needs the database's max_connections")
+        report.pooler = _pooler_status(ctx, None, None)
+        return
+    max_connections, reserved = database.server_limits()
+    budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
+    user, password = _credentials(ctx)
+    credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
+    objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
+    config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    try:
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS)
+    except Exception as exc:  # reported per part; the other parts go on
+        report.pooler_problem = Problem("PoolerApplyFailed", str(exc)[:500])
+    report.pooler = _pooler_status(ctx, budget, pgbouncer.config_hash(config))
+    if budget.oversubscribed:
+        report.pooler_problem = Problem("Oversubscribed", budget.message)
+    elif report.pooler_problem is None and report.pooler.ready_replicas < ctx.spec.pooler.replicas:
+        report.pooler_problem = Problem(
+            "PoolerNotReady", f"{report.pooler.ready_replicas}/{ctx.spec.pooler.replicas} pooler replica(s) ready"
+        )
+
+
+def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> PoolerStatus:
+    name = naming.pooler_name(ctx.name)
+    deployment = ctx.deps.kube.get("apps/v1", "Deployment", ctx.namespace, name) or {}
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    return PoolerStatus(
+        ready_replicas=ready,
+        endpoint=f"{name}.{ctx.namespace}.svc:5432",
+        config_hash=config_hash,
+        budget=budget,
+    )
+
+
+def _probes(ctx: Context, report: Report) -> None:
+    problems = []
+    applied = 0
+    kube = ctx.deps.kube
+    for target in ctx.spec.health_probes:
+        deployment = kube.get("apps/v1", "Deployment", ctx.namespace, target.deployment)
+        if deployment is None:
+            problems.append(f"Deployment {target.deployment} not found")
+            continue
+        try:
+            container = probe_specs.pick_container(deployment, target.container)
+        except probe_specs.ProbeTargetError as exc:
+            problems.append(f"Deployment {target.deployment}: {exc}")
+            continue
+        patch = probe_specs.probe_patch(ctx.namespace, target, container)
+        wanted = patch["spec"]["template"]["spec"]["containers"][0]
+        current = probe_specs.applied_probes(deployment, container)
+        if any(current.get(k) != v for k, v in wanted.items() if k != "name"):
+            kube.apply(patch)
+        applied += 1
+    declared = {p.deployment for p in ctx.spec.health_probes}
+    for gone in sorted(set(ctx.previous.probed_deployments if ctx.previous else []) - declared):
+        if kube.get("apps/v1", "Deployment", ctx.namespace, gone) is not None:
+            kube.apply(probe_specs.release_patch(ctx.namespace, gone))
+    report.probes_applied = applied
+    if problems:
+        report.probes_problem = Problem("ProbeTargetMissing", "; ".join(problems))
+
+
+# --- deletion ---------------------------------------------------------------------------------
+
+
+def teardown(body: dict[str, Any], deps: Deps) -> str | None:
+    """Undo what the resource did outside its owned objects; None when done, else why not yet.
+
+    Owned Kubernetes objects go with their ownerReferences (garbage collection). Database objects
+    go only with deletionPolicy Drop, and only those carrying this resource's owner marker.
+    """
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    previous = _previous_status(body)
+    for deployment in previous.probed_deployments if previous else []:
+        if deps.kube.get("apps/v1", "Deployment", namespace, deployment) is not None:
+            deps.kube.apply(probe_specs.release_patch(namespace, deployment))
+    metrics.forget_resource(namespace, name)
+    try:
+        spec = MarketplaceDB.model_validate(body).spec
+    except ValidationError:
+        return None  # never applied anything we could identify
+    if spec.ddl.deletion_policy != "Drop":
+        return None
+    ctx = Context(body, spec, previous, deps, deps.now())
+    try:
+        database = _open_database(ctx)
+    except DatabaseUnavailable as exc:
+        return f"deletionPolicy Drop needs the database: {exc.problem.message}"
+    try:
+        desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
+        plan = planning.teardown_plan(desired, database.observe())
+        policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
+        failed = [o for o in database.execute(plan, policy) if not o.ok]
+    finally:
+        database.close()
+    if failed:
+        return "; ".join(f"{o.object}: {o.message}" for o in failed)
+    return None
