@@ -34,10 +34,15 @@ generate: $(STAMP)  ## regenerate every generated file: CRD (crds/, chart), char
 demo: $(STAMP)  ## run the operator on a local sandbox (PostgreSQL + pgbouncer + KMock API); CLUSTER=1 for a real cluster
 	$(BIN)/marketplacedb demo $(if $(CLUSTER),--cluster,)
 
-bench: $(STAMP)  ## full benchmark (~10 min), writes bench/REPORT.md
+# The benchmarks also need the `bench` extra (matplotlib, for the plots).
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## full benchmark (~10 min), writes bench/REPORT.md
 	$(PY) -m bench.run --full
 
-bench-quick: $(STAMP)  ## quick benchmark (~2 min), writes bench/REPORT.md
+bench-quick: $(VENV)/.bench-installed  ## quick benchmark (~2 min), writes bench/REPORT.md
 	$(PY) -m bench.run --quick
 
 e2e: $(STAMP)  ## kind cluster end-to-end (needs Docker and kind; says so and exits 0 without them)

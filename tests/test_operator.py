@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from harness.kube import KubeEmulator, KubeObjects, eventually, iter_requests, kopf_runner
-from marketplacedb_operator import handlers, naming
+from marketplacedb_operator import handlers, metrics, naming
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
 
@@ -123,7 +123,7 @@ async def env(
     logs: list[str] = []
     handler = _Capture(logs)
     logging.getLogger().addHandler(handler)
-    settings = Settings(resync_seconds=1.0, ddl_retry_base_seconds=0.05)
+    settings = Settings(resync_seconds=1.0, tick_seconds=0.5, retry_base_seconds=1.0, ddl_retry_base_seconds=0.05)
     deps = make_deps(settings, kube_client)
     try:
         yield Env(kube_api, kube_objects, workload_db, deps, logs)
@@ -315,3 +315,101 @@ async def test_missing_secret_then_created(env: Env) -> None:
         await env.pooler_controller()
         await _ready(env, timeout=90)
         _assert_no_canary(env)
+
+
+def _reconciles() -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "marketplacedb_reconcile_duration_seconds_count", {"namespace": NS, "resource": "shop"}
+    )
+    return value or 0.0
+
+
+async def test_database_down_backs_off_and_recovers(env: Env) -> None:
+    async with env.operator():
+        await env.objects.create(example_resource(env.db))
+        await env.pooler_controller()
+        await _ready(env)
+        env.db.server.stop()
+        try:
+            down = await eventually(
+                lambda: (
+                    env.condition("DatabaseReachable").get("status") == "False" and env.condition("DatabaseReachable")
+                ),
+                timeout=30,
+                message="DatabaseReachable=False",
+            )
+            assert down["reason"] == "DatabaseUnreachable"
+            assert "cannot connect" in down["message"] and CANARY not in down["message"]
+            assert env.condition("Ready")["status"] == "False"
+            # Backoff, not a hot loop: the timer ticks every 0.5 s, retries come at ~1, 2, 4 s...
+            before = _reconciles()
+            await asyncio.sleep(6)
+            assert _reconciles() - before <= 5
+        finally:
+            env.db.server.start()
+        await _ready(env, timeout=90)
+        assert all(_catalog(env.db)["indexes"].values())
+        _assert_no_canary(env)
+
+
+@pytest.mark.parametrize("policy", ["Retain", "Drop"])
+async def test_delete_honours_the_deletion_policy(env: Env, policy: str) -> None:
+    async with env.operator():
+        body = example_resource(env.db)
+        body["spec"]["ddl"]["deletionPolicy"] = policy
+        await env.objects.create(body)
+        await env.pooler_controller()
+        await _ready(env)
+        created = await eventually(
+            lambda: naming.FINALIZER in (env.resource()["metadata"].get("finalizers") or []) and env.resource(),
+            message="the finalizer",
+        )
+        # kopf's state on the object: the finalizer and one small marker, never a copy of the spec.
+        assert set(created["metadata"].get("annotations") or {}) <= {f"{naming.ANNOTATION_PREFIX}/seen"}
+        # Someone else's index on the same database: never touched by either policy.
+        with psycopg.connect(env.db.superuser_dsn, autocommit=True) as conn:
+            conn.execute("CREATE INDEX hand_made_idx ON categories (name)")
+        await env.objects.delete(created)
+        await eventually(lambda: env.resource() == {}, timeout=60, message="finalizer released")
+        catalog = _catalog(env.db)
+        if policy == "Retain":
+            assert len(catalog["indexes"]) == 5 and len(catalog["views"]) == 2
+            assert catalog["settings"] == ["random_page_cost=1.1", "work_mem=32MB"]
+        else:
+            assert catalog["indexes"] == {} and catalog["views"] == {}
+            assert catalog["settings"] == []
+        with psycopg.connect(env.db.superuser_dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT to_regclass('hand_made_idx') IS NOT NULL").fetchone() == (True,)
+        # Probe fields are released with an empty server-side apply for each probed Deployment
+        # (KMock cannot drop fields by ownership, so assert the request itself).
+        releases = [
+            r
+            for r in iter_requests(env.api, "PATCH")
+            if r.url.path.endswith(tuple(PROBED))
+            and r.data
+            == {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": r.url.path.rsplit("/", 1)[-1], "namespace": NS},
+            }
+        ]
+        assert sorted(r.url.path.rsplit("/", 1)[-1] for r in releases) == sorted(PROBED)
+
+
+async def test_manual_approval_waits_for_the_plan_hash(env: Env) -> None:
+    async with env.operator():
+        body = example_resource(env.db)
+        body["spec"]["ddl"]["approval"] = "Manual"
+        body["spec"]["pooler"]["enabled"] = False
+        created = await env.objects.create(body)
+        waiting = await eventually(
+            lambda: env.condition("SchemaApplied").get("reason") == "AwaitingApproval" and env.resource(),
+            timeout=30,
+            message="AwaitingApproval",
+        )
+        plan = waiting["status"]["plan"]
+        assert plan["approved"] is False and plan["steps"]
+        assert _catalog(env.db)["indexes"] == {}  # nothing executed
+        await env.objects.patch(created, {"metadata": {"annotations": {naming.ANN_APPROVE_PLAN: plan["hash"]}}})
+        await _ready(env)
+        assert len(_catalog(env.db)["indexes"]) == 5

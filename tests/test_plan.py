@@ -96,7 +96,7 @@ def test_empty_database_gets_everything_in_order() -> None:
     assert view.check_view is not None and view.check_view.field == "spec.materializedViews[0]"
     text = view.sql_text
     assert text.index("CREATE MATERIALIZED VIEW") < text.index("CREATE UNIQUE INDEX") < text.index("COMMENT ON")
-    assert p.steps[0].verify_index == ("public", "idx_ai_accounts_available_category")
+    assert p.steps[0].verify_index == ("public", "idx_ai_accounts_available_category__new")
 
 
 def test_plan_is_stable_and_hashable() -> None:

@@ -11,6 +11,7 @@ state on the object except the finalizer.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from typing import Any
 
@@ -21,8 +22,6 @@ from .ports import Deps
 from .reconcile import Outcome, reconcile, teardown
 
 log = logging.getLogger(__name__)
-
-TICK_SECONDS = 5.0  # how often each resource's timer checks whether a reconcile is due
 
 # What kopf itself needs from RBAC, as (apiGroup, resource, verbs); install.py builds the chart's
 # and deploy/install.yaml's rules from these and gateways/kube.py's RBAC_NEEDS, and
@@ -54,6 +53,7 @@ class ResourceState:
         self.handled_triggers: tuple[str, str] = ("", "")
         self.next_due: float = 0.0
         self.pending = False  # something arrived while a reconcile ran: run again at the next tick
+        self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -79,13 +79,43 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         outcome: Outcome = reconcile(dict(body), deps)
         state.handled_generation = body.get("metadata", {}).get("generation")
         state.handled_triggers = _triggers(body)
-        state.next_due = 0.0 if state.pending else deps.monotonic() + outcome.requeue_after
+        state.failures = state.failures + 1 if outcome.temporary else 0
+        delay = backoff(deps, state.failures) if outcome.temporary else outcome.requeue_after
+        state.next_due = 0.0 if state.pending else deps.monotonic() + delay
         for event in outcome.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         if outcome.events:
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()
+
+
+def backoff(deps: Deps, failures: int) -> float:
+    """Exponential backoff with full jitter, bounded: no hot loop against a dead database."""
+    settings = deps.settings
+    ceiling: float = min(settings.max_backoff_seconds, settings.retry_base_seconds * 2.0 ** min(failures - 1, 16))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class SeenMarkerStorage(kopf.DiffBaseStorage):
+    """kopf's diff base, reduced to a marker.
+
+    kopf keeps a copy of the spec (its "essence") in an annotation to tell creation from update;
+    a large spec would outgrow the 256 KiB annotation limit. This operator has no create/update
+    handlers (reconcile is level-based) and needs kopf only for deletion (the finalizer), so it
+    stores one small annotation and reports "unchanged" once it is there.
+    """
+
+    key = f"{naming.ANNOTATION_PREFIX}/seen"
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        annotations = body.get("metadata", {}).get("annotations") or {}
+        return self.build(body=body) if self.key in annotations else None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        annotations = body.get("metadata", {}).get("annotations") or {}
+        if annotations.get(self.key) != "true":
+            patch.setdefault("metadata", {}).setdefault("annotations", {})[self.key] = "true"
 
 
 def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
@@ -97,9 +127,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         # kopf's own state lives under our annotation prefix; only the finalizer is ever written.
         settings.persistence.finalizer = naming.FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.ANNOTATION_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=naming.ANNOTATION_PREFIX, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = SeenMarkerStorage()
         # Events are posted on condition transitions by us, not for every kopf log line.
         settings.posting.level = logging.CRITICAL
         settings.watching.server_timeout = 300
@@ -114,7 +142,11 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         if generation != state.handled_generation or _triggers(body) != state.handled_triggers:
             _run(deps, body, state, logger)
 
-    @kopf.timer(group, version, plural, interval=TICK_SECONDS, registry=registry)
+    # backoff: after an exception (e.g. the database session cut mid-reconcile) kopf would wait its
+    # default 60 s before the next tick; retry at the operator's own base delay instead
+    # (found by tests/reliability/test_rel_database.py::test_connections_reset_repeatedly).
+    @kopf.timer(group, version, plural, interval=deps.settings.tick_seconds,
+                backoff=deps.settings.retry_base_seconds, registry=registry)
     def on_timer(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return

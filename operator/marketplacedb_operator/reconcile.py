@@ -54,6 +54,7 @@ class Context:
     previous: MarketplaceDBStatus | None
     deps: Deps
     now: datetime.datetime
+    password: str = ""  # kept only to mask it in messages
 
     @property
     def namespace(self) -> str:
@@ -97,8 +98,13 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
         report.database_problem = exc.problem
     try:
         if database is not None:
-            _schema(ctx, database, report)
-            _refreshes(ctx, database, report)
+            try:
+                _schema(ctx, database, report)
+                _refreshes(ctx, database, report)
+            except Exception as exc:  # a session cut mid-reconcile (restart, pg_terminate_backend)
+                report.database_problem = Problem("DatabaseError", _scrubbed(exc, ctx))
+                database.close()
+                database = None
         _cronjobs(ctx, report)
         _pooler(ctx, database, report)
         _probes(ctx, report)
@@ -193,6 +199,12 @@ def _credentials(ctx: Context) -> tuple[str, str]:
     return secret[ref.username_key], secret[ref.password_key]
 
 
+def _scrubbed(exc: BaseException, ctx: Context) -> str:
+    """One line about a database failure, with the password (if it ever appeared) masked."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    return text.replace(ctx.password, "***") if ctx.password else text
+
+
 def _conn_info(ctx: Context) -> ConnInfo:
     user, password = _credentials(ctx)
     db = ctx.spec.database
@@ -209,6 +221,7 @@ def _conn_info(ctx: Context) -> ConnInfo:
 
 def _open_database(ctx: Context) -> Database:
     info = _conn_info(ctx)
+    ctx.password = info.password
     try:
         return ctx.deps.open_database(info)
     except Exception as exc:  # the gateway raises DatabaseUnreachable with a scrubbed message

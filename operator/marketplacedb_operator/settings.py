@@ -28,8 +28,12 @@ class Settings:
     ddl_retries: int = 3
     ddl_retry_base_seconds: float = 0.5
     connect_timeout_seconds: float = 5.0
-    # Temporary errors (unreachable database, missing Secret) back off up to this.
+    # Temporary errors (unreachable database, missing Secret) retry after base, 2x base, 4x base...
+    # (with jitter) up to max_backoff_seconds.
+    retry_base_seconds: float = 5.0
     max_backoff_seconds: float = 300.0
+    # How often each resource's timer wakes to see whether a reconcile is due (no I/O when not).
+    tick_seconds: float = 5.0
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"

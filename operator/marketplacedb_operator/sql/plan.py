@@ -243,11 +243,24 @@ def _build_index_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list
         (ddl.create_index(spec, name),), transactional=False, lock_policy="index",
         verify_index=(schema, name), cleanup_index=(schema, name), cleanup=(ddl.drop_index(schema, name),),
     )
-    if name != spec.name:
-        return [build]
-    mark = Step("mark", d.object, f"mark index {schema}.{name} as owned by {owner}",
-                (ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),), transactional=True)
-    return [build, mark]
+    return [build]
+
+
+def _create_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
+    """Build under the temporary name, then rename and mark in one short transaction.
+
+    Building under the declared name and marking afterwards leaves, when the operator dies between
+    the two (or its orphaned backend finishes the build after a SIGKILL), a valid *unmarked* index
+    under the declared name: a permanent Conflict. A valid unmarked `__new` is a leftover the next
+    plan drops and rebuilds (found by tests/reliability/test_rel_kill.py).
+    """
+    schema, name = d.spec.schema_name, d.spec.name
+    new = ddl.temp_name(name)
+    steps = _build_index_steps(d, owner, new, why)
+    steps.append(Step("mark", d.object, f"rename index {schema}.{new} to {name} and mark it as owned by {owner}",
+                      (ddl.rename_index(schema, new, name),
+                       ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash))), transactional=True))
+    return steps
 
 
 def _replace_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
@@ -278,17 +291,17 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog, declared: set[tuple[
         return [], f"{d.field}: {schema}.{name} already exists as a {_relkind(other)}; left alone"
     existing = cat.index(schema, name)
     if existing is None:
-        return steps + _build_index_steps(d, owner, name, "missing"), ""
+        return steps + _create_index_steps(d, owner, "missing"), ""
     if not _ours(existing.marker, owner):
         if existing.marker is None and not existing.valid and not existing.primary:
             # INVALID and unmarked: what an interrupted build of ours leaves behind. It is never used
             # by queries yet slows every write, and the resource declares the name: rebuild it.
             return steps + [_drop_index_step(d.object, schema, name, "INVALID (failed or cancelled build)"),
-                            *_build_index_steps(d, owner, name, "rebuild of an INVALID index")], ""
+                            *_create_index_steps(d, owner, "rebuild of an INVALID index")], ""
         return [], _conflict(d.field, "index", schema, name, existing.marker)
     if not existing.valid:
         return steps + [_drop_index_step(d.object, schema, name, "INVALID (failed or cancelled build)"),
-                        *_build_index_steps(d, owner, name, "rebuild of an INVALID index")], ""
+                        *_create_index_steps(d, owner, "rebuild of an INVALID index")], ""
     drift = index_drift(d, existing)
     if drift:
         return steps + _replace_index_steps(d, owner, drift), ""

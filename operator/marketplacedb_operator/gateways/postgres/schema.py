@@ -54,6 +54,9 @@ def observe(conn: Connection) -> Catalog:
     """One READ ONLY snapshot of the catalog (pipelined: a single network round trip)."""
     with conn.pipeline(), conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
+        # Never wait long: pg_get_indexdef/pg_get_viewdef lock relations, so a table held under
+        # ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) would hang the reconcile with no status.
+        conn.execute("SET LOCAL lock_timeout = '5s'")
         # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
         conn.execute("SET LOCAL search_path = pg_catalog")
         cur = conn.execute(OBSERVE, observe_params())
