@@ -34,9 +34,18 @@ K8S_VERSION = "1.30.0"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
 # The operator's metric names, read from its own registry: alerts and dashboard must use these.
 METRICS = {
-    sample_name
-    for family in metrics.REGISTRY.collect()
-    for sample_name in {family.name, family.name + "_total"}
+    family.name + "_total" if family.type == "counter" else family.name for family in metrics.REGISTRY.collect()
+}
+# The series an SRE needs on the dashboard at least (the rest may be queried ad hoc).
+DASHBOARD_MUST_SHOW = {
+    "marketplacedb_refresh_staleness_seconds",
+    "marketplacedb_refresh_stale",
+    "marketplacedb_refresh_outcomes_total",
+    "marketplacedb_invalid_indexes",
+    "marketplacedb_drifted_objects",
+    "marketplacedb_pooler_ready_replicas",
+    "marketplacedb_reconcile_errors_total",
+    "marketplacedb_reconcile_duration_seconds",
 }
 # Value sets that exercise every branch of the templates.
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -358,7 +367,8 @@ def test_dashboard_uses_only_the_operator_metrics() -> None:
     assert dashboard["uid"] == "marketplacedb-operator"
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = set().union(*(_used_metrics(e) for e in exprs))
-    assert used == METRICS, "every operator metric has a panel"
+    assert used <= METRICS, f"unknown metrics on the dashboard: {used - METRICS}"
+    assert DASHBOARD_MUST_SHOW <= used, f"missing panels: {DASHBOARD_MUST_SHOW - used}"
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     (configmap,) = _render("everything").find("ConfigMap")
