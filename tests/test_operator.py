@@ -260,19 +260,28 @@ async def test_edits_converge_with_one_reconcile(env: Env) -> None:
         spec["indexes"].append(
             {"name": "idx_categories_order", "table": "categories", "columns": [{"name": "display_order"}]}
         )
-        spec["materializedViews"][1]["query"] = (
-            spec["materializedViews"][1]["query"].replace("c.display_order", "c.display_order, 1 AS version")
-            if "c.display_order" in spec["materializedViews"][1]["query"]
-            else spec["materializedViews"][1]["query"]
-        )
+        view = spec["materializedViews"][1]
+        assert view["query"].lstrip().upper().startswith("SELECT ")
+        view["query"] = "SELECT 1 AS version, " + view["query"].lstrip()[len("SELECT ") :]
         spec["pooler"]["parameters"]["server_idle_timeout"] = 300
+        await asyncio.sleep(1.5)  # let the last Events of the create land before counting writes
+        before = len(_writes(env.api))
         await env.objects.patch_spec(created, spec)
-        await env.pooler_controller()
         resource = await _ready(env)
         assert resource["metadata"]["generation"] == 2
         assert _catalog(env.db)["indexes"]["idx_categories_order"] is True
+        with psycopg.connect(env.db.superuser_dsn, autocommit=True) as conn:
+            columns = conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0", [view["name"]]
+            ).fetchall()
+        assert ("version",) in columns  # the view was swapped to the new definition
         ini = env.objects.get("v1", "ConfigMap", naming.pooler_name("shop"), NS)["data"]["pgbouncer.ini"]
         assert "server_idle_timeout = 300" in ini
+        # No unrelated writes: a reload-safe pooler change touches the ConfigMap only (the pods are
+        # not rolled), the CronJobs and probes are not re-applied.
+        writes = [w for w in _writes(env.api)[before:] if "/events" not in w]
+        touched = sorted({w.split()[1].rsplit("/", 2)[-2] for w in writes if not w.endswith("/status")})
+        assert touched == ["configmaps", "marketplacedbs"], writes
         _assert_no_canary(env)
 
 
