@@ -90,13 +90,14 @@ class Workbench:
         return pgbench.Target(self.bouncer.host, self.bouncer.port, DB, OWNER, self.password)
 
     def dsn(self) -> str:
-        return self.pg.dsn(DB, OWNER, self.password)
+        return str(self.pg.dsn(DB, OWNER, self.password))
 
     def connect(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn(), autocommit=True)
 
     def superuser(self) -> psycopg.Connection[Any]:
-        return self.pg.connect(DB)
+        conn: psycopg.Connection[Any] = self.pg.connect(DB)
+        return conn
 
     @property
     def spec(self) -> MarketplaceDBSpec:

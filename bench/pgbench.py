@@ -83,7 +83,7 @@ def write_scripts(directory: Path, scripts: Mapping[str, str]) -> dict[str, Path
 # pgbench's -T clock starts before the clients connect, and a SCRAM login costs a PBKDF2 (4,096
 # rounds) on each side: ~9 ms per client on this machine when busy. The run is stretched by this
 # allowance per client, and only the `seconds` after a short warm-up are measured (from the log).
-CONNECT_SECONDS_PER_CLIENT = 0.012
+CONNECT_SECONDS_PER_CLIENT = 0.010
 WARMUP_SECONDS = 0.3
 
 

@@ -66,26 +66,22 @@ def _cleanup(bench: Workbench) -> None:
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(PLAIN_NAME)))
 
 
-def under_writes(bench: Workbench, scripts: Scripts, *, seconds: float, lead: float, gap: float,
-                 number: int = 1) -> dict[str, Any]:
-    """One run: one write load, both builds in turn inside it (order alternating between runs)."""
+def under_writes(bench: Workbench, scripts: Scripts, *, seconds: float, lead: float, number: int = 1) -> dict[str, Any]:
+    """One run: each build under a write load of its own, `lead` s in; the order alternates."""
     modes = [("plain", _plain), ("concurrent", _concurrent)]
     if number % 2 == 0:
         modes.reverse()
-    load = Background(lambda: pgbench.run("writes", bench.direct(), scripts.one("sale"),
-                                          clients=WRITE_CLIENTS, rate=WRITE_RATE, seconds=seconds))
-    time.sleep(lead)
-    windows: dict[str, tuple[float, float]] = {}
+    result: dict[str, Any] = {"order": "/".join(mode for mode, _ in modes)}
     for mode, build in modes:
+        load = Background(lambda mode=mode: pgbench.run(f"writes-{mode}", bench.direct(), scripts.one("sale"),
+                                                        clients=WRITE_CLIENTS, rate=WRITE_RATE, seconds=seconds))
+        time.sleep(lead)
         start = time.time()
         build(bench)
-        windows[mode] = (start, time.time())
-        time.sleep(gap)
-    writes = load.join()
-    _cleanup(bench)
-    result: dict[str, Any] = {"order": "/".join(mode for mode, _ in modes), "writes": writes.processed}
-    for mode, (start, end) in windows.items():
-        result |= {f"{mode}_build_s": end - start,
+        end = time.time()
+        writes = load.join()
+        _cleanup(bench)
+        result |= {f"{mode}_build_s": end - start, f"{mode}_writes": writes.processed,
                    f"{mode}_inside_load": bool(writes.completions) and end < max(writes.completions)}
         result |= window_figures(writes, start, end, mode)
     return result

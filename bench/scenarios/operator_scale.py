@@ -79,6 +79,7 @@ class Fleet:
         self.pg.start()
         self.tenants: list[Tenant] = []
         self.create_seconds = 0.0
+        self._reassign = threading.Lock()
         self._template()
 
     def _template(self) -> None:
@@ -107,7 +108,9 @@ class Fleet:
                 sql.Identifier(tenant.role), sql.Literal(tenant.password)))
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
                 sql.Identifier(tenant.db), sql.Identifier(TEMPLATE_DB), sql.Identifier(tenant.role)))
-        with self.pg.connect(tenant.db) as db:
+        # REASSIGN OWNED updates the template owner's rows in the shared pg_shdepend: two at once
+        # fail with "tuple concurrently updated", so this part goes one at a time.
+        with self._reassign, self.pg.connect(tenant.db) as db:
             db.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
                 sql.Identifier(TEMPLATE_OWNER), sql.Identifier(tenant.role)))
 
@@ -288,7 +291,7 @@ class Operator:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -388,7 +391,9 @@ def _resync_phase(kube: KubeServer, operator: Operator, fleet: Fleet, names: set
 
 def run_once(fleet: Fleet, count: int, workdir: Path, *, ready_timeout: float, idle_timeout: float) -> dict[str, Any]:
     """One run with `count` resources: create until all Ready, then restart for an idle resync."""
+    marks = [("start", time.perf_counter())]
     tenants = fleet.ensure(count)
+    marks.append(("databases", time.perf_counter()))
     workdir.mkdir(parents=True, exist_ok=True)
     setup, resources = _objects(fleet, tenants)
     names = {f"{NAMESPACE}/{r['metadata']['name']}" for r in resources}
@@ -396,14 +401,21 @@ def run_once(fleet: Fleet, count: int, workdir: Path, *, ready_timeout: float, i
     operator: Operator | None = None
     try:
         kube.create(setup)
+        marks.append(("api", time.perf_counter()))
         operator = Operator(workdir, kube.url, "first")
         operator.wait_ready()
+        marks.append(("operator up", time.perf_counter()))
         result: dict[str, Any] = {"resources": count, "rss_start_mib": operator.status_mib("VmRSS")}
         result.update(_create_phase(kube, operator, fleet, resources, ready_timeout))
+        marks.append(("ready", time.perf_counter()))
         operator.close()
+        marks.append(("operator stopped", time.perf_counter()))
         operator = Operator(workdir, kube.url, "restarted")
         operator.wait_ready()
+        marks.append(("operator up again", time.perf_counter()))
         result.update(_resync_phase(kube, operator, fleet, names, idle_timeout))
+        marks.append(("idle resync", time.perf_counter()))
+        result["phases"] = {b[0]: round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:], strict=False)}
         return result
     finally:
         if operator is not None:
