@@ -63,13 +63,15 @@ class Window:
     api_calls: int = 0
     ddl: int = 0
 
+    # Rates over at least 10 s: one legitimate reconcile's burst (the whole plan, ~17 statements)
+    # inside a 3 s window must not extrapolate to a "spin"; a real hot loop makes hundreds.
     @property
     def api_per_minute(self) -> float:
-        return self.api_calls * 60 / max(self.seconds, 1.0)
+        return self.api_calls * 60 / max(self.seconds, 10.0)
 
     @property
     def ddl_per_minute(self) -> float:
-        return self.ddl * 60 / max(self.seconds, 1.0)
+        return self.ddl * 60 / max(self.seconds, 10.0)
 
 
 @dataclasses.dataclass
