@@ -12,6 +12,7 @@ import pg_query
 
 _WRITES = ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
 _SETOP_NONE = pg_query.pg_query_pb2.SETOP_NONE
+_PREDICATE_PREFIX = "SELECT WHERE "
 
 
 class SqlCheckError(ValueError):
@@ -54,7 +55,9 @@ def normalize_select(query: str) -> str:
 
 def normalize_predicate(expression: str) -> str:
     """A boolean expression for a partial index's WHERE, deparsed; SqlCheckError otherwise."""
-    result = _parse(f"SELECT WHERE {expression}")
+    # Parsed client-side only, never sent: the expression is wrapped so the grammar can place it,
+    # and what reaches the database is the deparsed predicate returned below.
+    result = _parse(_PREDICATE_PREFIX + expression)
     if len(result.stmts) != 1:
         raise SqlCheckError("must be one expression, not several statements")
     select = result.stmts[0].stmt.select_stmt
@@ -71,7 +74,7 @@ def normalize_predicate(expression: str) -> str:
     if "SubLink" in _nodes(select.where_clause):
         raise SqlCheckError("subqueries are not allowed in an index predicate")
     deparsed = str(pg_query.deparse(result))
-    prefix = "SELECT WHERE "
+    prefix = _PREDICATE_PREFIX
     if not deparsed.startswith(prefix):  # pragma: no cover - libpg_query contract
         raise SqlCheckError("could not be normalized")
     return deparsed[len(prefix) :]
