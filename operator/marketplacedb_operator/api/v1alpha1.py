@@ -8,6 +8,7 @@ Field descriptions become `kubectl explain` text and the README's resource refer
 from __future__ import annotations
 
 import datetime
+import zoneinfo
 from typing import Annotated, Any, Literal
 
 from croniter import croniter
@@ -16,6 +17,7 @@ from pydantic.alias_generators import to_camel
 
 from .. import naming
 from ..durations import DURATION_PATTERN, parse_duration
+from ..querydeps import volatile_calls
 from ..sqlcheck import SqlCheckError, normalize_predicate, normalize_select
 from .conditions import Condition
 from .parameters import DATABASE_SETTINGS, PGBOUNCER_PARAMETERS, SERVER_SETTINGS, check_named
@@ -187,19 +189,65 @@ class IndexSpec(Model):
 class RefreshPolicy(Model):
     """When and how a materialized view is refreshed (never overlapping)."""
 
-    schedule: str = Field(description="Cron schedule (five fields or @hourly-style macro).")
+    schedule: str | None = Field(
+        None, max_length=128,
+        description="Cron schedule (five fields or @hourly-style macro); required unless `every` is set.",
+    )
     mode: Literal["CronJob", "Operator"] = Field(
         "CronJob", description="CronJob: a Kubernetes CronJob per view; Operator: the operator's own timer."
     )
+    every: Duration | None = Field(
+        None, max_length=16,
+        description="mode Operator only: refresh at this interval instead of a cron schedule, from 5s to 24h "
+        "(e.g. 30s: the option when one minute is too coarse).",
+    )
+    time_zone: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
+        description="IANA time zone the schedule is read in (e.g. Europe/Berlin); default Etc/UTC. Passed to "
+        "the CronJob and honoured by mode Operator.",
+    )
     skip_if_unchanged: bool = Field(True, description="Skip when the base tables saw no writes since the last refresh.")
+    depends_on: list[Annotated[str, Field(max_length=127, pattern=r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?$")]] = (
+        Field(
+            default_factory=list, max_length=64,
+            description="Tables (table or schema.table) whose writes count for skipIfUnchanged besides those the "
+            "view reads directly: declare the tables its functions read, else a view calling a non-built-in, "
+            "stable or volatile function is refreshed on every schedule.",
+        )
+    )
+    history_limit: int = Field(20, ge=1, le=1000, description="Runs kept in the refresh history of this view.")
     max_staleness: Duration = Field("1h", description="Refresh anyway after this long; beyond it the view is Stale.")
     timeout: Duration = Field("5m", description="statement_timeout of one refresh (and the Job's deadline).")
     suspend: bool = Field(False, description="Pause scheduled refreshes.")
 
     @field_validator("schedule")
     @classmethod
-    def _schedule(cls, value: str) -> str:
-        return _cron(value)
+    def _schedule(cls, value: str | None) -> str | None:
+        return None if value is None else _cron(value)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timeZone {value!r} is not an IANA time zone name (e.g. Europe/Berlin)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _when(self) -> RefreshPolicy:
+        if self.every is not None:
+            if self.mode != "Operator":
+                raise ValueError("every needs mode: Operator (a CronJob cannot run more often than once a minute)")
+            if not 5 <= parse_duration(self.every) <= 86400:
+                raise ValueError(f"every {self.every!r} must be between 5s and 24h")
+            if self.schedule is not None:
+                raise ValueError("set either schedule or every, not both")
+        elif self.schedule is None:
+            raise ValueError("schedule is required (or every, with mode: Operator)")
+        return self
 
 
 class MaterializedViewSpec(Model):
@@ -214,6 +262,12 @@ class MaterializedViewSpec(Model):
         min_length=1, max_length=32, description="Columns of the unique index (plain columns the view returns)."
     )
     refresh: RefreshPolicy | None = Field(None, description="Refresh schedule; none means refresh only on demand.")
+    allow_volatile_functions: bool = Field(
+        False,
+        description="DANGEROUS: accept calls to volatile functions (setval, nextval, lo_*, pg_terminate_backend, "
+        "random, ...) in the query. They run with the role's full rights when the view is created and at every "
+        "refresh; refused by default, with the function named.",
+    )
 
     @field_validator("query")
     @classmethod
@@ -229,6 +283,16 @@ class MaterializedViewSpec(Model):
         if len(set(value)) != len(value):
             raise ValueError("uniqueKey has duplicate columns")
         return value
+
+    @model_validator(mode="after")
+    def _volatile(self) -> MaterializedViewSpec:
+        calls = [] if self.allow_volatile_functions else volatile_calls(self.query)
+        if calls:
+            raise ValueError(
+                f"query calls volatile function(s) {', '.join(calls)}: they can write or act on every refresh; "
+                "set allowVolatileFunctions: true to accept (dangerous)"
+            )
+        return self
 
 
 # --- pooler -----------------------------------------------------------------------------------
@@ -381,6 +445,15 @@ class ViewStatus(Model):
     last_result: str | None = None
     stale: bool = False
     message: str = ""
+    recent_outcomes: list[str] = Field(
+        default_factory=list, max_length=5, description="The last refresh outcomes, newest first."
+    )
+    refresh_rule: str | None = Field(
+        None, max_length=512, description="Which skip-if-unchanged rule applies to the view, and why."
+    )
+    first_seen_time: datetime.datetime | None = Field(
+        None, description="When the operator first saw the view declared: a view never refreshed is stale from here."
+    )
 
 
 class PoolerBudget(Model):
