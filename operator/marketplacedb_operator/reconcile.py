@@ -18,15 +18,14 @@ from pydantic import ValidationError
 
 from . import metrics, naming
 from .api.errors import format_errors
-from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
-from .durations import parse_duration
+from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus
 from .owned import OWNED_KINDS, sync_owned
 from .ports import ConnInfo, Database, Deps
 from .specs import cronjobs, pgbouncer, pooler_manifests, pooler_sizing
 from .specs import probes as probe_specs
 from .sql import plan as planning
+from .sql import refresh_truth
 from .sql import report as schema_report
-from .sql.refresh import due, is_stale
 from .status import Event, Problem, Report, compute
 
 log = logging.getLogger(__name__)
@@ -167,6 +166,8 @@ def _finish(
     if rendered != _comparable(body.get("status")):
         deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
     requeue = deps.settings.resync_seconds
+    if report.refresh_due_seconds is not None:  # mode Operator: wake up when the next refresh is due
+        requeue = min(requeue, max(1.0, report.refresh_due_seconds))
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
     return Outcome(events=events, temporary=temporary, requeue_after=requeue)
@@ -266,41 +267,49 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
 
 
 def _refreshes(ctx: Context, database: Database, report: Report) -> None:
-    """Operator-mode refreshes that are due, on-demand refreshes, then status from the state table."""
-    states = {s.name: s for s in database.refresh_states() if s.schema}
+    """Operator-mode refreshes that are due, on-demand refreshes, then status from the state table.
+
+    The truth (failures from any scheduler, never-refreshed views, next due time) is computed by
+    sql/refresh_truth.py from the rows of this resource's declared views, keyed by (schema, view).
+    A resource without views never touches the operator's schema.
+    """
+    views = ctx.spec.materialized_views
+    if not views:
+        metrics.set_view_metrics(ctx.namespace, ctx.name, [], ctx.now)
+        return
+    unreadable: Problem | None = None
+    try:
+        states = refresh_truth.by_key(database.refresh_states())
+    except Exception as exc:  # e.g. no privilege on the operator's schema: say so, views go stale
+        states, unreadable = {}, Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
     failures = []
-    for view in ctx.spec.materialized_views:
-        policy = view.refresh
-        state = states.get(view.name)
-        scheduled = policy is not None and policy.mode == "Operator" and not policy.suspend
-        if requested or (scheduled and policy and due(policy.schedule, state.last_attempt if state else None, ctx.now)):
+    ran = False
+    for view in views:
+        due_in = refresh_truth.operator_due_in(view, states.get((view.schema_name, view.name)), ctx.now)
+        if requested or (due_in is not None and due_in <= 0):
             result = database.refresh(view, ctx.now, requested)
+            ran = True
             if not result.ok:
-                failures.append(f"{view.name}: {result.error or result.reason}")
-    if failures or requested or any(v.refresh and v.refresh.mode == "Operator" for v in ctx.spec.materialized_views):
-        states = {s.name: s for s in database.refresh_states()}
-    limits = {v.name: parse_duration(v.refresh.max_staleness) for v in ctx.spec.materialized_views if v.refresh}
-    report.views = [_with_refresh(v, states.get(v.name), limits.get(v.name), ctx.now) for v in report.views]
-    metrics.set_refresh_metrics(ctx.namespace, ctx.name, list(states.values()), ctx.now, limits)
-    report.refresh_scheduled = sum(1 for v in ctx.spec.materialized_views if v.refresh and not v.refresh.suspend)
-    if failures:
-        report.refresh_problem = Problem("RefreshFailed", "; ".join(failures))
-
-
-def _with_refresh(view: ViewStatus, state: Any, limit: float | None, now: datetime.datetime) -> ViewStatus:
-    if state is None:
-        return view.model_copy(update={"stale": limit is not None and view.populated is False})
-    return view.model_copy(
-        update={
-            "last_refresh_time": state.last_success,
-            "last_refresh_seconds": state.last_seconds,
-            "last_result": state.result,
-            "stale": limit is not None and is_stale(state, now, limit),
-            "message": view.message if not state.error else f"{view.message}; last refresh failed: {state.error}",
-        }
-    )
+                failures.append(f"{view.schema_name}.{view.name}: {result.error or result.reason}")
+    if ran and unreadable is None:
+        try:
+            states = refresh_truth.by_key(database.refresh_states())
+        except Exception as exc:
+            unreadable = Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
+    previous = {v.name: v for v in ctx.previous.materialized_views} if ctx.previous else {}
+    truth = refresh_truth.assess(views, report.views, states, previous, ctx.now)
+    report.views = truth.views
+    report.refresh_due_seconds = truth.due_in
+    metrics.set_view_metrics(ctx.namespace, ctx.name, truth.series, ctx.now)
+    report.refresh_scheduled = sum(1 for v in views if v.refresh and not v.refresh.suspend)
+    recorded = {f.split(":", 1)[0] for f in truth.failing}
+    failing = truth.failing + [f for f in failures if f.split(":", 1)[0] not in recorded]
+    if failing:
+        report.refresh_problem = Problem("RefreshFailed", "; ".join(failing))
+    elif unreadable is not None:
+        report.refresh_problem = unreadable
 
 
 # --- Kubernetes objects -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import zoneinfo
 from typing import Annotated, Any, Literal
 
 from croniter import croniter
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .. import naming
@@ -255,6 +255,12 @@ class MaterializedViewSpec(Model):
 
     name: Identifier = Field(description="View name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema.")
+    allow_volatile_functions: bool = Field(
+        False,
+        description="DANGEROUS: accept calls to volatile functions (setval, nextval, lo_*, pg_terminate_backend, "
+        "random, ...) in the query. They run with the role's full rights when the view is created and at every "
+        "refresh; refused by default, with the function named.",
+    )
     query: str = Field(
         min_length=1, max_length=65536, description="Exactly one SELECT (checked by PostgreSQL's parser)."
     )
@@ -262,20 +268,21 @@ class MaterializedViewSpec(Model):
         min_length=1, max_length=32, description="Columns of the unique index (plain columns the view returns)."
     )
     refresh: RefreshPolicy | None = Field(None, description="Refresh schedule; none means refresh only on demand.")
-    allow_volatile_functions: bool = Field(
-        False,
-        description="DANGEROUS: accept calls to volatile functions (setval, nextval, lo_*, pg_terminate_backend, "
-        "random, ...) in the query. They run with the role's full rights when the view is created and at every "
-        "refresh; refused by default, with the function named.",
-    )
 
     @field_validator("query")
     @classmethod
-    def _query(cls, value: str) -> str:
+    def _query(cls, value: str, info: ValidationInfo) -> str:
         try:
-            return normalize_select(value)
+            query = normalize_select(value)
         except SqlCheckError as exc:
             raise ValueError(f"query {exc}") from None
+        calls = [] if info.data.get("allow_volatile_functions") else volatile_calls(query)
+        if calls:
+            raise ValueError(
+                f"query calls volatile function(s) {', '.join(calls)}: they can write or act on every refresh; "
+                "set allowVolatileFunctions: true to accept (dangerous)"
+            )
+        return query
 
     @field_validator("unique_key")
     @classmethod
@@ -283,16 +290,6 @@ class MaterializedViewSpec(Model):
         if len(set(value)) != len(value):
             raise ValueError("uniqueKey has duplicate columns")
         return value
-
-    @model_validator(mode="after")
-    def _volatile(self) -> MaterializedViewSpec:
-        calls = [] if self.allow_volatile_functions else volatile_calls(self.query)
-        if calls:
-            raise ValueError(
-                f"query calls volatile function(s) {', '.join(calls)}: they can write or act on every refresh; "
-                "set allowVolatileFunctions: true to accept (dangerous)"
-            )
-        return self
 
 
 # --- pooler -----------------------------------------------------------------------------------

@@ -150,9 +150,10 @@ CLEAR_STATS_SNAPSHOT: Final = sql.SQL("SELECT pg_catalog.pg_stat_clear_snapshot(
 
 # The view; its base relations (pg_rewrite/pg_depend, recursively through plain views, down to
 # inheritance children and partitions, plus the declared dependsOn tables), their write counters
-# and storage signature; the functions its rules call (pg_depend on pg_proc, and on pg_operator
-# through oprcode) classified volatile / clock / untracked (non-built-in, or not immutable); the
-# CURRENT_DATE-style values in the stored rules; the usable unique index; the recorded state.
+# and storage signature; the functions its stored rules call (function, operator, aggregate and
+# window calls in pg_rewrite's node tree: pg_depend does not record built-ins, which are pinned)
+# classified volatile / clock / untracked (non-built-in, or not immutable); the CURRENT_DATE-style
+# values in the rules; the usable unique index; the recorded state.
 OBSERVE: Final = """\
 WITH RECURSIVE
 target AS (
@@ -199,14 +200,10 @@ fn AS (
     n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
       'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)) AS clock,
     p.oid >= 16384 OR p.provolatile <> 'i' AS untracked
-  FROM rules
-  JOIN pg_catalog.pg_depend AS d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = rules.oid
-  LEFT JOIN pg_catalog.pg_operator AS o
-    ON d.refclassid = 'pg_catalog.pg_operator'::pg_catalog.regclass AND o.oid = d.refobjid
-  JOIN pg_catalog.pg_proc AS p ON p.oid = CASE
-    WHEN d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass THEN d.refobjid ELSE o.oprcode END
+  FROM (SELECT DISTINCT m[1]::oid AS oid FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(
+          rules.action, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)', 'g') AS m) AS called
+  JOIN pg_catalog.pg_proc AS p ON p.oid = called.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
-  WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass)
 ),
 svf AS (
   SELECT DISTINCT (ARRAY['current_date', 'current_time', 'current_time', 'current_timestamp', 'current_timestamp',

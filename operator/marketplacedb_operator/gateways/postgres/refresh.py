@@ -161,27 +161,34 @@ class PostgresRefresh:
             with self.conn.transaction():
                 for statement in s.timeouts_sql(options):
                     self.conn.execute(statement)
+                before = self._counts(target)
                 started = time.perf_counter()
                 self.conn.execute(s.refresh_sql(target, concurrently))
                 seconds = time.perf_counter() - started
                 done = dataclasses.replace(update, seconds=seconds, rows=self._rows_after(
-                    target, concurrently, previous_rows))
+                    target, concurrently, previous_rows, before))
                 # The catalog check ran first on this session, so the tables exist.
                 self.conn.execute(s.record_sql(), s.record_params(target, done))
         except psycopg.Error as exc:
             raise _error(exc) from None
         return done
 
-    def _rows_after(self, target: q.ViewTarget, concurrently: bool, previous: int | None) -> int | None:
-        """No rescan of the view: CONCURRENTLY applies a diff, whose inserts and deletes this
-        transaction's counters hold (exact, given the count recorded at the last success); a plain
-        refresh rebuilds the indexes, which set reltuples to the exact count. Without either, the
-        planner's estimate (reltuples; None when never estimated)."""
+    def _counts(self, target: q.ViewTarget) -> tuple[int, int, float]:
         row = self.conn.execute(s.rows_after_sql(target)).fetchone()
-        inserted, deleted, reltuples = (row or (0, 0, -1))
+        inserted, deleted, reltuples = row or (0, 0, -1)
+        return int(inserted or 0), int(deleted or 0), float(reltuples if reltuples is not None else -1)
+
+    def _rows_after(self, target: q.ViewTarget, concurrently: bool, previous: int | None,
+                    before: tuple[int, int, float]) -> int | None:
+        """No rescan of the view: CONCURRENTLY applies a diff, whose inserts and deletes the
+        backend's counters hold (read before and after: they also carry earlier transactions'
+        unflushed counts), exact given the count recorded at the last success; a plain refresh
+        rebuilds the indexes, which set reltuples to the exact count. Otherwise the planner's
+        estimate (reltuples; None when never estimated)."""
+        inserted, deleted, reltuples = self._counts(target)
         if concurrently and previous is not None:
-            return max(0, previous + int(inserted) - int(deleted))
-        return int(reltuples) if reltuples is not None and reltuples >= 0 else None
+            return max(0, previous + (inserted - before[0]) - (deleted - before[1]))
+        return int(reltuples) if reltuples >= 0 else None
 
     def record(self, target: q.ViewTarget, update: q.StateUpdate) -> None:
         try:
