@@ -17,6 +17,7 @@ from typing import Any
 import kubernetes
 import psycopg
 import pytest
+from psycopg import sql
 
 from harness.kube import KubeObjects
 from marketplacedb_operator import metrics
@@ -133,8 +134,9 @@ async def test_state_is_keyed_by_schema_and_only_declared_views_are_exported(
     with psycopg.connect(workload_db.dsn, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA reporting")
         for schema in ("public", "reporting"):
-            conn.execute(f"CREATE MATERIALIZED VIEW {schema}.mv_i AS SELECT id FROM categories")
-            conn.execute(f"CREATE UNIQUE INDEX ON {schema}.mv_i (id)")
+            view = sql.Identifier(schema, "mv_i")
+            conn.execute(sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT id FROM categories").format(view))
+            conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (id)").format(view))
         conn.execute("CREATE MATERIALIZED VIEW mv_other AS SELECT id FROM categories")
         conn.execute("CREATE UNIQUE INDEX ON mv_other (id)")
         db = PostgresRefresh(conn)
@@ -166,10 +168,10 @@ async def test_a_second_role_without_views_never_fails_and_with_views_shares_the
     server.create_role(other, password)
     try:
         with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as admin:
-            admin.execute(f'GRANT CONNECT, CREATE ON DATABASE "{workload_db.name}" TO "{other}"')
-            admin.execute(f'GRANT USAGE ON SCHEMA public TO "{other}"')
-            admin.execute(f'GRANT SELECT ON categories TO "{other}"')
-            admin.execute(f'GRANT CREATE ON SCHEMA public TO "{other}"')
+            role = sql.Identifier(other)
+            admin.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(workload_db.name), role))
+            admin.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(role))
+            admin.execute(sql.SQL("GRANT SELECT ON categories TO {}").format(role))
         with psycopg.connect(workload_db.dsn, autocommit=True) as conn:  # the owner creates the schema
             conn.execute("CREATE MATERIALIZED VIEW mv_owner AS SELECT id FROM categories")
             conn.execute("CREATE UNIQUE INDEX ON mv_owner (id)")
@@ -192,7 +194,7 @@ async def test_a_second_role_without_views_never_fails_and_with_views_shares_the
         assert {"mv_owner", "mv_b"} <= names
     finally:
         with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP OWNED BY "{other}"')
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(other)))
         server.drop_role(other)
 
 
