@@ -93,7 +93,8 @@ def check_function_ddl() -> sql.Composed:
         "p_max_staleness double precision, p_skip boolean, p_force boolean, p_depends text[], "
         "p_allow_volatile boolean, p_history integer) "
         "RETURNS TABLE (locked boolean, skipped boolean, age double precision) "
-        "LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS {}"
+        "LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp "
+        "SET plan_cache_mode = force_generic_plan AS {}"
     ).format(CHECK, sql.Literal(body))
 
 

@@ -194,21 +194,25 @@ rules AS (
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   WHERE deps.depth = 0 OR dc.relkind = 'v'
 ),
+calls AS (
+  -- One pass over each stored rule: called function oids, and CURRENT_DATE-style values (op 0-8).
+  SELECT m[1] AS oid, m[2] AS svf FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(rules.action,
+    ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)|\\{{SQLVALUEFUNCTION :op ([0-8]) ', 'g') AS m
+),
 fn AS (
   SELECT DISTINCT CASE WHEN n.nspname = 'pg_catalog' THEN p.proname ELSE n.nspname || '.' || p.proname END AS name,
     p.provolatile = 'v' AS volatile,
     n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
       'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)) AS clock,
     p.oid >= 16384 OR p.provolatile <> 'i' AS untracked
-  FROM (SELECT DISTINCT m[1]::oid AS oid FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(
-          rules.action, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)', 'g') AS m) AS called
+  FROM (SELECT DISTINCT called.oid::oid FROM calls AS called WHERE called.oid IS NOT NULL) AS called
   JOIN pg_catalog.pg_proc AS p ON p.oid = called.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
 ),
 svf AS (
   SELECT DISTINCT (ARRAY['current_date', 'current_time', 'current_time', 'current_timestamp', 'current_timestamp',
-    'localtime', 'localtime', 'localtimestamp', 'localtimestamp'])[m[1]::int + 1] AS name
-  FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(rules.action, '\\{{SQLVALUEFUNCTION :op ([0-8]) ', 'g') AS m
+    'localtime', 'localtime', 'localtimestamp', 'localtimestamp'])[calls.svf::int + 1] AS name
+  FROM calls WHERE calls.svf IS NOT NULL
 )
 SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS populated,
   coalesce(t.owned, false) AS owned,
