@@ -93,7 +93,7 @@ def _status(view: ViewStatus, state: RefreshState | None, limit: float | None, f
         never = limit is not None and never_refreshed_age(first_seen, now) > limit
         update: dict[str, object] = {"first_seen_time": first_seen, "stale": never}
         if state is not None:
-            update.update(last_result=state.result, recent_outcomes=list(state.recent), refresh_rule=state.rule)
+            update.update(last_result=state.result, recent_outcomes=list(state.recent), refresh_rule=_rule(state))
         if state is None or state.last_success is None:
             suffix = "never refreshed" + (f" ({state.error})" if state is not None and state.error else "")
             update["message"] = f"{view.message}; {suffix}" if view.message else suffix
@@ -109,6 +109,11 @@ def _status(view: ViewStatus, state: RefreshState | None, limit: float | None, f
         "stale": stale,
         "message": message,
         "recent_outcomes": list(state.recent),
-        "refresh_rule": state.rule,
+        "refresh_rule": _rule(state),
         "first_seen_time": first_seen,
     })
+
+
+def _rule(state: RefreshState) -> str | None:
+    # status.materializedViews[].refreshRule has maxLength 512 in the CRD.
+    return None if state.rule is None else state.rule if len(state.rule) <= 512 else state.rule[:509] + "..."
