@@ -136,6 +136,22 @@ def test_a_plain_join_still_skips_when_nothing_changed(prices_db: Any) -> None:
     assert refresh(prices_db, "mv_join").outcome == "refreshed"
 
 
+def test_explain_says_which_rule_applies_and_records_nothing(prices_db: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("PGPASSWORD", prices_db.owner_password)
+    dsn = prices_db.server.dsn(prices_db.name, prices_db.owner, "")
+    code, out, _ = run_cli(["refresh", "--explain", "--view", "mv_priced", "--view", "mv_new_arrivals",
+                            "--view", "mv_join", "--dsn", dsn, "-o", "json"])
+    lines = {line["view"]: line for line in map(json.loads, out.splitlines())}
+    assert code == 0, out
+    assert "public.price_of" in lines["mv_priced"]["rule"] and lines["mv_priced"]["action"] == "refresh"
+    assert "time-dependent (now())" in lines["mv_new_arrivals"]["rule"]
+    assert lines["mv_join"]["rule"] == "skipped when unchanged: write counters of 2 table(s) tracked"
+    code, out, _ = run_cli(["refresh", "--explain", "--view", "mv_priced", "--depends-on", "prices", "--dsn", dsn])
+    assert code == 0 and "trusted through dependsOn" in out
+    with connect(prices_db) as conn:  # rolled back: not even the operator's schema stayed
+        assert conn.execute("SELECT to_regnamespace('marketplacedb')").fetchone() == (None,)
+
+
 # --- finding 3: a "plain SELECT" that writes ---------------------------------------------------
 
 SIDE_EFFECTS = {

@@ -48,7 +48,7 @@ from .sql.refresh_check import SKIP_REASON
 
 __all__ = [
     "Decision", "Observation", "RefreshDatabase", "RefreshOptions", "RefreshOutcome", "RefreshState", "ViewTarget",
-    "decide", "due", "is_stale", "lock_key", "options_for", "refresh_view", "run_refresh",
+    "decide", "due", "explain_view", "is_stale", "lock_key", "options_for", "refresh_view", "run_refresh",
 ]
 
 
@@ -175,6 +175,13 @@ def _locked(db: RefreshDatabase, target: ViewTarget, options: RefreshOptions, no
                              rule=rule, history_limit=limit)
         _best_effort(db.record, target, failed)
         return outcome("failed", failed.reason, error=str(exc))
+
+
+def explain_view(db: RefreshDatabase, target: ViewTarget, options: RefreshOptions, now: datetime.datetime,
+                 force: bool = False) -> tuple[str, Decision]:
+    """The rule that applies to the view and what a run would do now; no lock, nothing recorded."""
+    observed = db.observe(target, options.depends_on)
+    return rule_for(observed, options), decide(observed, options, now, force)
 
 
 def _best_effort(action: Callable[..., None], *args: Any) -> None:

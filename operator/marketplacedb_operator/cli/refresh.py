@@ -22,11 +22,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from psycopg import sql
+
+from .. import naming
 from ..api.v1alpha1 import DatabaseSpec, MarketplaceDB
 from ..durations import parse_duration
 from ..gateways.postgres import ConnInfo, DatabaseUnreachable, connect
 from ..gateways.postgres.refresh import PostgresRefresh, read_history
-from ..refresh import RefreshOutcome, refresh_view
+from ..refresh import RefreshOutcome, explain_view, refresh_view
 from ..sql.refresh import (
     DEFAULT_HISTORY,
     DEFAULT_LOCK_TIMEOUT,
@@ -39,6 +42,9 @@ from ..sql.refresh import (
 from .manifest import ManifestError, load_resources
 
 REFRESH_APPLICATION_NAME = "marketplacedb-refresh"
+STATE_EXISTS = sql.SQL("SELECT pg_catalog.to_regclass({}) IS NOT NULL").format(
+    sql.Literal(f'"{naming.STATE_SCHEMA}"."{naming.STATE_TABLE}"')
+)
 
 
 def register(commands: Any) -> None:
@@ -61,6 +67,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--skip-if-unchanged", action=argparse.BooleanOptionalAction, default=None,
                         help="skip when the base tables saw no writes (default true)")
     parser.add_argument("--force", action="store_true", help="refresh even when nothing changed")
+    parser.add_argument("--explain", action="store_true",
+                        help="print which skip rule applies and what a run would do; no lock, no refresh, no record")
     parser.add_argument("--depends-on", action="append", metavar="TABLE", default=None,
                         help="table whose writes count for --skip-if-unchanged (refresh.dependsOn; repeatable)")
     parser.add_argument("--allow-volatile-functions", action="store_true", default=None,
@@ -194,10 +202,35 @@ def _run(args: argparse.Namespace) -> int:
     failed = False
     with conn:
         db = PostgresRefresh(conn)
+        if args.explain:
+            return _explain(db, chosen, args)
         for target, options in chosen:
             outcome = refresh_view(db, target, options, datetime.datetime.now(datetime.UTC), args.force)
             _print(outcome, args.output)
             failed = failed or not outcome.ok
+    return 1 if failed else 0
+
+
+def _explain(db: PostgresRefresh, chosen: list[tuple[ViewTarget, RefreshOptions]], args: argparse.Namespace) -> int:
+    """Rolled back: the operator's schema may be created to read it, and nothing stays."""
+    failed = False
+    now = datetime.datetime.now(datetime.UTC)
+    for target, options in chosen:
+        try:
+            with db.conn.transaction(force_rollback=True):
+                if not db.conn.execute(STATE_EXISTS).fetchone()[0]:  # type: ignore[index]
+                    db.ensure_state_table()
+                rule, decision = explain_view(db, target, options, now, args.force)
+        except RefreshDatabaseError as exc:
+            rule, action, reason = "", "fail", str(exc)
+        else:
+            action, reason = decision.action, decision.reason
+        failed = failed or action == "fail"
+        if args.output == "json":
+            print(json.dumps({"schema": target.schema, "view": target.name, "action": action, "reason": reason,
+                              "rule": rule}, sort_keys=True), flush=True)
+        else:
+            print(f"{target.schema}.{target.name}: would {action}: {reason}; rule: {rule}", flush=True)
     return 1 if failed else 0
 
 
