@@ -246,3 +246,17 @@ def test_schedule_fields_are_checked_with_the_field_named(bad: dict[str, Any]) -
         MaterializedViewSpec.model_validate({"name": "mv", "query": "SELECT 1 AS id", "uniqueKey": ["id"],
                                              "refresh": bad})
     assert "refresh" in json.dumps(caught.value.errors(), default=str)
+
+
+def test_cronjob_args_carry_the_view_policy_and_parse_as_the_cli() -> None:
+    from marketplacedb_operator.api.v1alpha1 import MaterializedViewSpec
+    from marketplacedb_operator.cli import build_parser
+    from marketplacedb_operator.cli.refresh import _overrides
+    from marketplacedb_operator.specs.cronjobs import refresh_args
+
+    view = MaterializedViewSpec.model_validate({
+        "name": "mv", "query": "SELECT random() AS id", "uniqueKey": ["id"], "allowVolatileFunctions": True,
+        "refresh": {"schedule": "* * * * *", "dependsOn": ["prices", "s.t"], "historyLimit": 7}})
+    assert view.refresh is not None
+    options = _overrides(build_parser().parse_args(refresh_args(view, view.refresh)), RefreshOptions())
+    assert (options.depends_on, options.allow_volatile, options.history_limit) == (("prices", "s.t"), True, 7)
