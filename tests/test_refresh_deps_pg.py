@@ -283,3 +283,23 @@ def test_the_common_check_is_one_round_trip_measured_beside_a_primary_key_lookup
 
     print(f"\n[measured] skip check p50 {p(checks, 50):.3f} ms p99 {p(checks, 99):.3f} ms; "
           f"primary-key lookup p50 {p(lookups, 50):.3f} ms p99 {p(lookups, 99):.3f} ms (same session, 200 each)")
+
+
+def test_a_query_is_analyzed_from_the_catalog_before_the_view_exists(prices_db: Any) -> None:
+    """For plan time: user-defined volatile functions are invisible to the parser, not to the catalog."""
+    from marketplacedb_operator.gateways.postgres.refresh import analyze_query
+
+    with connect(prices_db) as conn:
+        conn.execute("CREATE SEQUENCE s_ids")
+        conn.execute("CREATE FUNCTION bump() RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('s_ids') $$")
+        bumped = analyze_query(conn, "public", "SELECT id, bump() AS n FROM products")
+        priced = analyze_query(conn, "public", "SELECT id, price_of(id) AS p FROM products WHERE created_at < now()")
+        plain = analyze_query(conn, "public", "SELECT p.id, x.price FROM products AS p JOIN prices AS x "
+                                              "ON x.product_id = p.id")
+        assert conn.execute("SELECT last_value, is_called FROM s_ids").fetchone() == (1, False)  # never ran
+        assert conn.execute("SELECT to_regnamespace('marketplacedb')").fetchone() == (None,)  # rolled back
+        assert conn.execute("SELECT count(*) FROM pg_matviews WHERE matviewname LIKE 'mdb_analyze%'").fetchone() == (0,)
+    assert bumped.volatile_functions == ("public.bump",)
+    assert priced.untracked_functions == ("public.price_of",) and priced.time_functions == ("now()",)
+    assert (plain.volatile_functions, plain.time_functions, plain.untracked_functions) == ((), (), ())
+    assert plain.base_tables == 2

@@ -120,6 +120,13 @@ def refresh_sql(target: ViewTarget, concurrently: bool) -> sql.Composed:
     return sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(keyword, sql.Identifier(target.schema, target.name))
 
 
+def create_probe_view_sql(target: ViewTarget, query: str) -> sql.Composed:
+    """A view WITH NO DATA: the server resolves the (parser-checked) query without running it."""
+    return sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH NO DATA").format(
+        sql.Identifier(target.schema, target.name), sql.SQL(query)
+    )
+
+
 def rows_after_sql(target: ViewTarget) -> sql.Composed:
     """The row count after REFRESH, without scanning the view, in the refresh's transaction.
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from typing import Any
 
 import psycopg
 from psycopg import errors
 
+from ... import naming
 from ...sql import refresh as q
 from ...sql import refresh_check as c
 from ...sql import refresh_sql as s
@@ -201,6 +203,33 @@ class PostgresRefresh:
             self._with_state_table(s.record_busy_sql(), s.record_params(target, update))
         except psycopg.Error as exc:
             raise _error(exc) from None
+
+
+def analyze_query(conn: psycopg.Connection[Any], schema: str, query: str,
+                  depends_on: tuple[str, ...] = ()) -> q.Observation:
+    """What a view query would call, from the catalog, before the view exists (for `plan`).
+
+    In a transaction that is always rolled back: the query is stored as a view WITH NO DATA (so
+    it is parsed and resolved by the server, never executed) and the same catalog check as a
+    refresh reads its rule; the operator's schema is created only inside it if missing. The
+    query must already be the parser-checked text (api validation: one plain SELECT).
+    """
+    name = f"mdb_analyze_{uuid.uuid4().hex[:12]}"
+    target = q.ViewTarget(schema, name)
+    try:
+        with conn.transaction(force_rollback=True):
+            row = conn.execute(s.exists_sql("table", naming.STATE_TABLE)).fetchone()
+            if not (row and row[0]):
+                PostgresRefresh(conn).ensure_state_table()
+            conn.execute(s.create_probe_view_sql(target, query))
+            cursor = conn.execute(s.observe_sql(target, depends_on))
+            cursor.nextset()
+            observed = cursor.fetchone()
+    except psycopg.Error as exc:
+        raise _error(exc) from None
+    if observed is None:  # pragma: no cover - the query always returns one row
+        raise q.RefreshDatabaseError("catalog check returned no row")
+    return q.observation_from_row(tuple(observed))
 
 
 def read_refresh_states(conn: psycopg.Connection[Any]) -> list[q.RefreshState]:
