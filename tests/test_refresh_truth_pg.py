@@ -217,6 +217,38 @@ async def test_operator_mode_follows_every_and_its_time_zone(
     assert len(status["materializedViews"][0]["recentOutcomes"]) == 2
 
 
+async def test_an_unwritable_state_schema_fails_loudly_without_a_refresh_storm(
+        kube_objects: KubeObjects, kube_client: Any, workload_db: Any) -> None:
+    """A role that may not create the operator's schema (and nobody created it): every refresh
+    fails and says why; the operator's timer still waits for `every`, not one second."""
+    server = workload_db.server
+    other, password = f"{workload_db.owner}_c", "c-password-1"
+    server.create_role(other, password)
+    try:
+        with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as admin:
+            role = sql.Identifier(other)
+            admin.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(workload_db.name), role))
+            admin.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA public TO {}").format(role))
+            admin.execute(sql.SQL("GRANT SELECT ON categories TO {}").format(role))
+        views = [{"name": "mv_c", "query": "SELECT id, name FROM categories", "uniqueKey": ["id"],
+                  "refresh": {"mode": "Operator", "every": "30s", "maxStaleness": "1m"}}]
+        deps, clock = await setup(kube_objects, kube_client, other, password, secret="db-c")
+        await kube_objects.create(resource(workload_db, "unwritable", views, secret="db-c"))
+        status, outcome = await run(kube_objects, deps, "unwritable")
+        scheduled = condition(status, "RefreshScheduled")
+        assert scheduled["status"] == "False" and "public.mv_c" in scheduled["message"], status["conditions"]
+        assert "42501" in scheduled["message"]  # insufficient_privilege, by SQLSTATE
+        assert outcome.requeue_after == 30
+        clock.now = T0 + datetime.timedelta(minutes=2)
+        status, _ = await run(kube_objects, deps, "unwritable")
+        assert condition(status, "Stale")["status"] == "True"
+        assert sample("marketplacedb_refresh_never_refreshed", "unwritable", "mv_c") == 1
+    finally:
+        with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(other)))
+        server.drop_role(other)
+
+
 def test_cron_schedules_are_read_in_their_time_zone() -> None:
     last = datetime.datetime(2026, 7, 1, 0, 30, tzinfo=datetime.UTC)  # 02:30 in Berlin (CEST)
     now = datetime.datetime(2026, 7, 1, 0, 59, tzinfo=datetime.UTC)

@@ -285,21 +285,21 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
     failures = []
-    ran = False
+    attempted: set[str] = set()
     for view in views:
         due_in = refresh_truth.operator_due_in(view, states.get((view.schema_name, view.name)), ctx.now)
         if requested or (due_in is not None and due_in <= 0):
             result = database.refresh(view, ctx.now, requested)
-            ran = True
+            attempted.add(view.name)
             if not result.ok:
                 failures.append(f"{view.schema_name}.{view.name}: {result.error or result.reason}")
-    if ran and unreadable is None:
+    if attempted and unreadable is None:
         try:
             states = refresh_truth.by_key(database.refresh_states())
         except Exception as exc:
             unreadable = Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
     previous = {v.name: v for v in ctx.previous.materialized_views} if ctx.previous else {}
-    truth = refresh_truth.assess(views, report.views, states, previous, ctx.now)
+    truth = refresh_truth.assess(views, report.views, states, previous, ctx.now, frozenset(attempted))
     report.views = truth.views
     report.refresh_due_seconds = truth.due_in
     metrics.set_view_metrics(ctx.namespace, ctx.name, truth.series, ctx.now)

@@ -45,13 +45,20 @@ def limit_of(view: MaterializedViewSpec) -> float | None:
     return parse_duration(view.refresh.max_staleness) if view.refresh else None
 
 
-def operator_due_in(view: MaterializedViewSpec, state: RefreshState | None, now: datetime.datetime) -> float | None:
-    """Seconds until a mode Operator view is due (<= 0: now); None when the operator does not schedule it."""
+def operator_due_in(view: MaterializedViewSpec, state: RefreshState | None, now: datetime.datetime,
+                    attempted: bool = False) -> float | None:
+    """Seconds until a mode Operator view is due (<= 0: now); None when the operator does not schedule it.
+
+    `attempted`: a run was just tried; when it could record nothing (no state row), count from
+    now, so an unwritable state table never turns into a refresh on every tick.
+    """
     policy = view.refresh
     if policy is None or policy.mode != "Operator" or policy.suspend:
         return None
     every = parse_duration(policy.every) if policy.every else None
     last = state.last_attempt if state is not None else None
+    if attempted and last is None:
+        last = now
     return seconds_until_due(policy.schedule, last, now, policy.time_zone, every)
 
 
@@ -61,7 +68,7 @@ def never_refreshed_age(first_seen: datetime.datetime | None, now: datetime.date
 
 def assess(views: list[MaterializedViewSpec], statuses: list[ViewStatus],
            states: Mapping[tuple[str, str], RefreshState], previous: Mapping[str, ViewStatus],
-           now: datetime.datetime) -> Truth:
+           now: datetime.datetime, attempted: frozenset[str] = frozenset()) -> Truth:
     """Status, problems, series and next due time for the declared views (and only those)."""
     by_name = {s.name: s for s in statuses}
     updated: list[ViewStatus] = []
@@ -79,7 +86,7 @@ def assess(views: list[MaterializedViewSpec], statuses: list[ViewStatus],
         if state is not None and state.result == "failed":
             failing.append(f"{view.schema_name}.{view.name}: {state.consecutive_failures} failed run(s) in a row: "
                            f"{state.error or state.reason or 'no detail'}")
-        next_run = operator_due_in(view, state, now)
+        next_run = operator_due_in(view, state, now, view.name in attempted)
         if next_run is not None:
             due.append(next_run)
     known = {v.name for v in views}
