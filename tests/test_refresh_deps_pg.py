@@ -326,3 +326,17 @@ def test_row_count_after_a_refresh_does_not_rescan_the_view(prices_db: Any) -> N
     assert second.outcome == "refreshed" and second.rows == 57, second  # 48 + 12 - 3, from the diff
     assert view_rows(prices_db, "SELECT count(*) FROM mv_join") == [(57,)]
     assert not [s for s in statements if "FROM \"public\".\"mv_join\"" in s or "FROM mv_join" in s], statements
+
+
+def test_a_check_failing_after_the_lock_does_not_leak_the_lock(prices_db: Any) -> None:
+    """Session advisory locks survive a statement's rollback: a check function that fails after
+    taking the lock (here: its skip record is refused) must not leave the view locked."""
+    assert refresh(prices_db, "mv_join").outcome == "refreshed"
+    with psycopg.connect(prices_db.superuser_dsn, autocommit=True) as admin:
+        admin.execute("ALTER TABLE marketplacedb.refresh_history OWNER TO postgres")
+        admin.execute("REVOKE INSERT ON marketplacedb.refresh_history FROM PUBLIC")
+    with connect(prices_db) as conn:
+        outcome = refresh_view(PostgresRefresh(conn), ViewTarget("public", "mv_join"), OPTIONS, utcnow())
+        assert outcome.outcome == "failed" and outcome.error.startswith("42501 insufficient_privilege"), outcome
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        assert held.fetchone() == (0,)

@@ -127,7 +127,10 @@ def refresh_view(db: RefreshDatabase, target: ViewTarget, options: RefreshOption
     try:
         locked, skipped, age = db.check(target, key, options, now, force)
     except RefreshDatabaseError:
-        # No check function (a role that may not create it): the same steps, one round trip each.
+        # No check function (a role that may not create it), or it failed after taking the lock
+        # (session advisory locks survive the statement's rollback): release it, then the same
+        # steps one round trip each.
+        db.unlock(key)
         try:
             locked, skipped, age = db.try_lock(key), False, None
         except RefreshDatabaseError as exc:
