@@ -340,3 +340,37 @@ def test_a_check_failing_after_the_lock_does_not_leak_the_lock(prices_db: Any) -
         assert outcome.outcome == "failed" and outcome.error.startswith("42501 insufficient_privilege"), outcome
         held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
         assert held.fetchone() == (0,)
+
+
+def test_the_server_side_skip_agrees_with_decide(prices_db: Any) -> None:
+    """The check function's skip predicate and decide() (the source of every reason) side by side."""
+    from marketplacedb_operator.refresh import decide, lock_key
+
+    now = utcnow()
+    declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
+    for view, options in (("mv_join", OPTIONS), ("mv_priced", declared), ("mv_new_arrivals", declared)):
+        assert refresh(prices_db, view, options, now).ok
+    write(prices_db, "UPDATE products SET name = name WHERE id = 5")
+    assert refresh(prices_db, "mv_join", OPTIONS, now).outcome == "refreshed"  # the write is seen
+    assert refresh(prices_db, "mv_priced", declared, now).outcome == "refreshed"
+    later = now + datetime.timedelta(minutes=1)
+    cases = [
+        ("mv_join", OPTIONS, later, False), ("mv_join", OPTIONS, later, True),
+        ("mv_join", RefreshOptions(skip_if_unchanged=False), later, False),
+        ("mv_join", OPTIONS, now + datetime.timedelta(hours=2), False),
+        ("mv_priced", declared, later, False), ("mv_priced", OPTIONS, later, False),
+        ("mv_priced", RefreshOptions(depends_on=("nope",)), later, False),
+        ("mv_new_arrivals", declared, later, False), ("mv_today", OPTIONS, later, False),
+    ]
+    skips = []
+    with connect(prices_db) as conn:
+        db = PostgresRefresh(conn)
+        for view, options, at, force in cases:
+            target = ViewTarget("public", view)
+            expected = decide(db.observe(target, options.depends_on), options, at, force).action == "skip"
+            locked, skipped, _ = db.check(target, lock_key(target), options, at, force)
+            if not skipped:
+                db.unlock(lock_key(target))
+            assert locked and skipped == expected, (view, options, at, force, expected)
+            skips.append(skipped)
+    assert skips == [True, False, False, False, True, False, False, False, False]
