@@ -210,7 +210,8 @@ class RefreshPolicy(Model):
     depends_on: list[Annotated[str, Field(max_length=127, pattern=r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?$")]] = (
         Field(
             default_factory=list, max_length=64,
-            description="Tables (table or schema.table) whose writes count for skipIfUnchanged besides those the "
+            description="Tables (table in the view's schema, or schema.table) whose writes count for skipIfUnchanged "
+            "besides those the "
             "view reads directly: declare the tables its functions read, else a view calling a non-built-in, "
             "stable or volatile function is refreshed on every schedule.",
         )

@@ -14,7 +14,7 @@ from psycopg import sql
 
 from .. import naming
 from .refresh import LOCK_CLASS, STATE_COLUMNS, RefreshOptions, ViewTarget
-from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record
+from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record, qualified
 
 # Versioned: a new body gets a new name, so releases side by side never replace each other's.
 CHECK_FUNCTION: Final = "refresh_check_v1"
@@ -110,5 +110,6 @@ def check_params(target: ViewTarget, key: int, options: RefreshOptions, now: obj
     return {
         "schema": target.schema, "name": target.name, "key": key, "now": now,
         "max_staleness": options.max_staleness, "skip": options.skip_if_unchanged, "force": force,
-        "depends": list(options.depends_on), "allow_volatile": options.allow_volatile, "limit": options.history_limit,
+        "depends": qualified(target, options.depends_on), "allow_volatile": options.allow_volatile,
+        "limit": options.history_limit,
     }

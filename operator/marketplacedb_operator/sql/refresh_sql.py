@@ -251,9 +251,16 @@ def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composab
     )
 
 
+def qualified(target: ViewTarget, depends_on: tuple[str, ...]) -> list[str]:
+    """dependsOn names resolved in the view's schema when unqualified, never through search_path
+    (the check function runs with search_path = pg_catalog)."""
+    return [name if "." in name else f"{target.schema}.{name}" for name in depends_on]
+
+
 def observe_sql(target: ViewTarget, depends_on: tuple[str, ...] = ()) -> sql.Composed:
     """The catalog check: clear the stats snapshot, then one catalog query (one message)."""
-    query = _observe(sql.Literal(target.schema), sql.Literal(target.name), sql.Literal(list(depends_on)))
+    depends = sql.Literal(qualified(target, depends_on))
+    query = _observe(sql.Literal(target.schema), sql.Literal(target.name), depends)
     # Two statements, one message: sent without parameters, psycopg uses the simple query protocol.
     return sql.SQL("{}; {}").format(CLEAR_STATS_SNAPSHOT, query)
 
