@@ -171,8 +171,8 @@ def set_view_metrics(namespace: str, resource: str, views: Iterable[DeclaredView
         labels = (namespace, resource, view.name)
         seen.add(view.name)
         row = view.state
-        if row is not None:
-            _set_row(labels, row, now, view.max_staleness if view.max_staleness is not None else row.max_staleness)
+        if row is not None:  # the spec's maxStaleness; none (refreshed on demand only): never stale, as in status
+            _set_row(labels, row, now, view.max_staleness)
         if row is None or row.last_success is None:
             if row is None:
                 REFRESH_FAILURES.labels(*labels).set(0)
@@ -181,7 +181,7 @@ def set_view_metrics(namespace: str, resource: str, views: Iterable[DeclaredView
             limit = view.max_staleness
             if limit is not None:
                 REFRESH_MAX_STALENESS.labels(*labels).set(limit)
-            REFRESH_STALE.labels(*labels).set(1 if limit is None or age > limit else 0)
+            REFRESH_STALE.labels(*labels).set(1 if limit is not None and age > limit else 0)
         REFRESH_NEVER.labels(*labels).set(1 if row is None or row.last_success is None else 0)
     _forget_others(namespace, resource, seen)
 
