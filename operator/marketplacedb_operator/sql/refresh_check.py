@@ -94,7 +94,8 @@ def check_function_ddl() -> sql.Composed:
         "p_allow_volatile boolean, p_history integer) "
         "RETURNS TABLE (locked boolean, skipped boolean, age double precision) "
         "LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp "
-        "SET plan_cache_mode = force_generic_plan AS {}"
+        "SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off "
+        "SET enable_seqscan = off AS {}"
     ).format(CHECK, sql.Literal(body))
 
 
