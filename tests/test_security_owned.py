@@ -13,10 +13,10 @@ from typing import Any
 import kubernetes_validate
 import psycopg
 import pytest
-from security_env import API, NS, Sec, resource, sec_env, secret
 
 from marketplacedb_operator import naming
 from marketplacedb_operator.settings import Settings
+from security_env import API, NS, Sec, resource, sec_env, secret
 
 SETTINGS = Settings(connect_timeout_seconds=3, resync_seconds=1)
 VIEW = "mv_items"
@@ -64,7 +64,8 @@ async def test_objects_named_like_ours_are_not_taken_over(sec: Sec) -> None:
     # Someone else's ConfigMap with our name *and* our labels, and a CronJob with our name.
     await sec.objects.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
         "name": pooler, "namespace": NS, "labels": naming.labels("shop", "pooler")}, "data": {"owner": "team-b"}})
-    await sec.objects.create({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": cronjob, "namespace": NS},
+    await sec.objects.create({"apiVersion": "batch/v1", "kind": "CronJob",
+                              "metadata": {"name": cronjob, "namespace": NS},
                               "spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {
                                   "containers": [{"name": "x", "image": "team-b/job:1"}]}}}}}})
     await sec.objects.create(resource(_database(sec.db), pooler={"enabled": True},  # type: ignore[attr-defined]
@@ -175,8 +176,8 @@ async def test_probes_use_the_resources_own_field_manager_and_tolerate_api_defau
 
     # A real change (the period) is written once.
     body = sec.objects.get(API, "MarketplaceDB", "shop", NS)
-    await sec.objects.patch_spec(body, {"healthProbes": [{"deployment": "web", "readiness": {**PROBE, "periodSeconds": 7},
-                                                          "liveness": PROBE}]})
+    changed = {"deployment": "web", "readiness": {**PROBE, "periodSeconds": 7}, "liveness": PROBE}
+    await sec.objects.patch_spec(body, {"healthProbes": [changed]})
     await sec.reconcile()
     assert len(_operator_writes(sec, "web")) == 2
 
