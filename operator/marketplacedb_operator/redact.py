@@ -52,9 +52,12 @@ def classify_connect_error(exc: BaseException) -> str:
         return UNREACHABLE  # something answered, but not PostgreSQL: say no more than for a closed port
     if any(part in text for part in _TIMEOUT):
         return TIMEOUT
-    if "fatal:" in text or "error:" in text:
-        # The server itself answered; the auth words are checked first since user names are quoted.
-        return AUTHENTICATION_FAILED if any(part in text for part in _AUTH) else REJECTED
+    if "fatal:" in text:
+        # The server itself answered (PostgreSQL ends a login with FATAL); the auth words come
+        # first: they precede the quoted user name, which could contain anything.
+        if any(part in text for part in _AUTH):
+            return AUTHENTICATION_FAILED
+        return TLS_FAILED if any(part in text for part in _TLS) else REJECTED
     if any(part in text for part in _TLS):
         return TLS_FAILED
     if any(part in text for part in _AUTH):
