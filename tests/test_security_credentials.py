@@ -16,7 +16,7 @@ import pytest
 from marketplacedb_operator.credentials import host_allowed
 from marketplacedb_operator.redact import EXPLANATIONS, classify_connect_error, describe_db_error
 from marketplacedb_operator.settings import Settings
-from security_env import FakePostgres, Sec, resource, sec_env, secret
+from security_env import NS, FakePostgres, Sec, resource, sec_env, secret
 
 SETTINGS = Settings(connect_timeout_seconds=3, resync_seconds=1)
 
@@ -56,6 +56,26 @@ async def test_a_foreign_secret_is_refused_before_any_connection(sec: Sec, fake:
     everything = sec.everything()
     for value in (crt, key, "MIIuser", "MIIkey"):
         assert value not in everything
+
+
+async def test_no_refresh_cronjob_references_a_refused_secret(sec: Sec, fake: FakePostgres) -> None:
+    """A CronJob's pod reads the Secret by reference (secretKeyRef) and would send its values to the
+    spec's host: a refused Secret gets no CronJob, and one made while it was accepted is pruned."""
+    crt, key = _cert_like()
+    await sec.objects.create(secret("other-team-tls", {"tls.crt": crt, "tls.key": key}, opted_in=True))
+    view = {"name": "mv_x", "query": "SELECT id FROM t", "uniqueKey": ["id"], "refresh": {"schedule": "@hourly"}}
+    await sec.objects.create(resource({
+        "host": "127.0.0.1", "port": fake.port, "dbname": "x", "sslMode": "disable",
+        "credentialsSecretRef": {"name": "other-team-tls", "usernameKey": "tls.crt", "passwordKey": "tls.key"}},
+        materializedViews=[view]))
+    await sec.reconcile()
+    assert len(sec.objects.list_objects("batch/v1", "CronJob", NS)) == 1  # accepted: the owner's choice
+    tls_secret = sec.objects.get("v1", "Secret", "other-team-tls", NS)
+    await sec.objects.patch(tls_secret, {"metadata": {"labels": {"marketplacedb.io/credentials": None}}})
+    await sec.reconcile()
+    assert sec.objects.list_objects("batch/v1", "CronJob", NS) == []
+    cond = sec.condition("RefreshScheduled")
+    assert (cond["status"], cond["reason"]) == ("False", "SecretNotOptedIn")
 
 
 async def test_the_user_name_never_reaches_status_events_or_logs(sec: Sec, fake: FakePostgres) -> None:

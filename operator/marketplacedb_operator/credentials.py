@@ -33,6 +33,13 @@ OPT_IN_RULE = (
 )
 
 
+# Reasons that mean "this spec's Secrets or host are not usable": nothing that references them
+# (refresh CronJob pods mount them by reference) may be created either.
+REFUSALS = frozenset(
+    {"SecretNotFound", "SecretNotOptedIn", "SecretInvalid", "HostNotAllowed", "TLSConfigNotFound", "TLSConfigInvalid"}
+)
+
+
 class CredentialsRefused(Exception):
     """The reconcile may not use this Secret or host; carries the Problem to report (no value)."""
 

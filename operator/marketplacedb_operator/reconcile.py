@@ -315,6 +315,11 @@ def _with_refresh(view: ViewStatus, state: Any, limit: float | None, now: dateti
 
 def _cronjobs(ctx: Context, report: Report) -> None:
     desired = cronjobs.build_cronjobs(ctx.body, ctx.spec, ctx.deps.settings)
+    refused = report.database_problem
+    if refused is not None and refused.reason in creds.REFUSALS:
+        # Pods reference the Secrets by name: a refused Secret or host gets no CronJob (pruned).
+        desired = []
+        report.refresh_problem = Problem(refused.reason, "no refresh CronJob until the database spec is accepted")
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired,
                             [("batch/v1", "CronJob")], owner_uid=_uid(ctx))
