@@ -26,6 +26,7 @@ from psycopg import sql
 
 from harness.postgres import PostgresServer, write_service_file
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec
+from marketplacedb_operator.gateways.postgres import ConnInfo, DatabaseUnreachable, connect
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.specs import db_tls
 from marketplacedb_operator.specs.cronjobs import build_cronjobs
@@ -189,3 +190,20 @@ def test_refresh_cronjob_pods_mount_the_tls_material_and_libpq_uses_it(tls_pg: T
     no_cert["HOME"] = str(tmp_path)  # no ~/.postgresql/postgresql.crt fallback
     failed = subprocess.run([command, *container["args"]], env=no_cert, capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and PASSWORD not in failed.stdout + failed.stderr
+
+
+def test_a_dsn_keeps_its_tls_files(tls_pg: TLSServer, tmp_path: pathlib.Path) -> None:
+    """`plan`/`apply`/`refresh --dsn` parse the DSN into ConnInfo: sslrootcert, sslcert and sslkey
+    must survive that, or verify-full can never connect from the command line."""
+    for name, content in (("ca.crt", tls_pg.ca), ("c.crt", tls_pg.client_cert), ("c.key", tls_pg.client_key)):
+        (tmp_path / name).write_text(content)
+        (tmp_path / name).chmod(0o600)
+    dsn = (f"host=127.0.0.1 port={tls_pg.server.port} dbname={DBNAME} user={ROLE} password={PASSWORD} "
+           f"sslmode=verify-full sslrootcert={tmp_path / 'ca.crt'} sslcert={tmp_path / 'c.crt'} "
+           f"sslkey={tmp_path / 'c.key'}")
+    with connect(ConnInfo.from_dsn(dsn)) as conn:
+        row = conn.execute("SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
+    assert row == (True, f"/CN={ROLE}")
+    with pytest.raises(DatabaseUnreachable) as refused:
+        connect(ConnInfo.from_dsn(dsn.replace(str(tmp_path / "ca.crt"), str(tls_pg.certs / "wrong-ca.crt"))))
+    assert refused.value.reason == "TLSFailed" and ROLE not in str(refused.value)
