@@ -23,7 +23,7 @@ from typing import Any
 
 from . import naming
 from .api.v1alpha1 import DatabaseSpec, DatabaseTLS
-from .ports import Kube, TLSMaterial
+from .ports import ConnInfo, Kube, TLSMaterial
 from .settings import Settings
 from .status import Problem
 
@@ -164,3 +164,23 @@ def read_tls(kube: Kube, namespace: str, tls: DatabaseTLS | None) -> TLSMaterial
         data = read_secret(kube, namespace, client.name, field)
         cert, key = _values(data, [client.cert_key, client.key_key], namespace, client.name, field)
     return TLSMaterial(ca=ca, cert=cert, key=key)
+
+
+def conn_info(kube: Kube, namespace: str, database: DatabaseSpec, settings: Settings) -> ConnInfo:
+    """Where and as whom the operator connects: host checked first, then the opted-in Secrets."""
+    check_host(database.host, settings)
+    found = read_credentials(kube, namespace, database)
+    tls = read_tls(kube, namespace, database.tls)
+    verify = database.ssl_mode in ("verify-ca", "verify-full")
+    return ConnInfo(
+        host=database.host,
+        port=database.port,
+        dbname=database.dbname,
+        user=found.user,
+        password=found.password,
+        sslmode=database.ssl_mode,
+        connect_timeout=int(settings.connect_timeout_seconds),
+        tls=tls,
+        # Verification without a given CA: the system CA store (libpq >= 16), never ~/.postgresql.
+        sslrootcert="system" if verify and (tls is None or not tls.ca) else "",
+    )

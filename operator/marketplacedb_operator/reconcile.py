@@ -191,12 +191,8 @@ def _comparable(status: Any) -> Any:
 
 def _credentials(ctx: Context) -> tuple[str, str]:
     """The opted-in Secret's user and password (credentials.py: the rule, and no value in messages)."""
-    try:
-        creds.check_host(ctx.spec.database.host, ctx.deps.settings)
-        found = creds.read_credentials(ctx.deps.kube, ctx.namespace, ctx.spec.database)
-    except creds.CredentialsRefused as exc:
-        raise DatabaseUnavailable(exc.problem) from None
-    return found.user, found.password
+    info = _conn_info(ctx)
+    return info.user, info.password
 
 
 def _scrubbed(exc: BaseException, ctx: Context) -> str:
@@ -205,25 +201,10 @@ def _scrubbed(exc: BaseException, ctx: Context) -> str:
 
 
 def _conn_info(ctx: Context) -> ConnInfo:
-    user, password = _credentials(ctx)
-    db = ctx.spec.database
     try:
-        tls = creds.read_tls(ctx.deps.kube, ctx.namespace, db.tls)
+        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings)
     except creds.CredentialsRefused as exc:
         raise DatabaseUnavailable(exc.problem) from None
-    verify = db.ssl_mode in ("verify-ca", "verify-full")
-    return ConnInfo(
-        host=db.host,
-        port=db.port,
-        dbname=db.dbname,
-        user=user,
-        password=password,
-        sslmode=db.ssl_mode,
-        connect_timeout=int(ctx.deps.settings.connect_timeout_seconds),
-        tls=tls,
-        # Verification without a given CA: the system CA store (libpq >= 16), never ~/.postgresql.
-        sslrootcert="system" if verify and (tls is None or not tls.ca) else "",
-    )
 
 
 def _open_database(ctx: Context) -> Database:
