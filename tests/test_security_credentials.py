@@ -6,13 +6,16 @@ session's real PostgreSQL 15."""
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jsonschema
 import psycopg
 import pytest
 
+from chart_render import render_chart
 from marketplacedb_operator.credentials import host_allowed
 from marketplacedb_operator.redact import EXPLANATIONS, classify_connect_error, describe_db_error
 from marketplacedb_operator.settings import Settings
@@ -182,3 +185,21 @@ def test_database_errors_are_sqlstate_and_names_never_row_values(fresh_db: Any) 
     assert describe_db_error(null.value) == (
         "SQLSTATE 23502 (NotNullViolation) on schema public, table api_keys, column api_key")
     assert "1" not in describe_db_error(duplicate.value).replace("23505", "")
+
+
+def test_the_chart_sets_the_host_allow_list() -> None:
+    chart = pathlib.Path(__file__).resolve().parent.parent / "charts" / "marketplacedb-operator"
+
+    def env(overrides: dict[str, Any]) -> dict[str, str]:
+        (deployment,) = render_chart(chart, overrides).find("Deployment")
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    assert "MARKETPLACEDB_ALLOWED_DATABASE_HOSTS" not in env({})  # default: any host
+    rendered = env({"allowedDatabaseHosts": ["*.db.internal", "10.20.0.0/16"]})
+    settings = Settings.from_env(rendered)
+    assert settings.allowed_database_hosts == ("*.db.internal", "10.20.0.0/16")
+    assert host_allowed("pg.db.internal", settings.allowed_database_hosts)
+    assert not host_allowed("127.0.0.1", settings.allowed_database_hosts)
+    with pytest.raises(jsonschema.ValidationError):
+        render_chart(chart, {"allowedDatabaseHosts": ["evil host; rm"]})
