@@ -183,4 +183,13 @@ def conn_info(kube: Kube, namespace: str, database: DatabaseSpec, settings: Sett
         tls=tls,
         # Verification without a given CA: the system CA store (libpq >= 16), never ~/.postgresql.
         sslrootcert="system" if verify and (tls is None or not tls.ca) else "",
+        require_auth=require_auth(database.ssl_mode),
     )
+
+
+def require_auth(ssl_mode: str) -> str:
+    """Never hand a cleartext password to a server whose identity TLS did not prove: a host that
+    asks for one (AuthenticationCleartextPassword) is refused by libpq before the password leaves
+    (https://www.postgresql.org/docs/16/libpq-connect.html#LIBPQ-CONNECT-REQUIRE-AUTH). SCRAM and
+    md5 never send the password itself."""
+    return "" if ssl_mode == "verify-full" else "!password"

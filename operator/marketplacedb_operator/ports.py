@@ -50,6 +50,8 @@ class ConnInfo:
     sslkey: str = ""
     # ... or PEM texts from the cluster (the operator), written to private files at connect time.
     tls: TLSMaterial | None = dataclasses.field(default=None, repr=False)
+    # libpq's require_auth (e.g. "!password": never send a cleartext password); empty: libpq's default.
+    require_auth: str = ""
 
     @classmethod
     def from_dsn(cls, dsn: str, **overrides: Any) -> ConnInfo:
@@ -68,7 +70,8 @@ class ConnInfo:
         return cls(**values)
 
     def kwargs(self) -> dict[str, Any]:
-        files = {key: getattr(self, key) for key in ("sslrootcert", "sslcert", "sslkey") if getattr(self, key)}
+        files = {key: getattr(self, key) for key in ("sslrootcert", "sslcert", "sslkey", "require_auth")
+                 if getattr(self, key)}
         return files | {
             "host": self.host,
             "port": self.port,

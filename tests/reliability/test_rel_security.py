@@ -104,7 +104,8 @@ async def test_a_foreign_secret_is_never_transmitted_nor_shown(rel: Rel) -> None
     credentials, the host a fake PostgreSQL that asks for a cleartext password (a real attacker's
     best witness). Its values, user name included, must reach neither the wire nor any output. A
     second resource uses an opted-in Secret whose user name is a canary: the login does happen
-    (the owner's choice), and the server quotes the user name back, but no output repeats it."""
+    (the owner's choice) but its password is not handed over in cleartext, and no output repeats
+    the user name."""
     token = secrets.token_hex(10)
     crt = f"-----BEGIN CERTIFICATE-----\nMIIcrt{token}\n-----END CERTIFICATE-----"
     key = f"-----BEGIN PRIVATE KEY-----\nMIIkey{token}\n-----END PRIVATE KEY-----"
@@ -128,6 +129,7 @@ async def test_a_foreign_secret_is_never_transmitted_nor_shown(rel: Rel) -> None
         # Never transmitted: the attacker's server saw no connection at all.
         assert attacker.connections == 0 and attacker.received == b""
         assert user.encode() in witness.received  # the witness works: it sees what a client sends
+        assert rel.canary.encode() not in witness.received  # and no cleartext password (require_auth)
         # Never shown: logs, every stored object but Secrets (status, Events, CronJobs, annotations),
         # metrics, and every process's command line.
         outputs = {"operator logs": rel.operator.logs(), "metrics": await rel.operator.metrics()}

@@ -62,4 +62,7 @@ def env(database: DatabaseSpec) -> list[dict[str, Any]]:
     if tls is not None and tls.client_cert_secret_ref is not None:
         out.append({"name": "PGSSLCERT", "value": f"{MOUNT_PATH}/{CERT_FILE}"})
         out.append({"name": "PGSSLKEY", "value": f"{MOUNT_PATH}/{KEY_FILE}"})
+    if database.ssl_mode != "verify-full":
+        # As the operator (credentials.require_auth): no cleartext password to an unproven server.
+        out.append({"name": "PGREQUIREAUTH", "value": "!password"})
     return out
