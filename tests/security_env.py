@@ -29,6 +29,7 @@ GSS_REQUEST = 80877104
 @dataclasses.dataclass
 class FakePostgres:
     reply: bytes | None = None  # set: answer every connection with these bytes instead (not PostgreSQL)
+    silent: bool = False  # accept connections and never answer (a black hole: the timeout class)
     received: bytearray = dataclasses.field(default_factory=bytearray)
     connections: int = 0
     port: int = 0
@@ -52,6 +53,9 @@ class FakePostgres:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
+            if self.silent:
+                await reader.read()  # until the client gives up
+                return
             if self.reply is not None:
                 writer.write(self.reply)
                 await writer.drain()

@@ -17,6 +17,7 @@ import pytest
 
 from chart_render import render_chart
 from marketplacedb_operator.credentials import host_allowed
+from marketplacedb_operator.gateways.postgres import ConnInfo, DatabaseUnreachable, connect
 from marketplacedb_operator.redact import EXPLANATIONS, classify_connect_error, describe_db_error
 from marketplacedb_operator.settings import Settings
 from security_env import NS, FakePostgres, Sec, resource, sec_env, secret
@@ -206,3 +207,16 @@ def test_the_chart_sets_the_host_allow_list() -> None:
     assert not host_allowed("127.0.0.1", settings.allowed_database_hosts)
     with pytest.raises(jsonschema.ValidationError):
         render_chart(chart, {"allowedDatabaseHosts": ["evil host; rm"]})
+
+
+async def test_a_server_that_never_answers_is_a_timeout() -> None:
+    silent = await FakePostgres(silent=True).start()
+    try:
+        info = ConnInfo(host="127.0.0.1", port=silent.port, dbname="x", user="user-canary", password="pw-canary",
+                        connect_timeout=2)
+        with pytest.raises(DatabaseUnreachable) as caught:
+            await asyncio.to_thread(connect, info)
+    finally:
+        await silent.stop()
+    assert caught.value.reason == "DatabaseTimeout"
+    assert str(caught.value) == f"cannot connect to 127.0.0.1:{silent.port}/x: {EXPLANATIONS['DatabaseTimeout']}"
