@@ -10,6 +10,7 @@ import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
+import kmock
 import kubernetes_validate
 import psycopg
 import pytest
@@ -200,3 +201,37 @@ async def test_two_resources_naming_one_container_conflict_instead_of_fighting(s
     probe = sec.objects.get("apps/v1", "Deployment", "web", NS)["spec"]["template"]["spec"]["containers"][0]
     assert probe["readinessProbe"]["periodSeconds"] == 5
     assert sec.condition("ProbesApplied", "shop")["status"] == "True"
+
+
+@pytest.mark.parametrize("holder", ["marketplacedb-operator", "kubectl-client-side-apply"])
+async def test_a_field_conflict_is_reported_unless_it_is_the_former_shared_manager(sec: Sec, holder: str) -> None:
+    """The API server answers 409 when another manager owns a probe field (KMock has no field
+    ownership: the answer is the API server's, played by a reaction). The operator's own former
+    shared manager is migrated (a forced apply); anyone else's field is a Conflict."""
+    message = (f'Apply failed with 1 conflict: conflict with "{holder}" using apps/v1: '
+               '.spec.template.spec.containers[name="app"].readinessProbe.periodSeconds')
+
+    answered: list[bool] = []
+
+    def first_apply(request: Any) -> bool:
+        return (request.method == "PATCH" and request.resource is not None and request.name == "web"
+                and "force" not in request.params and not answered)
+
+    def conflict(_: Any) -> None:
+        answered.append(True)
+        raise kmock.KubernetesError(status=409, reason="Conflict", message=message)
+
+    sec.api[first_apply] << conflict
+    await sec.objects.create(_deployment("web", probed_by="shop"))
+    await sec.objects.create(resource(_database(sec.db),  # type: ignore[attr-defined]
+                                      healthProbes=[{"deployment": "web", "readiness": PROBE}]))
+    await sec.reconcile()
+    writes = _operator_writes(sec, "web")
+    cond = sec.condition("ProbesApplied")
+    if holder == "marketplacedb-operator":
+        assert len(writes) == 2 and "force" not in writes[0] and "force=true" in writes[1]
+        assert cond["status"] == "True"
+    else:
+        assert len(writes) == 1 and "force" not in writes[0]
+        assert (cond["status"], cond["reason"]) == ("False", "Conflict")
+        assert f'conflict with "{holder}"' in cond["message"]

@@ -10,6 +10,7 @@ force; a container already claimed by another MarketplaceDB is a Conflict and no
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,15 +58,32 @@ def sync_probes(kube: Kube, namespace: str, resource: str, targets: Iterable[Hea
         patch = specs.probe_patch(namespace, target, container, resource)
         if not specs.up_to_date(deployment, patch):
             try:
-                kube.apply(patch, field_manager=manager, force=False)
+                result.writes += _apply(kube, patch, manager)
             except Exception as exc:  # 409: a field owned by another manager (GitOps, kubectl)
                 if getattr(exc, "status", None) != 409:
                     raise
                 result.conflicts.append(f"Deployment {target.deployment} container {container}: {str(exc)[:300]}")
                 continue
-            result.writes += 1
         result.applied += 1
     return result
+
+
+# "Apply failed with 1 conflict: conflict with "kubectl" using apps/v1: .spec..." (one per manager).
+_CONFLICT_WITH = re.compile(r'conflicts? with "([^"]+)"')
+
+
+def _apply(kube: Kube, patch: dict[str, Any], manager: str) -> int:
+    """Apply without force; the writes made. A conflict only with the operator's former shared
+    field manager (`marketplacedb-operator`, which set probes before managers were per resource)
+    is an upgrade, not a dispute: those fields are taken over. Any other conflict is raised."""
+    try:
+        kube.apply(patch, field_manager=manager, force=False)
+        return 1
+    except Exception as exc:
+        if getattr(exc, "status", None) != 409 or set(_CONFLICT_WITH.findall(str(exc))) != {naming.FIELD_MANAGER}:
+            raise
+    kube.apply(patch, field_manager=manager, force=True)
+    return 2
 
 
 def release(kube: Kube, namespace: str, resource: str, deployments: Iterable[str]) -> int:
