@@ -61,7 +61,7 @@ _TLS_FILES = (("ca", "root.crt", "sslrootcert"), ("cert", "client.crt", "sslcert
 
 def _write_tls(tls: TLSMaterial) -> str:
     """A private (0700) directory with the PEM files; libpq refuses a key readable by others."""
-    path = tempfile.mkdtemp(prefix="mdb-tls-")
+    path = tempfile.mkdtemp(prefix="marketplacedb-conn-tls-")
     for attr, filename, _ in _TLS_FILES:
         text = getattr(tls, attr)
         if text:
