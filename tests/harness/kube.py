@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import copy
 import datetime
+import os
 import secrets
 import signal
 import string
@@ -614,7 +615,7 @@ class KopfRun:
 async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
                       namespaces: Collection[str] = (), clusterwide: bool = False,
                       settings: kopf.OperatorSettings | None = None, memo: object | None = None,
-                      startup_timeout: float = 15, stop_timeout: float = 15) -> AsyncIterator[KopfRun]:
+                      startup_timeout: float = 60, stop_timeout: float = 120) -> AsyncIterator[KopfRun]:
     """Run kopf in this event loop against `api` until the block exits, then stop it cleanly.
 
     Namespaced mode: kopf serves only namespaces that exist as objects, so they are created here.
@@ -629,6 +630,7 @@ async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
         await objects.ensure_namespace(namespace)
     install_login(registry)
     stop_flag, ready_flag = asyncio.Event(), asyncio.Event()
+    existing = asyncio.all_tasks()  # kopf's own rule: tasks created from here on are kopf's or the test's
     token = _KUBE_URL.set(str(api.url).rstrip("/"))
     try:
         task = asyncio.create_task(kopf.operator(
@@ -642,7 +644,10 @@ async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
         await _wait_ready(run, startup_timeout)
         yield run
     finally:
-        await _stop(run, stop_timeout)
+        try:
+            await _stop(run, stop_timeout)
+        finally:
+            await _reap_kopf_tasks(existing)
 
 
 async def _wait_ready(run: KopfRun, timeout: float) -> None:
@@ -668,6 +673,38 @@ async def _stop(run: KopfRun, timeout: float) -> None:
         raise
     finally:
         _remove_signal_handlers()
+
+
+def _is_kopf_task(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and f"{os.sep}kopf{os.sep}" in code.co_filename
+
+
+def kopf_tasks() -> list[asyncio.Task[Any]]:
+    """kopf's tasks still alive in this loop (none once a kopf_runner block has exited)."""
+    return [t for t in asyncio.all_tasks() if not t.done() and _is_kopf_task(t)]
+
+
+async def _reap_kopf_tasks(existing: Collection[asyncio.Task[Any]], timeout: float = 60) -> None:
+    """End every kopf task that outlived kopf's own task, or fail naming them.
+
+    Why: when kopf's task is cancelled while it stops (the stop timed out, or the test was
+    cancelled), its daemon killer is cancelled too, and the timer of each resource ("runner of
+    ...on_timer") is left behind with its stopper never set. That orphan keeps calling the handler
+    every `backoff` seconds against an emulator that is gone, and a single cancel() is not enough:
+    kopf postpones the cancellation of a sync handler until its thread returns, and the loop goes on.
+    pytest-asyncio's loop close then waits for it forever, with pytest-timeout already disarmed by
+    the failure. So: cancel again and again (each one lands at the next await) until they are done.
+    """
+    deadline = time.monotonic() + timeout
+    pending = {t for t in kopf_tasks() if t not in existing}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(sorted(t.get_name() for t in pending))
+            raise RuntimeError(f"kopf tasks ignore cancellation for {timeout:.0f}s: {names}")
 
 
 def _remove_signal_handlers() -> None:
