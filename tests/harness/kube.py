@@ -33,6 +33,7 @@ import contextlib
 import contextvars
 import copy
 import datetime
+import io
 import os
 import secrets
 import signal
@@ -686,25 +687,29 @@ def kopf_tasks() -> list[asyncio.Task[Any]]:
 
 
 async def _reap_kopf_tasks(existing: Collection[asyncio.Task[Any]], timeout: float = 60) -> None:
-    """End every kopf task that outlived kopf's own task, or fail naming them.
+    """End every kopf task that outlived kopf's own task, or fail naming them (with their stacks).
 
-    Why: when kopf's task is cancelled while it stops (the stop timed out, or the test was
-    cancelled), its daemon killer is cancelled too, and the timer of each resource ("runner of
-    ...on_timer") is left behind with its stopper never set. That orphan keeps calling the handler
-    every `backoff` seconds against an emulator that is gone, and a single cancel() is not enough:
-    kopf postpones the cancellation of a sync handler until its thread returns, and the loop goes on.
-    pytest-asyncio's loop close then waits for it forever, with pytest-timeout already disarmed by
-    the failure. So: cancel again and again (each one lands at the next await) until they are done.
+    Why: when kopf's task is cancelled while it stops (the stop timed out, or the test failed or
+    was cancelled), kopf cancels every task it started, including the helper tasks of its
+    schedulers. A watcher then sits in its `finally`, waiting for `Scheduler.close()`, which waits
+    for a notification that only the (cancelled) cleaner task would have sent; the watcher
+    suppresses every CancelledError until that close is done, so it never ends, and neither does
+    pytest-asyncio's loop close, with pytest-timeout already disarmed by the failure (CI sat there
+    until its limit). Likewise a timer runner whose handler is in a thread postpones its
+    cancellation until the thread returns. So: cancel every kopf task, including those created
+    while stopping (the `Scheduler.close()` task), again and again until all are done.
     """
     deadline = time.monotonic() + timeout
-    pending = {t for t in kopf_tasks() if t not in existing}
-    while pending:
+    while pending := {t for t in kopf_tasks() if t not in existing}:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(sorted(t.get_name() for t in pending))
-            raise RuntimeError(f"kopf tasks ignore cancellation for {timeout:.0f}s: {names}")
+        await asyncio.wait(pending, timeout=0.1)
+        if time.monotonic() > deadline and any(not t.done() for t in pending):
+            stacks = io.StringIO()
+            for task in kopf_tasks():
+                stacks.write(f"--- {task.get_name()}\n")
+                task.print_stack(file=stacks)
+            raise RuntimeError(f"kopf tasks ignore cancellation for {timeout:.0f}s:\n{stacks.getvalue()}")
 
 
 def _remove_signal_handlers() -> None:
