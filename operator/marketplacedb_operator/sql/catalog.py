@@ -14,13 +14,13 @@ nothing the planner decides can touch them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from psycopg import sql
 
 from .. import naming
-from .ddl import Marker, parse_marker
+from .ddl import MARKER_PREFIX, Marker, parse_marker
 
 # Server-wide settings reported as advice (never changed), plus a few that explain them.
 ADVISED_SETTINGS = ("max_connections", "shared_buffers", "effective_cache_size", "work_mem",
@@ -28,22 +28,51 @@ ADVISED_SETTINGS = ("max_connections", "shared_buffers", "effective_cache_size",
 
 _EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", naming.STATE_SCHEMA)
 
-# Observation: one SELECT, one JSON row. Parameters: excluded schemas, advised settings.
+# Observation: one SELECT, one JSON row, scoped (DESIGN.md 4a "neighbours are not our business"):
+# only relations named in %(schemas)s/%(names)s (declared names and their temporaries), the objects
+# this resource recorded as its own, and the indexes on declared materialized views are read; no
+# definition of anything else is ever deparsed, so no lock of an undeclared object is waited for.
+# {records} is the ownership table, or an empty stand-in before it exists (ownership.py).
 OBSERVE = sql.SQL("""\
-WITH rels AS (
-  SELECT c.oid, n.nspname, c.relname, c.relkind
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WITH rec AS ({records}),
+wanted AS (
+  SELECT n.oid AS nsp, w.name
+  FROM ROWS FROM (pg_catalog.unnest(%(schemas)s::text[]), pg_catalog.unnest(%(names)s::text[])) AS w(schema, name)
+  JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
+),
+picked AS (
+  SELECT c.oid FROM pg_catalog.pg_class c JOIN wanted w ON c.relnamespace = w.nsp AND c.relname = w.name
+  UNION SELECT c.oid FROM pg_catalog.pg_class c JOIN rec ON rec.oid = c.oid WHERE rec.owner = %(owner)s
+  UNION SELECT i.indexrelid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class v ON v.oid = i.indrelid
+        JOIN wanted w ON v.relnamespace = w.nsp AND v.relname = w.name WHERE v.relkind = 'm'
+),
+rels AS (
+  SELECT c.oid, n.nspname, c.relname, c.relkind, c.xmin
+  FROM picked p JOIN pg_catalog.pg_class c ON c.oid = p.oid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname <> ALL (%(excluded)s::text[]) AND n.nspname !~ '^pg_(toast|temp)'
+),
+-- The record that makes a live relation someone's: same name and kind, and the recorded OID, or
+-- an intent whose build made it (younger catalog row, same table).
+owned AS (
+  SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash
+  FROM rels r JOIN rec ON rec.schema_name = r.nspname AND rec.name = r.relname
+   AND rec.kind = CASE WHEN r.relkind IN ('i', 'I') THEN 'index' WHEN r.relkind = 'm' THEN 'view' END
+  WHERE rec.oid = r.oid
+     OR (rec.oid IS NULL AND rec.how = 'building'
+         AND pg_catalog.age(r.xmin) <= pg_catalog.age(rec.xmin)
+         AND rec.table_oid = (SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid = r.oid))
 )
 SELECT pg_catalog.json_build_object(
   'database', pg_catalog.current_database(),
   'user', current_user,
+  'records', (SELECT pg_catalog.to_regclass(%(records_table)s) IS NOT NULL),
   'indexes', (SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.schema, x.name), '[]') FROM (
-      SELECT r.nspname AS schema, r.relname AS name, t.nspname AS table_schema, t.relname AS "table",
-             t.relkind::text AS table_kind,
-             pg_catalog.pg_get_indexdef(i.indexrelid) AS definition,
-             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-               pg_catalog.pg_get_indexdef(i.indexrelid), 'UTF8')), 'hex') AS def_hash,
+      SELECT r.nspname AS schema, r.relname AS name, r.oid, t.nspname AS table_schema, tc.relname AS "table",
+             tc.relkind::text AS table_kind, x.definition,
+             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(x.definition, 'UTF8')), 'hex') AS def_hash,
+             CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END
+               || pg_catalog.substring(x.definition, ' USING .*$') AS signature,
              i.indisvalid AS valid, i.indisready AS ready, i.indisunique AS "unique",
              i.indisprimary AS "primary", i.indpred IS NOT NULL AS partial,
              i.indexprs IS NOT NULL AS expressions,
@@ -51,23 +80,59 @@ SELECT pg_catalog.json_build_object(
              (SELECT coalesce(pg_catalog.json_agg(a.attname ORDER BY k.ord), '[]')
                 FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               WHERE k.ord <= i.indnkeyatts) AS key_columns
-      FROM pg_catalog.pg_index i
-      JOIN rels r ON r.oid = i.indexrelid
-      JOIN rels t ON t.oid = i.indrelid) x),
+               WHERE k.ord <= i.indnkeyatts) AS key_columns,
+             (SELECT pg_catalog.json_build_object('owner', o.owner, 'how', o.how, 'spec_hash', o.spec_hash,
+                                                  'def_hash', o.def_hash)
+                FROM owned o WHERE o.rel = r.oid LIMIT 1) AS record,
+             -- Someone's CREATE INDEX CONCURRENTLY still running: its progress row (visible with
+             -- pg_read_all_stats), else a session (perhaps autovacuum: then we just wait) holding
+             -- the table's ShareUpdateExclusiveLock while the index is not valid yet (pg_locks is
+             -- visible to every role). Never touched.
+             CASE WHEN NOT i.indisvalid THEN coalesce(
+               (SELECT pg_catalog.min(p.pid) FROM pg_catalog.pg_stat_progress_create_index p
+                 WHERE p.index_relid = r.oid AND p.pid <> pg_catalog.pg_backend_pid()),
+               (SELECT pg_catalog.min(l.pid) FROM pg_catalog.pg_locks l
+                 WHERE l.locktype = 'relation' AND l.relation = i.indrelid AND l.granted
+                   AND l.mode = 'ShareUpdateExclusiveLock' AND l.pid <> pg_catalog.pg_backend_pid()))
+             END AS building_pid,
+             (SELECT coalesce(pg_catalog.json_agg(cn.conname || ' on ' || cs.nspname || '.' || ct.relname
+                                                  ORDER BY cn.conname), '[]')
+                FROM pg_catalog.pg_constraint cn JOIN pg_catalog.pg_class ct ON ct.oid = cn.conrelid
+                JOIN pg_catalog.pg_namespace cs ON cs.oid = ct.relnamespace
+               WHERE cn.conindid = r.oid AND cn.contype = 'f') AS foreign_keys
+      FROM rels r
+      JOIN pg_catalog.pg_index i ON i.indexrelid = r.oid
+      JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid
+      JOIN pg_catalog.pg_namespace t ON t.oid = tc.relnamespace
+      CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_indexdef(r.oid) AS definition) x) x),
   'views', (SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.schema, x.name), '[]') FROM (
-      SELECT r.nspname AS schema, r.relname AS name,
-             pg_catalog.pg_get_viewdef(r.oid) AS definition,
-             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-               pg_catalog.pg_get_viewdef(r.oid), 'UTF8')), 'hex') AS def_hash,
-             m.ispopulated AS populated,
+      SELECT r.nspname AS schema, r.relname AS name, r.oid, x.definition,
+             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(x.definition, 'UTF8')), 'hex') AS def_hash,
+             c.relispopulated AS populated,
              pg_catalog.pg_get_userbyid(c.relowner) AS owner,
              pg_catalog.obj_description(r.oid, 'pg_class') AS comment,
+             coalesce(pg_catalog.array_to_json(c.reloptions), '[]') AS reloptions,
              (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(
                         'grantee', CASE WHEN g.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(g.grantee) END,
                         'privilege', g.privilege_type, 'grantable', g.is_grantable)
                       ORDER BY g.grantee, g.privilege_type), '[]')
                 FROM pg_catalog.aclexplode(c.relacl) g WHERE g.grantee <> c.relowner) AS grants,
+             (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(
+                        'column', a.attname,
+                        'grantee', CASE WHEN g.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(g.grantee) END,
+                        'privilege', g.privilege_type, 'grantable', g.is_grantable)
+                      ORDER BY a.attnum, g.grantee, g.privilege_type), '[]')
+                FROM pg_catalog.pg_attribute a CROSS JOIN LATERAL pg_catalog.aclexplode(a.attacl) g
+               WHERE a.attrelid = r.oid AND a.attnum > 0 AND a.attacl IS NOT NULL) AS column_grants,
+             (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_array(a.attname, d.description)
+                      ORDER BY a.attnum), '[]')
+                FROM pg_catalog.pg_description d JOIN pg_catalog.pg_attribute a
+                  ON a.attrelid = d.objoid AND a.attnum = d.objsubid
+               WHERE d.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objoid = r.oid
+                 AND d.objsubid > 0) AS column_comments,
+             (SELECT pg_catalog.json_build_object('owner', o.owner, 'how', o.how, 'spec_hash', o.spec_hash,
+                                                  'def_hash', o.def_hash)
+                FROM owned o WHERE o.rel = r.oid LIMIT 1) AS record,
              (SELECT coalesce(pg_catalog.json_agg(DISTINCT dn.nspname || '.' || dc.relname), '[]')
                 FROM pg_catalog.pg_depend d
                 JOIN pg_catalog.pg_rewrite w ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
@@ -78,11 +143,23 @@ SELECT pg_catalog.json_build_object(
                  AND w.ev_class <> r.oid) AS dependents
       FROM rels r
       JOIN pg_catalog.pg_class c ON c.oid = r.oid
-      JOIN pg_catalog.pg_matviews m ON m.schemaname = r.nspname AND m.matviewname = r.relname
+      CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_viewdef(r.oid) AS definition) x
       WHERE r.relkind = 'm') x),
   'relations', (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_array(r.nspname, r.relname, r.relkind)
                   ORDER BY r.nspname, r.relname), '[]')
                 FROM rels r WHERE r.relkind NOT IN ('i', 'I', 'm')),
+  -- Relations whose comment carries this resource's marker but which it did not record: a copied
+  -- (LIKE ... INCLUDING ALL) or forged comment, or an object from before ownership records.
+  -- Names only, from catalog rows: reported, never touched.
+  'marked', (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_array(n.nspname, c.relname, c.relkind)
+                ORDER BY n.nspname, c.relname), '[]')
+             FROM pg_catalog.pg_description d
+             JOIN pg_catalog.pg_class c ON d.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                        AND d.objoid = c.oid AND d.objsubid = 0
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE pg_catalog.starts_with(d.description, %(marker)s)
+               AND n.nspname <> ALL (%(excluded)s::text[])
+               AND NOT EXISTS (SELECT 1 FROM rec WHERE rec.oid = c.oid AND rec.owner = %(owner)s)),
   'settings', (SELECT coalesce(pg_catalog.array_to_json(s.setconfig), '[]')
                  FROM pg_catalog.pg_db_role_setting s
                  JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
@@ -99,9 +176,26 @@ SELECT pg_catalog.json_build_object(
         AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL) x)
 ) AS catalog""")
 
+_RECORDS_TABLE = sql.SQL(
+    "SELECT r.owner, r.kind, r.schema_name, r.name, r.oid, r.table_oid, r.spec_hash, r.def_hash, r.how, r.xmin "
+    "FROM {} r").format(sql.Identifier(naming.STATE_SCHEMA, "owned_objects"))
+_NO_RECORDS = sql.SQL(
+    "SELECT NULL::text AS owner, NULL::text AS kind, NULL::text AS schema_name, NULL::text AS name, "
+    "NULL::oid AS oid, NULL::oid AS table_oid, NULL::text AS spec_hash, NULL::text AS def_hash, "
+    "NULL::text AS how, NULL::xid AS xmin WHERE false")
+RECORDS_TABLE_NAME = f"{naming.STATE_SCHEMA}.owned_objects"
 
-def observe_params() -> dict[str, Any]:
-    return {"excluded": list(_EXCLUDED_SCHEMAS), "advised": list(ADVISED_SETTINGS)}
+
+def observe_query(records_exist: bool) -> sql.Composed:
+    return OBSERVE.format(records=_RECORDS_TABLE if records_exist else _NO_RECORDS)
+
+
+def observe_params(owner: str, names: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Parameters of OBSERVE for `owner`, reading the relations named `names` ((schema, name) pairs)."""
+    wanted = sorted(set(names))
+    return {"excluded": list(_EXCLUDED_SCHEMAS), "advised": list(ADVISED_SETTINGS), "owner": owner,
+            "schemas": [s for s, _ in wanted], "names": [n for _, n in wanted],
+            "marker": f"{MARKER_PREFIX}{owner};", "records_table": RECORDS_TABLE_NAME}
 
 
 # Sessions that block a given backend (the one running an index build), seen from another session.
@@ -127,6 +221,54 @@ WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backe
 ORDER BY a.xact_start, a.pid""")
 
 
+# Before a CONCURRENTLY build: the sessions that would stall its wait phases (a transaction holding
+# a lock on the table, or any snapshot older than the build's, in this database), open longer than
+# min_age. Without pg_read_all_stats another role's transaction age and snapshot are hidden: such a
+# session counts when it holds a lock on the table and the same virtual transaction is still open
+# in the next sample (%(seen)s); a hidden snapshot alone is found by the build itself (it times out
+# at lockTimeout, once, and leaves nothing): grant pg_read_all_stats to the operator's role.
+BUILD_BLOCKERS = sql.SQL("""\
+WITH s AS (
+  SELECT a.pid, a.state, a.usename, a.application_name, a.xact_start, a.backend_xmin, a.query,
+         (SELECT l.virtualxid FROM pg_catalog.pg_locks l
+           WHERE l.pid = a.pid AND l.locktype = 'virtualxid' AND l.granted LIMIT 1) AS vxid,
+         EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation'
+                  AND l.relation = pg_catalog.to_regclass(%(table)s) AND l.granted) AS on_table
+  FROM pg_catalog.pg_stat_activity a
+  WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
+    -- another role's backend_type is hidden too; autovacuum workers have no user name
+    AND (a.backend_type = 'client backend' OR (a.backend_type IS NULL AND a.usename IS NOT NULL))
+)
+SELECT s.pid, coalesce(s.state, 'unknown (grant pg_read_all_stats to see it)'), s.usename, s.application_name,
+       coalesce(pg_catalog.round(extract(epoch FROM pg_catalog.clock_timestamp() - s.xact_start)::numeric, 3), 0),
+       CASE WHEN s.state IS NULL THEN '' ELSE
+         pg_catalog.upper(pg_catalog.split_part(pg_catalog.ltrim(s.query), ' ', 1)) END,
+       s.vxid,
+       (s.xact_start IS NOT NULL AND s.xact_start < pg_catalog.clock_timestamp()
+                                   - pg_catalog.make_interval(secs => %(min_age)s)
+        AND (s.backend_xmin IS NOT NULL OR s.on_table))
+       OR (s.state IS NULL AND s.on_table AND s.vxid = ANY (%(seen)s::text[])) AS blocking
+FROM s
+WHERE s.vxid IS NOT NULL AND (s.xact_start IS NOT NULL OR s.state IS NULL AND s.on_table)
+ORDER BY s.pid""")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """The ownership record bound to a live object (its OID matched; see ownership.py)."""
+
+    owner: str
+    how: str  # created, adopted, building (an interrupted build of ours), replaced
+    spec_hash: str
+    def_hash: str
+
+
+def _record(value: Mapping[str, Any] | None) -> Record | None:
+    if not value:
+        return None
+    return Record(str(value["owner"]), str(value["how"]), str(value["spec_hash"] or ""), str(value["def_hash"] or ""))
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexInfo:
     schema: str
@@ -144,10 +286,19 @@ class IndexInfo:
     expressions: bool
     comment: str | None
     key_columns: tuple[str, ...]
+    oid: int = 0
+    signature: str = ""  # [UNIQUE ]USING ...: the definition without names, compared for adoption
+    record: Record | None = None
+    building_pid: int | None = None  # another session's CREATE INDEX in progress
+    foreign_keys: tuple[str, ...] = ()  # foreign key constraints that depend on this (unique) index
 
     @property
     def marker(self) -> Marker | None:
+        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
         return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +306,7 @@ class Grant:
     grantee: str | None  # None is PUBLIC
     privilege: str
     grantable: bool
+    column: str | None = None  # a column privilege
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +320,18 @@ class ViewInfo:
     comment: str | None
     grants: tuple[Grant, ...]
     dependents: tuple[str, ...]
+    oid: int = 0
+    record: Record | None = None
+    column_grants: tuple[Grant, ...] = ()
+    reloptions: tuple[str, ...] = ()
+    column_comments: tuple[tuple[str, str], ...] = ()
 
     @property
     def marker(self) -> Marker | None:
         return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +360,11 @@ class Catalog:
     database_settings: tuple[tuple[str, str], ...] = ()
     server_settings: tuple[tuple[str, str], ...] = ()
     sessions: tuple[SessionInfo, ...] = ()
+    marked: tuple[tuple[str, str, str], ...] = ()  # (schema, name, relkind): our marker, not our record
+    records: bool = False  # the ownership table exists
+    # What the declared objects would look like, asked of the server (gateway.expected_signatures):
+    # {(schema, name): signature} for indexes, {(schema, name): sha256 of pg_get_viewdef} for views.
+    expected: tuple[tuple[tuple[str, str], str], ...] = ()
 
     def index(self, schema: str, name: str) -> IndexInfo | None:
         return next((i for i in self.indexes if i.schema == schema and i.name == name), None)
@@ -213,6 +378,9 @@ class Catalog:
 
     def indexes_on(self, schema: str, table: str) -> tuple[IndexInfo, ...]:
         return tuple(i for i in self.indexes if i.table_schema == schema and i.table == table)
+
+    def expected_of(self, schema: str, name: str) -> str | None:
+        return next((value for key, value in self.expected if key == (schema, name)), None)
 
     @property
     def settings(self) -> Mapping[str, str]:
@@ -237,7 +405,9 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             table_kind=i["table_kind"], definition=i["definition"], def_hash=i["def_hash"],
             valid=bool(i["valid"]), ready=bool(i["ready"]), unique=bool(i["unique"]), primary=bool(i["primary"]),
             partial=bool(i["partial"]), expressions=bool(i["expressions"]), comment=i["comment"],
-            key_columns=tuple(i["key_columns"] or ()),
+            key_columns=tuple(i["key_columns"] or ()), oid=int(i["oid"]), signature=str(i["signature"] or ""),
+            record=_record(i["record"]), building_pid=i["building_pid"],
+            foreign_keys=tuple(i["foreign_keys"] or ()),
         )
         for i in document.get("indexes") or ()
     )
@@ -246,7 +416,11 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             schema=v["schema"], name=v["name"], definition=v["definition"], def_hash=v["def_hash"],
             populated=bool(v["populated"]), owner=v["owner"], comment=v["comment"],
             grants=tuple(Grant(g["grantee"], g["privilege"], bool(g["grantable"])) for g in v["grants"] or ()),
-            dependents=tuple(sorted(v["dependents"] or ())),
+            dependents=tuple(sorted(v["dependents"] or ())), oid=int(v["oid"]), record=_record(v["record"]),
+            column_grants=tuple(Grant(g["grantee"], g["privilege"], bool(g["grantable"]), g["column"])
+                                for g in v["column_grants"] or ()),
+            reloptions=tuple(str(o) for o in v["reloptions"] or ()),
+            column_comments=tuple((str(c), str(t)) for c, t in v["column_comments"] or ()),
         )
         for v in document.get("views") or ()
     )
@@ -269,4 +443,6 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
         database_settings=tuple(sorted(settings)),
         server_settings=tuple(sorted((str(k), str(v)) for k, v in (document.get("server") or {}).items())),
         sessions=sessions,
+        marked=tuple((str(s), str(n), str(k)) for s, n, k in document.get("marked") or ()),
+        records=bool(document.get("records")),
     )

@@ -15,6 +15,7 @@ Execution rules (DESIGN.md section 4):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -24,18 +25,21 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from ...sql import ownership
 from ...sql.catalog import (
     BLOCKERS,
-    OBSERVE,
+    BUILD_BLOCKERS,
     OPEN_TRANSACTIONS,
+    RECORDS_TABLE_NAME,
     Catalog,
     SessionInfo,
     observe_params,
+    observe_query,
     parse_catalog,
     session_from_row,
 )
-from ...sql.ddl import drop_index, qualified, render
-from ...sql.plan import ExecutionPolicy, Plan, Step, StepOutcome, ViewCheck
+from ...sql.ddl import create_index, drop_index, qualified, render
+from ...sql.plan import Desired, ExecutionPolicy, Plan, Step, StepOutcome, ViewCheck, observed_names
 from ...sqlcheck import normalize_select
 
 Connection = psycopg.Connection[Any]
@@ -50,20 +54,89 @@ class StepFailed(Exception):
 # --- observation ---------------------------------------------------------------------------------
 
 
-def observe(conn: Connection) -> Catalog:
-    """One READ ONLY snapshot of the catalog (pipelined: a single network round trip)."""
-    with conn.pipeline(), conn.transaction():
+# The operator's own sessions never inherit a database- or role-level statement_timeout or
+# lock_timeout (ALTER DATABASE ... SET statement_timeout = 1 would otherwise lock it out of its
+# own catalog reads): every transaction it runs sets both, locally.
+OBSERVE_LOCK_TIMEOUT_MS = 5000
+OBSERVE_STATEMENT_TIMEOUT_MS = 60000
+
+
+def _pin_session(conn: Connection, lock_ms: int = OBSERVE_LOCK_TIMEOUT_MS,
+                 statement_ms: int = OBSERVE_STATEMENT_TIMEOUT_MS) -> None:
+    conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true), "
+                 "pg_catalog.set_config('statement_timeout', %s, true), "
+                 "pg_catalog.set_config('idle_in_transaction_session_timeout', '0', true)",
+                 [str(lock_ms), str(statement_ms)])
+
+
+def observe(conn: Connection, desired: Desired) -> Catalog:
+    """One READ ONLY snapshot of what `desired` needs to know (catalog.OBSERVE: declared names,
+    their temporaries, this resource's recorded objects; nothing of anyone else's), plus the
+    definitions the declared objects would have, for adoption (expected_signatures)."""
+    with conn.transaction():
         conn.execute("SET TRANSACTION READ ONLY")
-        # Never wait long: pg_get_indexdef/pg_get_viewdef lock relations, so a table held under
-        # ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) would hang the reconcile with no status.
-        conn.execute("SET LOCAL lock_timeout = '5s'")
+        # Never wait long: pg_get_viewdef locks the relations a view reads, so a declared table
+        # held under ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) fails fast with a clear error.
+        _pin_session(conn)
         # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
         conn.execute("SET LOCAL search_path = pg_catalog")
-        cur = conn.execute(OBSERVE, observe_params())
+        exists = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [RECORDS_TABLE_NAME]).fetchone()
+        cur = conn.execute(observe_query(bool(exists and exists[0])),
+                           observe_params(desired.owner, observed_names(desired)))
         row = cur.fetchone()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise StepFailed("catalog observation returned nothing")
-    return parse_catalog(row[0])
+    catalog = parse_catalog(row[0])
+    return dataclasses.replace(catalog, expected=expected_signatures(conn, desired, catalog))
+
+
+def expected_signatures(conn: Connection, desired: Desired,
+                        catalog: Catalog) -> tuple[tuple[tuple[str, str], str], ...]:
+    """What each declared object found under its name but not ours would look like if the operator
+    had made it, deparsed by this server: the index built on an empty temporary copy of its table's
+    columns, the query as a temporary view. Rolled back: nothing is left, no data is read. An object
+    the probe cannot reproduce (no TEMP privilege, a missing column) gets no signature and is never
+    adopted."""
+    indexes = [d for d in desired.indexes if (found_index := catalog.index(d.spec.schema_name, d.spec.name))
+               is not None and not found_index.owned_by(desired.owner)]
+    views = [d for d in desired.views if (found_view := catalog.view(d.spec.schema_name, d.spec.name))
+             is not None and not found_view.owned_by(desired.owner)]
+    found: list[tuple[tuple[str, str], str]] = []
+    if not indexes and not views:
+        return ()
+    with conn.transaction():
+        _pin_session(conn)
+        saved = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+        path = str(saved[0]) if saved else "\"$user\", public"
+        for number, d in enumerate(indexes):
+            table, name = f"mdb_probe_table_{number}", f"mdb_probe_index_{number}"
+            with contextlib.suppress(psycopg.Error), conn.transaction():
+                conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
+                    sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
+                probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
+                conn.execute(create_index(probe, name, concurrently=False))  # an empty temporary table
+                row = conn.execute("SELECT CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
+                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$') "
+                                   "FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
+                                   [f"pg_temp.{name}"]).fetchone()
+                if row and row[0]:
+                    found.append(((d.spec.schema_name, d.spec.name), str(row[0])))
+        for number, view in enumerate(views):
+            name = f"mdb_probe_view_{number}"
+            with contextlib.suppress(psycopg.Error), conn.transaction():
+                conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
+                    sql.Identifier(name), sql.SQL(normalize_select(view.spec.query))))
+                # Fully qualified, as OBSERVE reads the live view; the path is put back for the next
+                # probe (a SET LOCAL would outlive this savepoint).
+                row = conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true), "
+                                   "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to("
+                                   "pg_catalog.pg_get_viewdef(pg_catalog.to_regclass(%s)), 'UTF8')), 'hex'), "
+                                   "pg_catalog.set_config('search_path', %s, true)",
+                                   [f"pg_temp.{name}", path]).fetchone()
+                if row and row[1]:
+                    found.append(((view.spec.schema_name, view.spec.name), str(row[1])))
+        raise psycopg.Rollback()
+    return tuple(sorted(found))
 
 
 def blocking_sessions(conn: Connection, min_age_seconds: float = 0.0) -> tuple[SessionInfo, ...]:
@@ -116,7 +189,15 @@ def _backoff(policy: ExecutionPolicy, attempt: int, rng: random.Random) -> float
 
 
 def _lock_seconds(policy: ExecutionPolicy, step_policy: str) -> float:
-    return policy.index_lock_timeout_seconds if step_policy == "index" else policy.lock_timeout_seconds
+    """Index steps honour the resource's lockTimeout too, capped by the operator's index policy."""
+    if step_policy == "index":
+        return min(policy.index_lock_timeout_seconds, policy.lock_timeout_seconds)
+    return policy.lock_timeout_seconds
+
+
+# A transaction open at least this long when a build would start is waited for (it would stall the
+# build's wait phases); shorter ones come and go during the build.
+BUILD_BLOCKER_MIN_AGE_SECONDS = 1.0
 
 
 def _index_state(conn: Connection, schema: str, name: str) -> bool | None:
@@ -137,9 +218,11 @@ class _Runner:
         self.cleanup_problem = ""  # an INVALID index that could not be dropped yet
 
     def statements(self, statements: Sequence[sql.Composed], transactional: bool, lock_policy: str,
-                   cleanup_index: tuple[str, str] | None = None) -> None:
-        """Run with timeouts; retry lock timeouts and deadlocks with jittered backoff."""
-        for attempt in range(self.policy.retries + 1):
+                   cleanup_index: tuple[str, str] | None = None, retry: bool = True) -> None:
+        """Run with timeouts; retry lock timeouts and deadlocks with jittered backoff (never a
+        CONCURRENTLY build: a retry would build the whole index again; the next reconcile waits
+        for its blockers first, see wait_for_build)."""
+        for attempt in range(self.policy.retries + 1 if retry else 1):
             self.attempts += 1
             _set_timeouts(self.conn, _lock_seconds(self.policy, lock_policy), self.policy.statement_timeout_seconds)
             try:
@@ -159,9 +242,38 @@ class _Runner:
                     if problem:  # the same blocker holds the drop: retrying the build cannot succeed
                         self.cleanup_problem = problem
                         raise StepFailed(describe_error(exc)) from exc
-                if attempt >= self.policy.retries:
+                if not retry or attempt >= self.policy.retries:
                     raise
                 self.sleep(_backoff(self.policy, attempt, self.rng))
+
+    def wait_for_build(self, schema: str, table: str) -> None:
+        """Before a CONCURRENTLY build: while sessions that would stall its wait phases are open
+        (BUILD_BLOCKERS), wait with backoff, within the index lock timeout, instead of building;
+        StepFailed (nothing built, nothing left behind) when they outlast it."""
+        budget = _lock_seconds(self.policy, "index")
+        waited, delay, seen = 0.0, 0.2, [""]
+        min_age = min(BUILD_BLOCKER_MIN_AGE_SECONDS, budget / 2)
+        while True:
+            rows = self.conn.execute(BUILD_BLOCKERS, {"table": render(qualified(schema, table)),
+                                                       "min_age": min_age, "seen": seen}).fetchall()
+            blocking = [session_from_row(row[:6]) for row in rows if row[7]]
+            unknown = [str(row[6]) for row in rows if not row[7] and str(row[1]).startswith("unknown")]
+            for session in blocking:
+                self.blockers[session.pid] = session
+            if not blocking and not (unknown and seen == [""]):
+                return
+            if waited >= budget:
+                raise StepFailed(
+                    f"not built: {len(blocking)} session(s) would stall CREATE INDEX CONCURRENTLY on "
+                    f"{schema}.{table} ({'; '.join(s.describe() for s in blocking)}); waited {waited:.1f}s "
+                    "(lockTimeout), retried on the next reconcile")
+            # Another role's transaction age is hidden without pg_read_all_stats: the same virtual
+            # transaction still open one sample later counts as a blocker.
+            seen = unknown or [""]
+            pause = max(min(delay, budget - waited), min_age if unknown else 0.0)
+            self.sleep(pause)
+            waited += pause
+            delay = min(delay * 2, 2.0)
 
     def drop_if_invalid(self, schema: str, name: str) -> str:
         """Drop the index CONCURRENTLY when it exists and is INVALID; '' or why it could not."""
@@ -211,7 +323,10 @@ def _run_object(runner: _Runner, obj: str, steps: Sequence[Step]) -> StepOutcome
         for current in steps:
             if current.check_view is not None:
                 _check_view(runner.conn, current.check_view, runner.policy)
-            runner.statements(current.statements, current.transactional, current.lock_policy, current.cleanup_index)
+            if current.build_table is not None:
+                runner.wait_for_build(*current.build_table)
+            runner.statements(current.statements, current.transactional, current.lock_policy, current.cleanup_index,
+                              retry=current.build_table is None)
             if current.verify_index is not None and _index_state(runner.conn, *current.verify_index) is not True:
                 raise StepFailed(f"index {'.'.join(current.verify_index)} is not valid after the build")
             done.append(current)
@@ -270,10 +385,11 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
         raise ValueError("execute() needs an autocommit connection (CONCURRENTLY cannot run in a transaction)")
     original = conn.execute("SELECT pg_catalog.current_setting('lock_timeout'), "
                             "pg_catalog.current_setting('statement_timeout')").fetchone()
-    outcomes = []
+    outcomes: list[StepOutcome] = []
     jitter = rng or random.Random()
     try:
-        for obj in plan.objects:
+        problem = ensure_records(conn, policy) if plan.steps else ""
+        for obj in plan.objects if not problem else ():
             steps = [s for s in plan.steps if s.object == obj]
             if conn.closed:
                 outcomes.append(StepOutcome(obj, ok=False, message="connection lost before this object"))
@@ -284,4 +400,18 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false), "
                              "pg_catalog.set_config('statement_timeout', %s, false)", list(original))
+    if problem:
+        return [StepOutcome(obj, ok=False, message=problem) for obj in plan.objects]
     return outcomes
+
+
+def ensure_records(conn: Connection, policy: ExecutionPolicy) -> str:
+    """Create the ownership table (ownership.ENSURE) if missing; '' or why it could not be."""
+    try:
+        _set_timeouts(conn, policy.lock_timeout_seconds, policy.statement_timeout_seconds)
+        with conn.transaction():
+            for statement in ownership.ENSURE:
+                conn.execute(statement)
+    except psycopg.Error as exc:
+        return f"the ownership table {RECORDS_TABLE_NAME} cannot be created ({describe_error(exc)}): nothing was run"
+    return ""
