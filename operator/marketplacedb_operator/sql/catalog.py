@@ -1,8 +1,10 @@
 """A snapshot of what the database holds, as frozen dataclasses, and the SQL that observes it.
 
-One statement (`OBSERVE`) returns everything as one JSON document: indexes with their validity,
-materialized views with their privileges and dependants, per-database settings, the server-wide
-settings we advise on and the sessions holding a transaction open. The gateway runs it in a READ
+One statement (`OBSERVE`) returns everything as one JSON document, scoped to the declared names,
+their temporaries and the objects this resource recorded as its own (ownership.py): indexes with
+their validity and ownership record, materialized views with their privileges, options, comments
+and dependants, per-database settings, the server-wide settings we advise on and the sessions
+holding a transaction open. The gateway runs it in a READ
 ONLY transaction with search_path pinned to pg_catalog (pipelined: one network round trip), so
 `pg_get_indexdef`/`pg_get_viewdef` are fully qualified and their hashes match the ones the marker
 DO block wrote (see ddl.mark).

@@ -5,18 +5,14 @@ through `sql.Literal`; the only raw SQL text taken from a spec is a view query o
 predicate, and both are the deparsed output of PostgreSQL's own parser (`sqlcheck`), re-checked
 here so that a spec built without validation cannot smuggle a second statement in.
 
-Ownership and drift marker, written with `COMMENT ON` on every object the operator creates:
+Marker, written with `COMMENT ON` on every object the operator creates, for humans only:
 
     marketplacedb.io/owner=<namespace>/<name>;hash=<sha256 of desired definition>;def=<sha256 of live definition>
 
-* `hash` is computed from the *desired* definition (normalized spec), so PostgreSQL's own
-  reformatting of `pg_get_indexdef` never looks like a change of the resource.
-* `def` is the sha256 of `pg_get_indexdef` / `pg_get_viewdef` taken by the server right after the
-  build (search_path pinned to pg_catalog so the text is fully qualified and does not depend on the
-  session). Comparing it with the live definition detects a hand-made change (`ALTER INDEX ... SET
-  (fillfactor ...)`, a drop-and-recreate that copied the comment, a renamed column...) without ever
-  having to predict PostgreSQL's formatting. A hand-made object *without* the marker is not ours:
-  it is reported as a conflict and left alone.
+It proves nothing (a comment is copied by `LIKE ... INCLUDING ALL` and writable by any owner):
+ownership and drift are decided by the ownership record (ownership.py), which names the object's
+OID and keeps the same two hashes. `def` is the sha256 of `pg_get_indexdef` / `pg_get_viewdef`
+taken by the server (search_path pinned to pg_catalog so the text is fully qualified).
 """
 
 from __future__ import annotations

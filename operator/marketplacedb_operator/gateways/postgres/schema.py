@@ -266,7 +266,7 @@ class _Runner:
                 raise StepFailed(
                     f"not built: {len(blocking)} session(s) would stall CREATE INDEX CONCURRENTLY on "
                     f"{schema}.{table} ({'; '.join(s.describe() for s in blocking)}); waited {waited:.1f}s "
-                    "(lockTimeout), retried on the next reconcile")
+                    "(lockTimeout, SQLSTATE 55P03), retried on the next reconcile")
             # Another role's transaction age is hidden without pg_read_all_stats: the same virtual
             # transaction still open one sample later counts as a blocker.
             seen = unknown or [""]
