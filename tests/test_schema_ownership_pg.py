@@ -17,6 +17,7 @@ from psycopg import sql
 
 from harness.postgres import FreshDatabase
 from marketplacedb_operator import workload
+from marketplacedb_operator.gateways.postgres import ConnInfo, connect
 from marketplacedb_operator.gateways.postgres import schema as gateway
 from marketplacedb_operator.sql import ddl
 from marketplacedb_operator.sql.plan import Desired, desired_state, plan, teardown_plan
@@ -397,6 +398,14 @@ def test_reference_workload_made_by_sql_is_adopted_with_no_ddl(workload_db: Fres
     assert probes and all("marketplacedb" in line for line in ddl_lines if line not in probes), ddl_lines
     code, out, _ = cli(capsys, "plan", "-f", manifest, "--dsn", workload_db.dsn, "-o", "json")
     assert json.loads(out)["resources"][0]["plan"]["steps"] == []
+    # Deleting the resource with deletionPolicy Drop keeps what existed before it (released).
+    d = desired_state(the_spec(ddl=DROP), "prod/shop")
+    with workload_db.connect() as conn:
+        down = teardown_plan(d, gateway.observe(conn, d))
+        assert all(o.ok for o in gateway.execute(conn, down, FAST))
+    assert oids(workload_db, *names) == before
+    assert sum(n.startswith("kept: ") for n in down.notes) == 7
+    assert one(workload_db, "SELECT count(*) FROM marketplacedb.owned_objects") == 0
 
 
 # --- finding 9: the operator cannot be locked out by database settings -------------------------------
@@ -409,9 +418,13 @@ def test_database_timeouts_cannot_lock_the_operator_out(workload_db: FreshDataba
         run(workload_db.superuser_dsn, sql.SQL("ALTER DATABASE {} SET {} = 1").format(
             sql.Identifier(workload_db.name), sql.Identifier(setting)))
     d = desired_state(the_spec(), OWNER)
-    outcomes = apply(workload_db, d)
-    assert all(o.ok for o in outcomes), outcomes
-    assert plan(d, observe(workload_db, d)).empty
+    with connect(ConnInfo.from_dsn(workload_db.dsn)) as conn:  # the operator's own sessions
+        outcomes = gateway.execute(conn, plan(d, gateway.observe(conn, d)), FAST)
+        assert all(o.ok for o in outcomes), outcomes
+        assert plan(d, gateway.observe(conn, d)).empty
+    with workload_db.connect() as other:  # an ordinary session gets the 1 ms limit
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            other.execute("SELECT pg_sleep(0.1)")
 
 
 # --- finding 11: a lost session or a bad DSN: outcomes so far, one clear line, non-zero ----------------

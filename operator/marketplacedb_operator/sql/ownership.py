@@ -102,11 +102,12 @@ def forget(owner: str, schema: str, name: str) -> sql.Composed:
 
 
 def forget_stale(owner: str) -> sql.Composed:
-    """Delete `owner`'s rows that no longer name a live object (end of a teardown)."""
+    """End of a teardown: delete `owner`'s rows of adopted objects (kept, released) and those that
+    no longer name a live object; a created object that could not be dropped stays recorded."""
     return sql.SQL(
-        "DELETE FROM {} AS r WHERE r.owner = {} AND NOT EXISTS ("
+        "DELETE FROM {} AS r WHERE r.owner = {} AND (r.how = 'adopted' OR NOT EXISTS ("
         "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name)"
+        "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name))"
     ).format(RECORDS, sql.Literal(owner))
 
 

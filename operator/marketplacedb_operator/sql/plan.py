@@ -255,15 +255,27 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
     for schema, name in _declared(desired):
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
+    dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
     indexes = [i for i in cat.indexes if i.owned_by(desired.owner) and i.building_pid is None
-               and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in our_views]
+               and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in cat.views if (v.schema, v.name) in our_views and (v.schema, v.name) not in keep]
     return indexes, views
 
 
+def _adopted(info: IndexInfo | ViewInfo) -> bool:
+    return info.record is not None and info.record.how == "adopted"
+
+
 def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[ViewInfo],
                       why: str) -> tuple[list[Step], list[str]]:
+    """Drop what this resource created. What it adopted existed before it: kept (and reported)."""
     steps, notes = [], []
+    for info in [*indexes, *views]:
+        if _adopted(info):
+            kind = "index" if isinstance(info, IndexInfo) else "materialized view"
+            notes.append(f"kept: {kind} {info.schema}.{info.name} was adopted, not created, by this resource")
+    indexes = [i for i in indexes if not _adopted(i)]
+    views = [v for v in views if not _adopted(v)]
     for index in indexes:
         if index.foreign_keys:
             notes.append(f"left in place: index {index.schema}.{index.name}: foreign key constraint(s) "
@@ -330,8 +342,10 @@ def teardown_plan(desired: Desired, observed: Catalog) -> Plan:
     if desired.deletion_policy != "Drop":
         return Plan(notes=("deletionPolicy: Retain: database objects are kept",))
     our_views = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner)}
+    # The indexes of a view we drop go with it; those we created on an adopted (kept) view do not.
+    dropped_with = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner) and not _adopted(v)}
     indexes = [i for i in observed.indexes if i.owned_by(desired.owner) and i.building_pid is None
-               and (i.table_schema, i.table) not in our_views]
+               and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in observed.views if (v.schema, v.name) in our_views]
     steps, notes = _drop_owned_steps(desired.owner, indexes, views, "resource deleted (deletionPolicy: Drop)")
     current = observed.settings

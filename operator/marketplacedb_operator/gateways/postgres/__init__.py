@@ -28,10 +28,16 @@ def scrub(text: str, *secrets: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
 
 
+# Set in the startup packet, so they override ALTER DATABASE/ROLE ... SET from the first statement
+# on: a database-level `statement_timeout = 1` cannot lock the operator out of its own sessions.
+# Every statement that may legitimately take longer sets its own limit (DDL steps, refreshes).
+SESSION_OPTIONS = "-c statement_timeout=60s -c lock_timeout=5s -c idle_in_transaction_session_timeout=0"
+
+
 def connect(info: ConnInfo) -> psycopg.Connection[Any]:
     """An autocommit connection; DatabaseUnreachable (scrubbed) when it cannot be opened."""
     try:
-        return psycopg.connect(autocommit=True, **info.kwargs())
+        return psycopg.connect(autocommit=True, options=SESSION_OPTIONS, **info.kwargs())
     except psycopg.OperationalError as exc:
         reason = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, info.password)
         raise DatabaseUnreachable(f"cannot connect to {info.describe()}: {reason}") from None

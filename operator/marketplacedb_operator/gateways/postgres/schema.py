@@ -74,10 +74,10 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
     their temporaries, this resource's recorded objects; nothing of anyone else's), plus the
     definitions the declared objects would have, for adoption (expected_signatures)."""
     with conn.transaction():
-        conn.execute("SET TRANSACTION READ ONLY")
         # Never wait long: pg_get_viewdef locks the relations a view reads, so a declared table
         # held under ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) fails fast with a clear error.
         _pin_session(conn)
+        conn.execute("SET TRANSACTION READ ONLY")
         # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
         conn.execute("SET LOCAL search_path = pg_catalog")
         exists = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [RECORDS_TABLE_NAME]).fetchone()
