@@ -207,6 +207,10 @@ def test_identical_unrecorded_object_is_adopted_without_ddl() -> None:
     adopted = replace_index(in_sync(d), name, record=ours(d.indexes[2].hash, how="adopted"))
     assert plan(d, adopted).empty
     assert {s.name: s.state for s in report.index_statuses(d, adopted)}[name] == "Adopted"
+    # The index of a unique constraint, even identical: never adopted (nor replaced).
+    constraint = dataclasses.replace(cat, indexes=tuple(dataclasses.replace(i, constraint="t_x_key")
+                                                        if i.name == name else i for i in cat.indexes))
+    assert plan(d, constraint).empty and "implements constraint t_x_key" in plan(d, constraint).conflicts[0]
     # Same definition on another table, or a different definition: not adopted.
     elsewhere = dataclasses.replace(cat, indexes=tuple(dataclasses.replace(i, table="other") if i.name == name else i
                                                        for i in cat.indexes))

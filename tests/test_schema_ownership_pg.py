@@ -323,6 +323,27 @@ def test_a_hidden_snapshot_costs_at_most_one_build_per_apply(workload_db: FreshD
     assert all("lock timeout" in outcome.message for outcome, _ in blocked)
 
 
+def test_index_steps_honour_lock_timeout_behind_a_hidden_writer(workload_db: FreshDatabase) -> None:
+    """Finding 10: a long transaction of another role holding a write lock on the table (its age
+    hidden without pg_read_all_stats): the build is not started, the wait stays within lockTimeout
+    (not 60 s x 4 attempts), the blocker is named."""
+    only = [i for i in INDEXES if i["name"] == "idx_search_history_user_recent"]
+    d = desired_state(the_spec(indexes=only, materializedViews=[], database={
+        **reference_document()["spec"]["database"], "settings": {}}, ddl={"lockTimeout": "2s"}), OWNER)
+    with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as writer:
+        writer.execute("BEGIN")
+        writer.execute("UPDATE search_history SET results_count = results_count WHERE id = 1")
+        pid = writer.info.backend_pid
+        [outcome] = apply(workload_db, d)
+        writer.execute("ROLLBACK")
+    assert not outcome.ok and "not built" in outcome.message and "55P03" in outcome.message
+    assert [s.pid for s in outcome.blocking] == [pid]
+    assert outcome.blocking[0].state.startswith("unknown (grant pg_read_all_stats")
+    assert outcome.seconds < 30  # lockTimeout 2s plus sampling; it was 200 s before
+    cat = observe(workload_db, d)
+    assert cat.index("public", "idx_search_history_user_recent__new") is None
+
+
 # --- finding 7: observation never waits on an undeclared object's lock ------------------------------
 
 

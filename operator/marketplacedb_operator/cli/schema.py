@@ -11,8 +11,9 @@ for the columns of each new view query with LIMIT 0 in a READ ONLY transaction).
 With `approval: Manual`, `apply` executes only when `--approve` carries the hash `plan` printed;
 an `--approve` that does not match the current plan is refused (the database changed since).
 
-Exit status: 0 success (or nothing to do), 1 a manifest error or a failed object, 2 usage,
-3 approval required.
+Exit status: 0 success (or nothing to do), 1 a manifest error, a failed object, a conflict (an
+object under a declared name that is not this resource's, left alone) or a lost session (the
+outcomes so far are printed, then one line), 2 usage, 3 approval required.
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ def _apply(args: argparse.Namespace) -> int:
                 policy = ExecutionPolicy.from_spec(resource.spec.ddl, settings)
                 outcomes = gateway.execute(conn, the_plan, policy, watch=lambda: connect(info))
                 doc.update(outcomes=[_outcome_dict(o) for o in outcomes], approvalRequired=False)
-                if not all(o.ok for o in outcomes):
-                    code = max(code, 1)
+                if not all(o.ok for o in outcomes) or the_plan.conflicts:
+                    code = max(code, 1)  # a conflict leaves the declared state unreached
                 if conn.closed:
                     raise psycopg.OperationalError("the connection was lost during apply")
                 after = gateway.observe(conn, desired)

@@ -101,7 +101,10 @@ SELECT pg_catalog.json_build_object(
                                                   ORDER BY cn.conname), '[]')
                 FROM pg_catalog.pg_constraint cn JOIN pg_catalog.pg_class ct ON ct.oid = cn.conrelid
                 JOIN pg_catalog.pg_namespace cs ON cs.oid = ct.relnamespace
-               WHERE cn.conindid = r.oid AND cn.contype = 'f') AS foreign_keys
+               WHERE cn.conindid = r.oid AND cn.contype = 'f') AS foreign_keys,
+             (SELECT pg_catalog.min(cn.conname) FROM pg_catalog.pg_constraint cn
+               WHERE cn.conindid = r.oid AND cn.conrelid = i.indrelid AND cn.contype IN ('p', 'u', 'x'))
+               AS "constraint"
       FROM rels r
       JOIN pg_catalog.pg_index i ON i.indexrelid = r.oid
       JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid
@@ -293,6 +296,7 @@ class IndexInfo:
     record: Record | None = None
     building_pid: int | None = None  # another session's CREATE INDEX in progress
     foreign_keys: tuple[str, ...] = ()  # foreign key constraints that depend on this (unique) index
+    constraint: str | None = None  # the primary key, unique or exclusion constraint it implements
 
     @property
     def marker(self) -> Marker | None:
@@ -409,7 +413,7 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             partial=bool(i["partial"]), expressions=bool(i["expressions"]), comment=i["comment"],
             key_columns=tuple(i["key_columns"] or ()), oid=int(i["oid"]), signature=str(i["signature"] or ""),
             record=_record(i["record"]), building_pid=i["building_pid"],
-            foreign_keys=tuple(i["foreign_keys"] or ()),
+            foreign_keys=tuple(i["foreign_keys"] or ()), constraint=i.get("constraint"),
         )
         for i in document.get("indexes") or ()
     )

@@ -205,6 +205,9 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
         reason = foreign_reason(existing, owner)
         if existing.record is not None or existing.building_pid is not None or existing.primary:
             return steps, [f"{d.field}: index {schema}.{name} exists, {reason}; left alone"], notes
+        if existing.constraint is not None:  # dropping or renaming it would touch the constraint
+            return steps, [f"{d.field}: index {schema}.{name} implements constraint {existing.constraint}; "
+                           "left alone (never adopted nor replaced)"], notes
         if _adoptable(d, existing, cat):
             return steps + [Step("adopt", d.object,
                                  f"adopt index {schema}.{name}: its definition equals the declared one "
@@ -270,7 +273,8 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
                       why: str) -> tuple[list[Step], list[str]]:
     """Drop what this resource created. What it adopted existed before it: kept (and reported)."""
     steps, notes = [], []
-    for info in [*indexes, *views]:
+    everything: list[IndexInfo | ViewInfo] = [*indexes, *views]
+    for info in everything:
         if _adopted(info):
             kind = "index" if isinstance(info, IndexInfo) else "materialized view"
             notes.append(f"kept: {kind} {info.schema}.{info.name} was adopted, not created, by this resource")
