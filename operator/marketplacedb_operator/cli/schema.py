@@ -155,7 +155,7 @@ def _plan(args: argparse.Namespace) -> int:
     except DatabaseUnreachable as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (psycopg.Error, gateway.StepFailed) as exc:
+    except (psycopg.Error, gateway.StepFailed, gateway.ObservationFailed) as exc:
         _emit(documents, args.output, _print_plan)
         print(_lost(exc), file=sys.stderr)
         return 1
@@ -235,7 +235,7 @@ def _apply(args: argparse.Namespace) -> int:
     except DatabaseUnreachable as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (psycopg.Error, gateway.StepFailed) as exc:
+    except (psycopg.Error, gateway.StepFailed, gateway.ObservationFailed) as exc:
         # Session lost, server stopped, catalog unreadable: what ran so far, then one line.
         for doc in documents:
             doc.setdefault("outcomes", [])
