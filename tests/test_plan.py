@@ -397,3 +397,19 @@ def test_execution_policy_from_spec() -> None:
     policy = ExecutionPolicy.from_spec(DDLPolicy(lock_timeout="2s", statement_timeout="10m"),
                                        Settings(index_lock_timeout_seconds=90, ddl_retries=5))
     assert policy == ExecutionPolicy(2.0, 600.0, 90.0, 5, 0.5)
+
+
+def test_views_carrying_someone_elses_index_are_not_dropped_and_stale_intents_adopt_nothing() -> None:
+    drop = desired(ddl={"deletionPolicy": "Drop"})
+    cat = in_sync(drop)
+    dba = index_info("dba_hot_by_name", "mv_hot_products", table_kind="m")
+    late = index_info("idx_gone__new", "t", record=ours(how="building"))  # valid, bound by a stale intent
+    cat = dataclasses.replace(cat, indexes=(*cat.indexes, dba, late))
+    p = teardown_plan(drop, cat)
+    dropped = [s.object for s in p.steps if s.kind.startswith("drop")]
+    assert "view/public.mv_hot_products" not in dropped and "view/public.mv_category_counts" in dropped
+    assert any("mv_hot_products" in n and "index dba_hot_by_name (not this resource's)" in n for n in p.notes)
+    assert "index/public.idx_gone__new" not in dropped
+    invalid = dataclasses.replace(cat, indexes=tuple(dataclasses.replace(i, valid=False) if i.name == "idx_gone__new"
+                                                     else i for i in cat.indexes))
+    assert "index/public.idx_gone__new" in [s.object for s in teardown_plan(drop, invalid).steps]

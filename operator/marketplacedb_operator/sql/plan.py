@@ -259,7 +259,7 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
     dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
-    indexes = [i for i in cat.indexes if i.owned_by(desired.owner) and i.building_pid is None
+    indexes = [i for i in cat.indexes if _sweepable(i, desired.owner)
                and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in cat.views if (v.schema, v.name) in our_views and (v.schema, v.name) not in keep]
     return indexes, views
@@ -269,8 +269,16 @@ def _adopted(info: IndexInfo | ViewInfo) -> bool:
     return info.record is not None and info.record.how == "adopted"
 
 
+def _sweepable(info: IndexInfo, owner: str) -> bool:
+    """Recorded as ours and safe to sweep (undeclared or teardown): not being built by someone, and
+    not a *valid* index bound only by an intent record (a stale intent must never adopt a DBA's
+    index created later under that name; what an interrupted build of ours leaves is INVALID)."""
+    return info.owned_by(owner) and info.building_pid is None \
+        and not (info.record is not None and info.record.how == "building" and info.valid)
+
+
 def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[ViewInfo],
-                      why: str) -> tuple[list[Step], list[str]]:
+                      why: str, cat: Catalog) -> tuple[list[Step], list[str]]:
     """Drop what this resource created. What it adopted existed before it: kept (and reported)."""
     steps, notes = [], []
     everything: list[IndexInfo | ViewInfo] = [*indexes, *views]
@@ -287,9 +295,10 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
             continue
         steps.append(_drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
     for view in views:
-        if view.dependents:
-            notes.append(f"left in place: materialized view {view.schema}.{view.name}: "
-                         f"{', '.join(view.dependents)} depend on it")
+        foreign = [i.name for i in cat.indexes_on(view.schema, view.name) if not i.owned_by(owner)]
+        if view.dependents or foreign:
+            what = ", ".join([*view.dependents, *(f"index {name} (not this resource's)" for name in foreign)])
+            notes.append(f"left in place: materialized view {view.schema}.{view.name}: {what} depend on it")
             continue
         steps.append(drop_view_step(f"view/{view.schema}.{view.name}", owner, view, why))
     return steps, notes
@@ -327,7 +336,8 @@ def plan(desired: Desired, observed: Catalog) -> Plan:
     steps += _setting_steps(desired, observed)
     indexes, views = _ours_not_declared(desired, observed)
     if desired.deletion_policy == "Drop":
-        dropped, kept = _drop_owned_steps(desired.owner, indexes, views, "no longer declared (deletionPolicy: Drop)")
+        dropped, kept = _drop_owned_steps(desired.owner, indexes, views, "no longer declared (deletionPolicy: Drop)",
+                                        observed)
         steps += dropped
         notes += kept
     else:
@@ -348,10 +358,10 @@ def teardown_plan(desired: Desired, observed: Catalog) -> Plan:
     our_views = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner)}
     # The indexes of a view we drop go with it; those we created on an adopted (kept) view do not.
     dropped_with = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner) and not _adopted(v)}
-    indexes = [i for i in observed.indexes if i.owned_by(desired.owner) and i.building_pid is None
+    indexes = [i for i in observed.indexes if _sweepable(i, desired.owner)
                and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in observed.views if (v.schema, v.name) in our_views]
-    steps, notes = _drop_owned_steps(desired.owner, indexes, views, "resource deleted (deletionPolicy: Drop)")
+    steps, notes = _drop_owned_steps(desired.owner, indexes, views, "resource deleted (deletionPolicy: Drop)", observed)
     current = observed.settings
     for name, value in desired.settings:
         if current.get(name) == value:
