@@ -59,6 +59,8 @@ _ALLOWED_KEYS = {
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-validations",
+    "maxProperties",
 }
 
 
