@@ -133,7 +133,8 @@ def test_settings_bounds_agree_with_postgresql(pg: PostgresServer, name: str) ->
 def _billion_laughs() -> str:
     lines = ["x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     lines += [f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 12)]
-    return "apiVersion: marketplacedb.io/v1alpha1\nkind: MarketplaceDB\n" + "\n".join(lines) + "\nmetadata:\n  name: *a11\n"
+    head = "apiVersion: marketplacedb.io/v1alpha1\nkind: MarketplaceDB\n"
+    return head + "\n".join(lines) + "\nmetadata:\n  name: *a11\n"
 
 
 def _metadata(metadata: Any) -> str:
