@@ -245,7 +245,6 @@ class IndexSpec(Model):
 
     model_config = ConfigDict(
         json_schema_extra=cel(
-            _unique_rule(".name", "columns must not repeat a column"),
             (
                 "!has(self.include) || self.include.all(n, !self.columns.exists(c, c.name == n))",
                 "include must not repeat key columns",
@@ -256,7 +255,12 @@ class IndexSpec(Model):
     name: Identifier = Field(description="Index name (unique in the schema).")
     table: Identifier = Field(description="Table name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema of the table.")
-    columns: list[IndexColumn] = Field(min_length=1, max_length=32, description="Key columns in order.")
+    columns: list[IndexColumn] = Field(
+        min_length=1,
+        max_length=32,
+        description="Key columns in order.",
+        json_schema_extra=cel(_unique_rule(".name", "columns must not repeat a column")),
+    )
     where: str | None = Field(
         None,
         min_length=1,
