@@ -272,7 +272,7 @@ class IndexSpec(Model):
         default_factory=list,
         max_length=32,
         description="Covering (INCLUDE) columns.",
-        json_schema_extra=cel(_unique_rule("", "include has duplicate columns")),
+        json_schema_extra=cel(_unique_rule("", "include must not repeat a column")),
     )
     unique: bool = Field(False, description="UNIQUE index.")
 
@@ -339,7 +339,7 @@ class MaterializedViewSpec(Model):
         min_length=1,
         max_length=32,
         description="Columns of the unique index (plain columns the view returns); at least one.",
-        json_schema_extra=cel(_unique_rule("", "uniqueKey has duplicate columns")),
+        json_schema_extra=cel(_unique_rule("", "uniqueKey must not repeat a column")),
     )
     refresh: RefreshPolicy | None = Field(None, description="Refresh schedule; none means refresh only on demand.")
 
