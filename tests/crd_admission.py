@@ -11,6 +11,8 @@ cel-python implements; no Kubernetes-specific CEL library function is needed.
 from __future__ import annotations
 
 import copy
+import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,13 @@ from marketplacedb_operator.specs.crd import build_crd
 def crd_schema() -> dict[str, Any]:
     schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
+
+
+@functools.cache
+def _checker() -> tuple[dict[str, Any], Any]:
+    """The schema (never handed out: callers of crd_schema() may edit theirs) and its validator."""
+    schema = crd_schema()
+    return schema, _VALIDATOR(_json_schema(schema))
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -75,6 +84,15 @@ def _nodes(value: Any, schema: dict[str, Any], path: str) -> Iterator[tuple[str,
             yield from _nodes(item, schema["items"], f"{path}[{index}]")
 
 
+# JSON Schema counts 0.0 as an integer; the models (strict) do not, and neither does this
+# emulation: a float where an integer belongs is refused before CEL sees it (assumed, not
+# checked against an API server here).
+_VALIDATOR = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    type_checker=jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
 _ENV = celpy.Environment()
 _PROGRAMS: dict[str, Any] = {}
 
@@ -85,13 +103,46 @@ def _program(rule: str) -> Any:
     return _PROGRAMS[rule]
 
 
+# ValidateObjectMeta: a custom resource's name is a DNS-1123 subdomain.
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _object_meta_problems(document: dict[str, Any]) -> list[str]:
+    """What the API server refuses before the CRD's schema is consulted (routing, ObjectMeta)."""
+    if document.get("apiVersion") != "marketplacedb.io/v1alpha1" or document.get("kind") != "MarketplaceDB":
+        return ["apiVersion/kind: not a marketplacedb.io/v1alpha1 MarketplaceDB"]
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or len(name) > 253 or not _SUBDOMAIN.fullmatch(name):
+        return ["metadata.name: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters"]
+    namespace = metadata.get("namespace") if isinstance(metadata, dict) else None
+    label = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+    if namespace is not None and not (isinstance(namespace, str) and re.fullmatch(label, namespace)):
+        return ["metadata.namespace: a lowercase RFC 1123 label"]
+    return []
+
+
+def _too_big(value: Any) -> bool:
+    """JSON integers beyond int64 do not decode as integers in the API server."""
+    if isinstance(value, dict):
+        return any(_too_big(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_too_big(v) for v in value)
+    return isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63
+
+
 def crd_problems(document: dict[str, Any]) -> list[str]:
     """Why the API server would refuse `document` with the generated CRD (empty: accepted)."""
-    schema = crd_schema()
+    meta = _object_meta_problems(document)
+    if meta:
+        return meta
+    if _too_big(document):
+        return ["an integer beyond int64"]
+    schema, validator = _checker()
     obj = apply_defaults(_drop_nulls(copy.deepcopy(document)), schema)
     problems = [
         f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
-        for error in jsonschema.Draft7Validator(_json_schema(schema)).iter_errors(obj)
+        for error in validator.iter_errors(obj)
     ]
     if problems:
         return problems  # the API server stops before CEL on a schema error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import pathlib
 import ssl
@@ -24,6 +25,8 @@ import aiohttp
 import kopf
 import kubernetes.client
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from admission_corpus import CORPUS, Case
@@ -34,7 +37,7 @@ from marketplacedb_operator import handlers, webhook
 from marketplacedb_operator.api.errors import format_errors
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.cli.wiring import make_deps
-from marketplacedb_operator.settings import Settings
+from marketplacedb_operator.settings import Settings as OperatorSettings
 
 IDS = [c.id for c in CORPUS]
 
@@ -66,6 +69,39 @@ def test_crd_verdict(case: Case) -> None:
     problems = crd_problems(case.document)
     assert not any("error evaluating" in p for p in problems), problems
     assert bool(problems) == (case.layer == "crd"), problems
+
+
+def _leaf_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaf_paths(v, (*prefix, k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaf_paths(v, (*prefix, i))]
+    return [prefix]
+
+
+LEAVES = _leaf_paths(CORPUS[0].document)
+HOSTILE_TEXT = st.lists(st.sampled_from(["\x00", "'", '"', ";", "$1", "(", ")", "NOT ", " || ", "\n", "é",
+                                         "*", "/", "-", "@", "0", "9", "a", "Z", " ", ",", "?", "::", "%"]),
+                        max_size=30).map("".join)
+ANY_VALUE = st.one_of(HOSTILE_TEXT, st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+                      st.just([]), st.just({}), st.just({"a": 1}), st.just("x" * 70000))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.sampled_from(LEAVES), ANY_VALUE), min_size=1, max_size=3))
+def test_random_edits_never_crash_and_the_crd_is_never_stricter(edits: list[tuple[tuple[Any, ...], Any]]) -> None:
+    """Whatever a leaf holds: the models give a verdict (no other exception), every CEL rule
+    evaluates, and the CRD never refuses what the operator would accept."""
+    document = copy.deepcopy(CORPUS[0].document)
+    for path, value in edits:
+        node = document
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    model = _model_problems(document)
+    crd = crd_problems(document)
+    assert not any("error evaluating" in p for p in crd), crd
+    assert not crd or model, crd
 
 
 # --- CEL cost ---------------------------------------------------------------------------------------
@@ -147,10 +183,10 @@ async def serving_webhook(kube_api: KubeEmulator, kube_client: kubernetes.client
     (kopf cancels tasks started after it when it stops, so it must not straddle a fixture)."""
     cert, key = _certificate(directory)
     port = kopf.WebhookServer._allocate_free_port()
-    settings = Settings(webhook_port=port, webhook_addr="127.0.0.1", webhook_certfile=str(cert),
+    operator_settings = OperatorSettings(webhook_port=port, webhook_addr="127.0.0.1", webhook_certfile=str(cert),
                         webhook_keyfile=str(key))
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, make_deps(settings, kube_client))
+    handlers.register(registry, make_deps(operator_settings, kube_client))
     context = ssl.create_default_context(cafile=str(cert))  # the client verifies the server's certificate
     async with kopf_runner(kube_api, registry, namespaces=["prod"]), aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=context), timeout=aiohttp.ClientTimeout(total=30)
@@ -204,7 +240,7 @@ async def test_webhook_lets_unchanged_specs_and_deletions_through(
 
 async def test_webhook_off_by_default(kube_api: KubeEmulator, kube_client: kubernetes.client.ApiClient) -> None:
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, make_deps(Settings(), kube_client))
+    handlers.register(registry, make_deps(OperatorSettings(), kube_client))
     assert registry._webhooks.get_all_handlers() == []
     async with kopf_runner(kube_api, registry, namespaces=["prod"]):
         await asyncio.sleep(0.5)  # kopf refuses to run validate handlers without a server: it runs

@@ -40,8 +40,13 @@ class Model(BaseModel):
     refuses NUL bytes, whoever adds it.
     """
 
+    # strict: types as the API server takes them (no `true` for 1, no "5" for 5, no 0 for false).
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_attribute_docstrings=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        strict=True,
     )
     # Status models are written by the operator, not by users: no spec bounds on them.
     checked_as_spec: ClassVar[bool] = True
@@ -563,6 +568,7 @@ IndexState = Literal["Valid", "Building", "Invalid", "Missing", "Drifted", "Fail
 class StatusModel(Model):
     """Status parts: written by the operator, so spec bounds are not applied when it builds them."""
 
+    model_config = ConfigDict(strict=False)  # timestamps arrive as strings
     checked_as_spec: ClassVar[bool] = False
 
 
