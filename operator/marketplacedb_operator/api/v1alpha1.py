@@ -596,7 +596,7 @@ class ViewStatus(StatusModel):
     last_refresh_seconds: float | None = None
     """How long the last refresh took."""
     last_result: str | None = None
-    """Outcome of the last refresh attempt (Refreshed, Skipped, Failed, ...)."""
+    """Outcome of the last refresh attempt: refreshed, refreshed-plain, skipped-busy, skipped-unchanged or failed."""
     stale: bool = False
     """Older than refresh.maxStaleness."""
     message: str = ""
@@ -640,7 +640,7 @@ class PoolerStatus(StatusModel):
     config_hash: str | None = None
     """Hash of the rendered pgbouncer.ini and userlist (pods roll when it changes)."""
     budget: PoolerBudget | None = None
-    """Connection budget."""
+    """How the pooler's server connections fit under the database's max_connections."""
 
 
 class BlockingSession(StatusModel):
