@@ -101,9 +101,9 @@ def _status(view: ViewStatus, state: RefreshState | None, limit: float | None, f
         update: dict[str, object] = {"first_seen_time": first_seen, "stale": never}
         if state is not None:
             update.update(last_result=state.result, recent_outcomes=list(state.recent), refresh_rule=_rule(state))
-        if state is None or state.last_success is None:
-            suffix = "never refreshed" + (f" ({state.error})" if state is not None and state.error else "")
-            update["message"] = f"{view.message}; {suffix}" if view.message else suffix
+        if state is not None and state.result == "failed" and state.error:
+            failed = f"never refreshed, last attempt failed: {state.error}"
+            update["message"] = f"{view.message}; {failed}" if view.message else failed
         return view.model_copy(update=update)
     stale = limit is not None and (now - state.last_success).total_seconds() > limit
     message = view.message
