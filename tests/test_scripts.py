@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
+import sys
 from typing import Any
+
+import pytest
 
 from marketplacedb_operator.cli import main
 
@@ -80,3 +84,64 @@ def test_license_file_is_the_apache_2_text_the_metadata_declares() -> None:
     assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) == 202
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
     assert 'org.opencontainers.image.licenses="Apache-2.0"' in (ROOT / "Dockerfile").read_text()
+
+
+# ---------------------------------------------------------------- scripts/e2e.sh's decisions, on a stand-in cluster
+
+
+class FakeCluster:
+    """docker/kind/helm/kubectl replaced by tests/e2e/fake_cluster.sh, PostgreSQL real (see there)."""
+
+    def __init__(self, tmp_path: pathlib.Path, dsn: str) -> None:
+        self.bin, self.state, self.log = tmp_path / "bin", tmp_path / "state", tmp_path / "calls.log"
+        self.bin.mkdir()
+        self.state.mkdir()
+        for tool in ("docker", "kind", "helm", "kubectl"):
+            (self.bin / tool).symlink_to(ROOT / "tests" / "e2e" / "fake_cluster.sh")
+        self.env = {**os.environ, "PATH": f"{self.bin}:/usr/bin:/bin", "FAKE_LOG": str(self.log),
+                    "FAKE_STATE": str(self.state), "FAKE_DSN": dsn,
+                    "FAKE_MARKETPLACEDB": str(pathlib.Path(sys.executable).parent / "marketplacedb")}
+
+    def run(self, **env: str) -> subprocess.CompletedProcess[str]:
+        self.log.write_text("")
+        return subprocess.run(["bash", "scripts/e2e.sh"], cwd=ROOT, env={**self.env, **env}, capture_output=True,
+                              text=True, check=False, timeout=240)
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+
+@pytest.fixture
+def fake_cluster(tmp_path: pathlib.Path, fresh_db: Any) -> FakeCluster:
+    return FakeCluster(tmp_path, fresh_db.superuser_dsn)
+
+
+def test_e2e_passes_on_a_real_refresh_and_removes_the_cluster_it_created(fake_cluster: FakeCluster) -> None:
+    result = fake_cluster.run()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "e2e: PASSED (Ready; refresh refreshed" in result.stdout
+    calls = fake_cluster.calls()
+    assert any(c.startswith("kind create cluster") for c in calls)
+    assert any(c.startswith("kind delete cluster") for c in calls)
+
+
+def test_e2e_reruns_on_a_reused_cluster_and_leaves_what_it_did_not_create(fake_cluster: FakeCluster) -> None:
+    assert fake_cluster.run(KEEP_CLUSTER="1").returncode == 0
+    assert not any(c.startswith("kind delete") for c in fake_cluster.calls()), "KEEP_CLUSTER=1 keeps it"
+    again = fake_cluster.run(FAKE_CLUSTERS="marketplacedb-e2e", FAKE_NS_EXISTS="1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reference schema already loaded (rerun): kept" in again.stdout
+    calls = fake_cluster.calls()
+    assert not any(c.startswith(("kind create", "kind delete")) for c in calls)
+    assert not any("delete namespace" in c for c in calls)
+    assert any(re.search(r"delete job e2e-refresh-\d+", c) for c in calls), "its own Job is removed"
+
+
+@pytest.mark.parametrize(("job", "says"), [
+    ("busy", "outcome skipped-busy, not a refresh"),
+    ("lying", "products after the refresh, expected"),
+])
+def test_e2e_fails_when_the_refresh_did_not_refresh(fake_cluster: FakeCluster, job: str, says: str) -> None:
+    result = fake_cluster.run(FAKE_JOB=job)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert says in result.stderr and "PASSED" not in result.stdout
