@@ -470,7 +470,7 @@ def test_linked_files_exist() -> None:
 
 
 def test_architecture_anchors_the_lead_maps_design_sections_to() -> None:
-    """Code comments will cite these anchors (they replace "DESIGN.md section N")."""
+    """Code comments cite these anchors: keep them stable."""
     text = (ROOT / "docs" / "architecture.md").read_text()
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", text, re.M)}
     assert {"layers", "the-reconcile-loop", "postgresql-and-pgbouncer-facts", "ownership-and-trust", "refresh-state",

@@ -12,6 +12,7 @@ import copy
 import pathlib
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 
@@ -90,6 +91,11 @@ def test_install_yaml_builder_matches_the_chart_with_a_private_registry() -> Non
     built_env = built["spec"]["template"]["spec"]["containers"][0]["env"]
     rendered_env = rendered["spec"]["template"]["spec"]["containers"][0]["env"]
     assert built_env == rendered_env
+
+
+def test_the_chart_refuses_a_pull_secret_that_is_not_a_secret_name() -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        render_chart(CHART, {"imagePullSecrets": [{"name": "Registry_Cred"}]})
 
 
 @pytest.mark.parametrize(("variable", "value"), [
