@@ -94,7 +94,7 @@ def _kubectl_problems(command: Command) -> list[str]:  # one rule per documented
         return [f"unknown kubectl verb {verb!r}"]
     if len(command.argv) == 2 or command.elided:
         return []  # a verb named in prose
-    if "f" in options and not (ROOT / options["f"]).exists():
+    if options.get("f", "-") != "-" and not (ROOT / options["f"]).exists():  # `-f -`: stdin
         problems.append(f"-f {options['f']}: no such file in the repository")
     operator = _operator_deployment()
     operator_name = operator["metadata"]["name"]
@@ -282,7 +282,16 @@ def test_make_help_lists_every_documented_target() -> None:
 # ---------------------------------------------------------------- the marketplacedb CLI
 
 _RUN_ORDER = ["validate", "crd", "install-manifests", "render", "doctor", "plan", "apply", "refresh"]
-_PLACEHOLDERS = {"FILE": str(EXAMPLE_PATH), "NAME": "mv_category_counts"}
+# A synopsis placeholder's stand-in, by the flag before it (None: any flag).
+_PLACEHOLDERS = {("--view", "NAME"): "mv_category_counts", ("--image-pull-secret", "NAME"): "registry-cred",
+                 (None, "REPOSITORY:TAG"): "registry.example.com/platform/marketplacedb-operator:0.1.0",
+                 (None, "FILE"): str(EXAMPLE_PATH)}
+
+
+def _stand_in(previous: str, word: str, dsn: str) -> str:
+    if word == "DSN":
+        return dsn
+    return _PLACEHOLDERS.get((previous, word), _PLACEHOLDERS.get((None, word), word))
 
 
 def _parse(argv: list[str]) -> Any:
@@ -311,7 +320,7 @@ def _runnable(dsn: str) -> list[tuple[Command, list[str], dict[str, str]]]:
         argv = list(command.argv[1:])
         if argv[0] not in _RUN_ORDER or command.elided or "HASH" in argv or len(argv) == 1:
             continue
-        argv = [_PLACEHOLDERS.get(w, dsn if w == "DSN" else w) for w in argv]
+        argv = [_stand_in(previous, w, dsn) for previous, w in zip(["", *argv], argv, strict=False)]
         env = {k: (dsn if k == "MARKETPLACEDB_DSN" else v) for k, v in command.env}
         key = (tuple(argv), tuple(sorted(env.items())))
         if key not in seen:

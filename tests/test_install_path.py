@@ -15,9 +15,11 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from chart_render import render_chart
 from marketplacedb_operator import install
+from marketplacedb_operator.cli import main
 from marketplacedb_operator.cli.manifest import load_resources
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.specs.cronjobs import build_cronjobs
@@ -105,3 +107,23 @@ def test_the_chart_refuses_a_pull_secret_that_is_not_a_secret_name() -> None:
 def test_bad_pull_settings_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable):
         Settings.from_env({variable: value})
+
+
+def test_install_manifests_with_your_own_image(capsys: pytest.CaptureFixture[str]) -> None:
+    """The plain-manifest route: `install-manifests --image ... --image-pull-secret ...` = the chart's objects."""
+    image = "registry.example.com:5000/platform/marketplacedb-operator:0.1.0-rc1"
+    assert main(["install-manifests", "--image", image, "--image-pull-policy", "Always",
+                 "--image-pull-secret", "registry-cred", "--image-pull-secret", "mirror-cred"]) == 0
+    documents = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+    (rendered,) = render_chart(CHART, {**PRIVATE, "image": {"repository": image.rsplit(":", 1)[0],
+                                                            "tag": "0.1.0-rc1", "pullPolicy": "Always"}},
+                               ).find("Deployment")
+    assert deployment["spec"]["template"] == {
+        **rendered["spec"]["template"],
+        "metadata": deployment["spec"]["template"]["metadata"],  # Helm's own labels aside
+    }
+    assert main(["install-manifests", "--image", "registry.example.com:5000/no-tag"]) == 2
+    assert main(["install-manifests", "--image-pull-secret", "Not_A_Name"]) == 2
+    assert "MARKETPLACEDB_IMAGE_PULL_SECRETS" in capsys.readouterr().err
