@@ -225,9 +225,9 @@ def test_helm_commands_render_with_their_values(command: Command) -> None:
         f"{command}: the docs' kubectl commands name deployment/{_operator_deployment()['metadata']['name']}")
     (service,) = rendered.find("Service")
     assert service["metadata"]["name"] == f"{deployment['metadata']['name']}-metrics"
-    if "image" in values:  # the image the docs push is the image the chart runs
-        (container,) = deployment["spec"]["template"]["spec"]["containers"]
-        assert container["image"] in _pushed_images(), f"{command}: {container['image']} is never pushed"
+    # No image is published: an install must run the image the docs build and push.
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] in _pushed_images(), f"{command}: {container['image']} is never pushed"
 
 
 # ---------------------------------------------------------------- docker and make
@@ -484,3 +484,18 @@ def test_architecture_anchors_the_lead_maps_design_sections_to() -> None:
     anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^## (.+)$", text, re.M)}
     assert {"layers", "the-reconcile-loop", "postgresql-and-pgbouncer-facts", "ownership-and-trust", "refresh-state",
             "pooler-sizing-reload-and-drain", "testing-with-real-parts", "reference-workload"} <= anchors
+
+
+def test_rbac_doc_names_the_secret_verbs_the_operator_is_granted() -> None:
+    from marketplacedb_operator.gateways import kube
+
+    text = (ROOT / "docs" / "rbac.md").read_text()
+    section = " ".join(text.split("## Secrets", 1)[1].split("\n## ", 1)[0].split())
+    verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+    def named(text: str) -> set[str]:  # `get`, `patch, create`: verbs inside code spans
+        return {w.strip() for span in re.findall(r"`([^`]+)`", text) for w in span.split(",")} & verbs
+
+    denied = set().union(*(named(sentence) for sentence in re.findall(r"No [^.]*\.", section)))
+    granted = named(section) - denied
+    (needed,) = [set(v) for group, resource, v in kube.RBAC_NEEDS if resource == "secrets"]
+    assert granted == needed and not denied & needed, (granted, denied, needed)
