@@ -89,7 +89,8 @@ def _kubectl_problems(command: Command) -> list[str]:  # one rule per documented
     verb = positional[0] if positional else ""
     ns = options.get("n", "")
     problems = []
-    known = {"apply", "create", "get", "describe", "annotate", "rollout", "set", "patch", "logs", "wait", "delete"}
+    known = {"apply", "create", "get", "describe", "annotate", "label", "rollout", "set", "patch", "logs", "wait",
+             "delete"}
     if verb not in known:
         return [f"unknown kubectl verb {verb!r}"]
     if len(command.argv) == 2 or command.elided:
@@ -104,12 +105,23 @@ def _kubectl_problems(command: Command) -> list[str]:  # one rule per documented
             problems.append(f"mdb {EX_NAME} lives in namespace {EX_NS}: needs -n {EX_NS}")
     elif verb in ("get", "describe") and target and target[0] not in _RESOURCES:
         problems.append(f"unknown resource {target[0]!r}")
-    if verb == "annotate":
-        keys = {t.split("=", 1)[0] for t in target if "=" in t}
-        if not keys or not keys <= {naming.ANN_REFRESH_NOW, naming.ANN_APPROVE_PLAN}:
-            problems.append(f"annotation {keys} is not one the operator reads")
+    pairs = dict(t.split("=", 1) for t in target if "=" in t)
+    if verb == "annotate" and target[0] in ("mdb", "marketplacedb", "marketplacedbs"):
+        if not pairs or not set(pairs) <= {naming.ANN_REFRESH_NOW, naming.ANN_APPROVE_PLAN}:
+            problems.append(f"annotation {set(pairs)} is not one the operator reads")
         if "--overwrite" not in flags:
             problems.append("annotate needs --overwrite: the annotation stays from the previous request")
+    elif verb == "annotate" and target[0].startswith("deployment"):
+        probed = {p["deployment"] for p in EXAMPLE["spec"].get("healthProbes", [])}
+        name = target[0].split("/", 1)[1] if "/" in target[0] else target[1]
+        if pairs != {naming.ANN_PROBED_BY: EX_NAME} or name not in probed or ns != EX_NS:
+            problems.append(f"a probed Deployment opts in with {naming.ANN_PROBED_BY}={EX_NAME} in {EX_NS} "
+                            f"(one of {sorted(probed)})")
+    elif verb == "annotate":
+        problems.append(f"annotate {target[0]}: not an object the operator reads annotations from")
+    if verb == "label" and target[:2] == ["secret", EX_SECRET["name"]]:
+        if pairs != {naming.LABEL_CREDENTIALS: "true"} or ns != EX_NS:
+            problems.append(f"the credentials Secret opts in with {naming.LABEL_CREDENTIALS}=true in {EX_NS}")
     if verb == "create" and target[:2] == ["secret", "generic"] and target[2] == EX_SECRET["name"]:
         if ns != EX_NS:
             problems.append(f"Secret {EX_SECRET['name']} must be in {EX_NS}, the example's namespace")
@@ -168,6 +180,8 @@ def test_kubectl_commands_match_the_code(command: Command) -> None:
     ("kubectl", "-n", "marketplacedb-system", "set", "env", "deployment/marketplacedb-operator",
      "MARKETPLACEDB_PULL_SECRETS=x"),
     ("kubectl", "-n", "marketplacedb-system", "set", "image", "deployment/marketplacedb-operator", "manager=x:1"),
+    ("kubectl", "-n", "prod", "label", "secret", "shop-db-owner", "marketplacedb.io/credential=true"),
+    ("kubectl", "-n", "prod", "annotate", "deployment", "bff-marketplace-home", "marketplacedb.io/probed-by=other"),
 ])
 def test_the_kubectl_checks_catch_the_mismatches_the_docs_had(argv: tuple[str, ...]) -> None:
     assert _kubectl_problems(Command("example", argv)), argv

@@ -65,10 +65,11 @@ def _cluster() -> int:
     # the real Secret must exist first, and the demo says how to create it.
     secret = "shop-db-owner"
     if subprocess.run([kubectl, "-n", NS, "get", "secret", secret], capture_output=True, check=False).returncode:
-        print(f"--cluster needs the database owner's Secret first (see docs/install.md#the-database-role):\n"
+        print(f"--cluster needs the database owner's Secret first (see docs/install.md#3-the-database-role):\n"
               f"  kubectl create namespace {NS}\n"
               f"  kubectl -n {NS} create secret generic {secret} --from-literal=username=ROLE "
               "--from-literal=password='...'\n"
+              f"  kubectl -n {NS} label secret {secret} {naming.LABEL_CREDENTIALS}=true\n"
               f"and spec.database.host in {EXAMPLE.relative_to(ROOT)} pointing at your server.")
         return 2
     for path in (ROOT / "crds" / "marketplacedbs.marketplacedb.io.yaml", EXAMPLE):
@@ -179,7 +180,7 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
             "stringData": {"username": "shop_owner", "password": "demo-owner-password"},
         }
     )
@@ -189,7 +190,8 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": name, "namespace": NS},
+                # The Deployment's owner lets this MarketplaceDB set its probes (README "Security model").
+                "metadata": {"name": name, "namespace": NS, "annotations": {naming.ANN_PROBED_BY: NAME}},
                 "spec": {
                     "selector": {"matchLabels": labels},
                     "template": {
