@@ -485,11 +485,23 @@ def test_gitops_snippet_names_the_operators_field_manager() -> None:
     assert snippet["spec"]["ignoreDifferences"][0]["managedFieldsManagers"] == [naming.FIELD_MANAGER]
 
 
-def test_linked_files_exist() -> None:
-    for block_path in {b.path for b in all_blocks()}:
-        text = block_path.read_text()
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
-            assert (block_path.parent / target).exists(), f"{block_path.relative_to(ROOT)} links {target}"
+def _anchors(path: pathlib.Path) -> set[str]:
+    """GitHub's heading anchors: lower-case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_and_anchors_exist() -> None:
+    """Links in the docs, and `docs/...md#anchor` references in the code, point at real headings."""
+    for path in {b.path for b in all_blocks()}:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", path.read_text()):
+            linked = (path.parent / target) if target else path
+            assert linked.exists(), f"{path.relative_to(ROOT)} links {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked), f"{path.relative_to(ROOT)} links {target}#{anchor}"
+    for source in (ROOT / "operator").rglob("*.py"):
+        for target, anchor in re.findall(r"(docs/[\w-]+\.md)#([\w-]+)", source.read_text()):
+            assert anchor in _anchors(ROOT / target), f"{source.relative_to(ROOT)} cites {target}#{anchor}"
 
 
 def test_architecture_anchors_the_lead_maps_design_sections_to() -> None:

@@ -6,7 +6,7 @@ Connects as the role the operator will use (the DSN stands in for the resource's
 MARKETPLACEDB_DSN, a password on a command line is visible in `ps`), reads the catalog and the
 server's own privilege functions, and prints per feature what is granted, what is missing and the
 SQL an administrator runs to grant it. Changes nothing (view queries run with LIMIT 0 in a READ ONLY
-transaction). docs/install.md#the-database-role lists the same needs.
+transaction). docs/install.md#3-the-database-role lists the same needs.
 
 Exit status: 0 nothing required is missing, 1 something is (or the manifest or connection failed),
 2 usage.

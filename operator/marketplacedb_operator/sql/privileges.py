@@ -164,7 +164,7 @@ def checks(spec: MarketplaceDBSpec, facts: Facts) -> list[Check]:
     """Every need of `spec` against `facts`, in spec order; a superuser passes them all."""
     if facts.role.superuser:
         return [Check("spec.database.credentialsSecretRef", "a superuser can do everything; a dedicated "
-                      "non-superuser role is recommended (docs/install.md#the-database-role)", "advice")]
+                      "non-superuser role is recommended (docs/install.md#3-the-database-role)", "advice")]
     out = [*_index_checks(spec, facts), *_view_checks(spec, facts), *_state_check(spec, facts),
            *_settings_check(spec, facts)]
     if spec.indexes and not facts.role.read_all_stats:
