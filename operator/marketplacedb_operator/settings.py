@@ -49,6 +49,11 @@ class Settings:
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"
+    # Validating admission webhook (webhook.py): off at port 0; the chart mounts the certificate.
+    webhook_port: int = 0
+    webhook_addr: str = "0.0.0.0"
+    webhook_certfile: str = "/etc/marketplacedb/webhook/tls.crt"
+    webhook_keyfile: str = "/etc/marketplacedb/webhook/tls.key"
 
     def __post_init__(self) -> None:
         # Checked here so a bad chart value stops the operator at start-up with the variable's name,
