@@ -9,10 +9,10 @@ The needs are PostgreSQL 15's (verified in tests/test_doctor.py against a real s
   ("permission denied for schema" otherwise, even for the table's owner);
 - a materialized view: CREATE on its schema, SELECT on what the query reads, and ownership of the
   view once it exists (only the owner may REFRESH, rename or drop it);
-- any view: the refresh state lives in the operator's schema `marketplacedb`, created on the first
-  refresh with `CREATE SCHEMA IF NOT EXISTS`, which PostgreSQL checks against CREATE on the
-  database even when the schema exists; so CREATE on the database, unless the state table is
-  already there and writable;
+- anything declared: the operator's schema `marketplacedb` holds the ownership records (which
+  objects are the resource's, by OID) and the refresh state; the operator runs
+  `CREATE SCHEMA IF NOT EXISTS` before any DDL (and before the first refresh), which PostgreSQL
+  checks against CREATE on the database even when the schema exists: so CREATE on the database;
 - `spec.database.settings`: `ALTER DATABASE ... SET` needs the database's owner;
 - optional: `pg_read_all_stats` to name the sessions that block an index build.
 """
@@ -38,7 +38,6 @@ class RoleFacts:
     database_owner: bool
     create_on_database: bool
     read_all_stats: bool
-    state_table_writable: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +136,14 @@ def _view_checks(spec: MarketplaceDBSpec, facts: Facts) -> list[Check]:
 
 
 def _state_check(spec: MarketplaceDBSpec, facts: Facts) -> list[Check]:
-    if not spec.materialized_views:
+    if not (spec.indexes or spec.materialized_views or spec.database.settings):
         return []
     role = facts.role
-    need = (f"CREATE on database {role.database} (the refresh state schema {naming.STATE_SCHEMA} is created "
-            "on the first refresh)")
-    if role.create_on_database or role.state_table_writable:
-        return [Check("spec.materializedViews (refresh state)", need, "ok")]
-    return [Check("spec.materializedViews (refresh state)", need, "missing",
+    need = (f"CREATE on database {role.database} (the operator's schema {naming.STATE_SCHEMA}: ownership "
+            "records and refresh state)")
+    if role.create_on_database:
+        return [Check("spec (ownership records, refresh state)", need, "ok")]
+    return [Check("spec (ownership records, refresh state)", need, "missing",
                   sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
                       sql.Identifier(role.database), sql.Identifier(role.role)))]
 

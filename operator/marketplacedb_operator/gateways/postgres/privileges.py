@@ -11,7 +11,6 @@ from typing import Any
 
 import psycopg
 
-from ... import naming
 from ...api.v1alpha1 import MarketplaceDBSpec
 from ...sql.privileges import Facts, RelationFacts, RoleFacts, SchemaFacts, needed_relations, needed_schemas
 from .schema import check_view_columns, describe_error
@@ -22,13 +21,6 @@ SELECT current_user, r.rolsuper, pg_catalog.pg_has_role(current_user, d.datdba, 
        pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'), current_database()
   FROM pg_catalog.pg_roles r, pg_catalog.pg_database d
  WHERE r.rolname = current_user AND d.datname = current_database()
-"""
-# The state table exists and the role may read and write it (then no CREATE on the database is needed).
-_STATE = """
-SELECT coalesce(pg_catalog.has_schema_privilege(n.oid, 'USAGE')
-                AND pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE'), false)
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = %s AND c.relname = %s
 """
 _SCHEMA = """
 SELECT pg_catalog.has_schema_privilege(oid, 'USAGE'), pg_catalog.has_schema_privilege(oid, 'CREATE')
@@ -46,9 +38,8 @@ SELECT pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE'), o.rolname, o.r
 def read_facts(conn: psycopg.Connection[Any], spec: MarketplaceDBSpec) -> Facts:
     row = conn.execute(_ROLE).fetchone()
     assert row is not None  # current_user and current_database() always exist
-    state = conn.execute(_STATE, [naming.STATE_SCHEMA, naming.STATE_TABLE]).fetchone()
     role = RoleFacts(role=row[0], superuser=row[1], database_owner=row[2], create_on_database=row[3],
-                     read_all_stats=row[4], database=row[5], state_table_writable=bool(state and state[0]))
+                     read_all_stats=row[4], database=row[5])
     schemas = {}
     for name in needed_schemas(spec):
         found = conn.execute(_SCHEMA, [name]).fetchone()
