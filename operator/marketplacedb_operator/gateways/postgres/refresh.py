@@ -73,6 +73,7 @@ class PostgresRefresh:
         what another role created (grants to PUBLIC, row-level security per view owner).
         """
         objects = [*s.schema_objects(), ("function", c.CHECK_FUNCTION, [c.check_function_ddl()])]
+        creating = ""
         try:
             with self.conn.transaction():
                 self.conn.execute(s.ddl_lock_sql())
@@ -81,6 +82,7 @@ class PostgresRefresh:
                     row = self.conn.execute(s.exists_sql(kind, name, signature)).fetchone()
                     if row and row[0]:
                         continue
+                    creating = kind
                     for statement in statements:
                         self.conn.execute(statement)
                 for statement in s.upgrade_state_table():
@@ -89,6 +91,13 @@ class PostgresRefresh:
                             self.conn.execute(statement)
                     except errors.InsufficientPrivilege:
                         pass
+        except errors.InsufficientPrivilege as exc:
+            # Our own words (never the server's): which grant creating the operator's schema needs.
+            where = "database" if creating == "schema" else f"schema {naming.STATE_SCHEMA}"
+            raise q.RefreshDatabaseError(
+                f"{describe_error(exc)}: permission denied for {where} (CREATE on it is needed to create the "
+                f"operator's {creating or 'objects'} in schema {naming.STATE_SCHEMA})", exc.sqlstate
+            ) from None
         except psycopg.Error as exc:
             raise _error(exc) from None
         self._ensured = True
