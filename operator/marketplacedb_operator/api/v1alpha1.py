@@ -206,6 +206,15 @@ class DatabaseTLS(Model):
     """TLS to the database: the CA that verifies the server (verify-ca, verify-full) and an optional
     client certificate. Used by the operator and mounted into refresh CronJob pods."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!(has(self.caSecretRef) && has(self.caConfigMapRef))",
+                "set one of caSecretRef and caConfigMapRef, not both",
+            )
+        )
+    )
+
     ca_secret_ref: KeyRef | None = Field(
         None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
     )
