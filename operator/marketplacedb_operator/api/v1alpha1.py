@@ -183,6 +183,23 @@ class SecretRef(Model):
     password_key: str = Field("password", description="Key holding the password.")
 
 
+# Per-database timeouts below this cancel nearly every statement of every session (a value without
+# a unit is milliseconds: statement_timeout "1" is 1 ms). The operator's own sessions set their own
+# timeouts, but such a value would break the applications: refused (0, meaning off, is allowed).
+TIMEOUT_SETTINGS_FLOOR_MS = 1000
+_UNIT_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60000, "h": 3600000, "d": 86400000}
+
+
+def _timeout_floor(name: str, value: str) -> None:
+    if name not in ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"):
+        return
+    number = value.rstrip("usminhd")
+    milliseconds = int(number) * _UNIT_MS.get(value[len(number):] or "ms", 1)
+    if 0 < milliseconds < TIMEOUT_SETTINGS_FLOOR_MS:
+        raise ValueError(f"{value!r} is below 1s (a bare number is milliseconds): it would cancel almost every "
+                         "statement of every session; use 0 (off) or at least 1s")
+
+
 # A key of a Secret's or ConfigMap's data (https://kubernetes.io/docs/concepts/configuration/secret/).
 DataKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 
@@ -266,6 +283,7 @@ class DatabaseSpec(Model):
                 raise ValueError(f"{name!r} is server-wide: it cannot be set per database (reported in status)")
             try:
                 checked[name] = check_named(DATABASE_SETTINGS, name, raw, "database setting")
+                _timeout_floor(name, checked[name])
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         return dict(sorted(checked.items()))
@@ -288,6 +306,9 @@ class DDLPolicy(Model):
 
 
 # --- indexes ----------------------------------------------------------------------------------
+
+
+AdoptPolicy = Literal["IfIdentical", "Replace"]
 
 
 class IndexColumn(Model):
@@ -333,6 +354,12 @@ class IndexSpec(Model):
         json_schema_extra=cel(_unique_rule("", "include must not repeat a column")),
     )
     unique: bool = Field(False, description="UNIQUE index.")
+    adopt: AdoptPolicy = Field(
+        "IfIdentical",
+        description="An existing index of this name that the operator did not create: IfIdentical adopts it "
+        "only when its definition equals this one (else Conflict, left alone); Replace rebuilds it "
+        "CONCURRENTLY under a temporary name, swaps it in and drops the old one.",
+    )
 
     @field_validator("where")
     @classmethod
@@ -400,6 +427,13 @@ class MaterializedViewSpec(Model):
         json_schema_extra=cel(_unique_rule("", "uniqueKey must not repeat a column")),
     )
     refresh: RefreshPolicy | None = Field(None, description="Refresh schedule; none means refresh only on demand.")
+    adopt: AdoptPolicy = Field(
+        "IfIdentical",
+        description="An existing materialized view of this name that the operator did not create: IfIdentical "
+        "adopts it only when its query equals this one (else Conflict, left alone); Replace builds the "
+        "declared view under a temporary name and swaps it in (privileges, owner, options, comments and "
+        "indexes carried over).",
+    )
 
     @field_validator("query")
     @classmethod
@@ -615,7 +649,7 @@ class MarketplaceDBSpec(Model):
 
 # --- status -----------------------------------------------------------------------------------
 
-IndexState = Literal["Valid", "Building", "Invalid", "Missing", "Drifted", "Failed", "Conflict", "Pending"]
+IndexState = Literal["Valid", "Building", "Invalid", "Missing", "Drifted", "Failed", "Conflict", "Pending", "Adopted"]
 
 
 class StatusModel(Model):
