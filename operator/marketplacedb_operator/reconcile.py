@@ -186,8 +186,8 @@ def _comparable(status: Any) -> Any:
 # --- the database -----------------------------------------------------------------------------
 
 
-def _credentials(ctx: Context) -> tuple[str, str]:
-    ref = ctx.spec.database.credentials_secret_ref
+def _credentials(ctx: Context, ref: Any = None) -> tuple[str, str]:
+    ref = ref or ctx.spec.database.credentials_secret_ref
     secret = ctx.deps.kube.read_secret(ctx.namespace, ref.name)
     if secret is None:
         raise DatabaseUnavailable(Problem("SecretNotFound", f"Secret {ctx.namespace}/{ref.name} not found"))
@@ -327,10 +327,14 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         return
     max_connections, reserved = database.server_limits()
     budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
-    user, password = _credentials(ctx)
-    credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
-    objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
-    config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    try:
+        credentials, auth_user = _pooler_credentials(ctx, database)
+        objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+        config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+    except (DatabaseUnavailable, pgbouncer.PoolerConfigError) as exc:  # a user's Secret, the image...
+        problem = exc.problem if isinstance(exc, DatabaseUnavailable) else Problem("PoolerConfigInvalid", str(exc))
+        report.pooler_problem, report.pooler = problem, _pooler_status(ctx, budget, None)
+        return
     try:
         sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS)
     except Exception as exc:  # reported per part; the other parts go on
@@ -344,15 +348,39 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         )
 
 
+def _pooler_credentials(ctx: Context, database: Database) -> tuple[list[pgbouncer.PoolerCredentials], str | None]:
+    """Auth-file entries: the owner (when it may log in), each app role, the auth_query's auth_user."""
+    pooler, entries = ctx.spec.pooler, []
+    refs = [(ref, f"spec.pooler.users[{i}].credentialsSecretRef")
+            for i, ref in enumerate(u.credentials_secret_ref for u in pooler.users)]
+    if pooler.owner_login if pooler.owner_login is not None else not pooler.users:
+        refs.insert(0, (ctx.spec.database.credentials_secret_ref, "spec.database.credentialsSecretRef"))
+    auth = pooler.auth_query
+    if auth is not None:
+        refs.append((auth.credentials_secret_ref, "spec.pooler.authQuery.credentialsSecretRef"))
+    for ref, field in refs:
+        user, password = _credentials(ctx, ref)
+        entries.append(pgbouncer.choose_credentials(user, password, database.scram_verifier(user), field))
+    auth_user = entries[-1].username if auth is not None else None
+    unique = list({e.username: e for e in entries}.values())  # the auth_user may also be listed
+    return unique, auth_user
+
+
 def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> PoolerStatus:
     name = naming.pooler_name(ctx.name)
     deployment = ctx.deps.kube.get("apps/v1", "Deployment", ctx.namespace, name) or {}
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    image = ctx.spec.pooler.image or ctx.deps.settings.pgbouncer_image
+    version = pgbouncer.image_version(image)
     return PoolerStatus(
         ready_replicas=ready,
         endpoint=f"{name}.{ctx.namespace}.svc:5432",
         config_hash=config_hash,
         budget=budget,
+        paused=ctx.spec.pooler.paused,
+        pgbouncer_version=".".join(map(str, version)) if version else None,
+        # Judged from the image tag here; the agent checks the running binary (SHOW CONFIG).
+        unsupported_parameters=pgbouncer.unsupported_parameters(ctx.spec.pooler.parameters, version) if version else [],
     )
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Literal
 
-Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum"]
+Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum", "names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,9 @@ class Param:
     # PgBouncer: True when `RELOAD` applies it to a running process without a restart.
     reload_safe: bool = True
     choices: tuple[str, ...] = ()
+    # PgBouncer: the release that introduced it (older releases ignore it with a log line only;
+    # the pooler agent reports such keys, see pooler_agent.py).
+    since: tuple[int, int] = (1, 0)
 
 
 # https://www.pgbouncer.org/config.html (1.18 as shipped by Debian 12). pool_mode, max_client_conn
@@ -55,6 +58,15 @@ PGBOUNCER_PARAMETERS: dict[str, Param] = {
     "tcp_keepidle": Param("int", maximum=86400),
     "tcp_keepintvl": Param("int", maximum=86400),
     "verbose": Param("int", maximum=3),
+    "tcp_user_timeout": Param("int", maximum=2**31 - 1, since=(1, 13)),
+    "server_reset_query": Param("enum", choices=("discard all", "deallocate all", "")),
+    "server_reset_query_always": Param("bool"),
+    # Newer than Debian 12's 1.18 (the tests' binary): rendered, and reported by the agent when the
+    # running PgBouncer does not know them. https://www.pgbouncer.org/changelog.html
+    "track_extra_parameters": Param("names", since=(1, 20)),
+    "max_prepared_statements": Param("int", maximum=100000, since=(1, 21)),
+    "max_db_client_connections": Param("int", maximum=1000000, since=(1, 24)),
+    "max_user_client_connections": Param("int", maximum=1000000, since=(1, 24)),
     # Read only at start-up: a change rolls the pods (through the restart hash).
     "listen_backlog": Param("int", minimum=1, maximum=65535, reload_safe=False),
     "pkt_buf": Param("int", minimum=512, maximum=2**20, reload_safe=False),
@@ -112,6 +124,10 @@ def check_value(param: Param, value: object) -> str:
         if not pattern.fullmatch(text):
             raise ValueError(f"{value!r} is not a valid {param.kind.replace('_ms', '')} value")
         return text
+    if param.kind == "names":
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*(,[a-z_][a-z0-9_]*)*", text.lower()):
+            raise ValueError(f"{value!r} is not a comma-separated list of parameter names")
+        return text.lower()
     if text.lower() in param.choices:
         return text.lower()
     raise ValueError(f"{value!r} is not one of {', '.join(param.choices)}")
