@@ -164,12 +164,22 @@ def databases_section(spec: MarketplaceDBSpec) -> dict[str, str]:
     return {name: f"host={host} port={db.port} dbname={name}"}
 
 
-def render_ini(spec: MarketplaceDBSpec, budget: PoolerBudget, auth_user: str | None = None) -> str:
-    """`pgbouncer.ini`, deterministic: sections and keys sorted, one `key = value` per line."""
+def render_ini(spec: MarketplaceDBSpec, budget: PoolerBudget, auth_user: str | None = None,
+               version: tuple[int, ...] | None = None) -> str:
+    """`pgbouncer.ini`, deterministic: sections and keys sorted, one `key = value` per line.
+
+    `version`: the image's PgBouncer release when its tag names one. Parameters newer than it are
+    left out: PgBouncer refuses to start on a key it does not know (1.18 verified: "unknown
+    parameter ... FATAL cannot load config file"), so rendering them would crash-loop every pod;
+    they are reported in status instead (unsupported_parameters).
+    """
     lines = ["; Rendered by marketplacedb-operator; edits are overwritten.", "[databases]"]
     lines += [f"{key} = {value}" for key, value in sorted(databases_section(spec).items())]
     lines += ["", "[pgbouncer]"]
     section = with_auth_user(pgbouncer_section(spec, budget), auth_user)
+    if version is not None:
+        for key in unsupported_parameters(section, version):
+            del section[key]
     lines += [f"{key} = {value}" for key, value in sorted(section.items())]
     return "\n".join(lines) + "\n"
 

@@ -321,11 +321,11 @@ def _entries(credentials: Credentials) -> tuple[pgb.PoolerCredentials, ...] | No
 def pooler_config(spec: MarketplaceDBSpec, settings: Settings, budget: PoolerBudget,
                   credentials: Credentials, auth_user: str | None = None) -> pgb.PoolerConfig:
     """`credentials`: every auth-file entry (see specs/pooler_auth.pooler_users), None for a placeholder."""
-    ini = pgb.render_ini(spec, budget, auth_user)
+    image = pooler_image(spec, settings)
+    ini = pgb.render_ini(spec, budget, auth_user, pgb.image_version(image))
     entries = _entries(credentials)
     userlist = PLACEHOLDER_USERLIST if entries is None else pgb.render_userlist(*entries)
-    return pgb.PoolerConfig(ini=ini, userlist=userlist, image=pooler_image(spec, settings),
-                            paused=spec.pooler.paused)
+    return pgb.PoolerConfig(ini=ini, userlist=userlist, image=image, paused=spec.pooler.paused)
 
 
 def build_pooler(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Settings, budget: PoolerBudget,
