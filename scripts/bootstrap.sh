@@ -5,7 +5,6 @@ set -euo pipefail
 venv=${1:-.venv}
 
 need_apt=()
-command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 || need_apt+=(prometheus-pgbouncer-exporter)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client-15)

@@ -9,10 +9,13 @@ the TLS files' paths are pointed at the test's own certificate the same way.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess, override_ini
+from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess, free_port, override_ini
 from harness.postgres import FreshDatabase, PostgresServer, make_service_dir, write_service_file
 from marketplacedb_operator.specs import pgbouncer as pgb
 from test_pgbouncer_real import Agent, _loop_transactions, _wait_for, budget_for, make_spec, server_credentials
@@ -306,3 +309,63 @@ def test_drain_is_not_on_the_probe_port_and_a_restarted_pgbouncer_is_served_agai
         time.sleep(0.1)
     with psycopg.connect(bouncer.dsn(fresh_db.name, fresh_db.owner, fresh_db.owner_password)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "marketplacedb.json"
+
+
+def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{metric name: {labels: value}} of one scrape (the Prometheus text format, parsed by its client)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_agent_serves_pool_metrics_under_the_exporters_names_and_the_dashboard_uses_them(
+        pg: PostgresServer, fresh_db: FreshDatabase, pgbouncer_factory: PgBouncerFactory, agents: list[Agent]) -> None:
+    spec = make_spec(pg, fresh_db, metrics={"enabled": True})
+    bouncer = pgbouncer_factory(pgb.render_ini(spec, budget_for(fresh_db, spec)),
+                                pgb.render_userlist(server_credentials(fresh_db)))
+    port = free_port()
+    agent = Agent(bouncer, fresh_db.name, extra=("--metrics-port", str(port)))
+    agents.append(agent)
+    dsn = bouncer.dsn(fresh_db.name, fresh_db.owner, fresh_db.owner_password)
+    clients = [psycopg.connect(dsn, autocommit=True) for _ in range(5)]
+    try:
+        for conn in clients:
+            for _ in range(3):
+                conn.execute("SELECT 1")
+        deadline = time.monotonic() + 20  # SHOW STATS_TOTALS is refreshed every stats_period (60 s default)
+        while True:
+            metrics = scrape(port)
+            if metrics["pgbouncer_up"] == {(): 1.0} and agent.get("/livez")[0] == 200:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        db = (("database", fresh_db.name),)
+        assert metrics["pgbouncer_pools_client_active_connections"][db] == 5
+        assert metrics["pgbouncer_pools_client_waiting_connections"][db] == 0
+        assert metrics["pgbouncer_pools_server_idle_connections"][db] + \
+            metrics["pgbouncer_pools_server_active_connections"][db] + \
+            metrics["pgbouncer_pools_server_used_connections"][db] >= 1
+        assert metrics["pgbouncer_databases_paused"][(("database", fresh_db.name), ("name", fresh_db.name))] == 0
+        assert "pgbouncer_stats_totals_sql_transactions_pooled_total" in metrics
+        assert any(k[0][1].startswith("PgBouncer 1.18") for k in metrics["pgbouncer_version_info"])
+        # No user label anywhere: user names come from Secrets.
+        assert all("user" not in dict(labels) for series in metrics.values() for labels in series)
+        assert fresh_db.owner not in str(metrics)
+        # The dashboard's pooler panels query names this scrape serves.
+        exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
+        used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bpgbouncer_[a-z_]+", e)}
+        assert {"pgbouncer_pools_client_waiting_connections", "pgbouncer_pools_client_active_connections"} <= used
+        assert used <= set(metrics), used - set(metrics)
+    finally:
+        for conn in clients:
+            conn.close()

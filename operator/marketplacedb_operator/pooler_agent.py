@@ -42,7 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import start_http_server
+
 from .pooler_console import AdminConsole, AdminError, config_mismatches, quote_name, unknown_keys
+from .pooler_metrics import registry
 
 log = logging.getLogger("marketplacedb.pooler_agent")
 
@@ -62,6 +65,7 @@ class AgentOptions:
     admin_host: str = "127.0.0.1"
     paused_file: str | None = None
     watch: tuple[str, ...] = ()
+    metrics_port: int | None = None  # PgBouncer's metrics (pooler_metrics.py), on listen_host
 
 
 class PoolerAgent:
@@ -327,6 +331,8 @@ def run(options: AgentOptions) -> int:
     hook is still waiting on our /drain); SIGINT stops at once."""
     agent = PoolerAgent(options)
     servers = serve(agent)
+    if options.metrics_port is not None:
+        start_http_server(options.metrics_port, options.listen_host, registry(agent.console))
 
     def on_term(signum: int, frame: Any) -> None:
         agent.stopping.set()

@@ -28,7 +28,6 @@ class Settings:
     # (CloudNativePG's Dockerfile: `useradd -r --uid 998 --gid 996 pgbouncer`); set it for an image
     # whose PgBouncer runs as another uid.
     pooler_run_as_uid: int = 998
-    pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
     # Watch scope: empty means all namespaces.
     namespaces: tuple[str, ...] = ()
     # Periodic drift detection; also the level-based safety net for missed events.

@@ -235,7 +235,9 @@ class MaterializedViewSpec(Model):
 
 
 class PoolerMetrics(Model):
-    enabled: bool = Field(False, description="Run a pgbouncer exporter sidecar.")
+    enabled: bool = Field(
+        False, description="Serve PgBouncer's metrics (pgbouncer_exporter names) from the agent on port 9127."
+    )
     service_monitor: bool = Field(False, description="Create a Prometheus Operator ServiceMonitor.")
 
 

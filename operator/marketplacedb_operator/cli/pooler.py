@@ -24,6 +24,7 @@ def register(commands: Any) -> None:
     agent.add_argument("--admin-port", type=int, default=8081, help="HTTP port for POST /drain and /reload")
     agent.add_argument("--admin-host", default="127.0.0.1", help="loopback address of the admin listener")
     agent.add_argument("--paused-file", default=None, help="file holding true/false: PAUSE or RESUME the database")
+    agent.add_argument("--metrics-port", type=int, default=None, help="serve PgBouncer's metrics on this port")
     agent.add_argument("--watch", action="append", default=[], help="another file whose change means RELOAD "
                        "(the client TLS certificate and key)")
     agent.add_argument("--interval", type=float, default=2.0, help="seconds between file checks")
@@ -39,5 +40,5 @@ def _run(args: argparse.Namespace) -> int:
         database=args.database, listen_port=args.listen_port, listen_host=args.listen_host,
         interval=args.interval, drain_delay=args.drain_delay, drain_timeout=args.drain_timeout,
         admin_port=args.admin_port, admin_host=args.admin_host, paused_file=args.paused_file,
-        watch=tuple(args.watch),
+        watch=tuple(args.watch), metrics_port=args.metrics_port,
     ))

@@ -30,7 +30,7 @@ from .pooler_auth import scram_verifier as scram_verifier
 from .pooler_auth import verifier_matches as verifier_matches
 
 PORT = 5432
-RUN_DIR = "/var/run/pgbouncer"  # the admin Unix socket, shared with the agent and exporter (emptyDir)
+RUN_DIR = "/var/run/pgbouncer"  # the admin Unix socket, shared with the agent (emptyDir)
 CONFIG_DIR = "/etc/pgbouncer/config"  # ConfigMap volume (never subPath: kubelet updates it in place)
 AUTH_DIR = "/etc/pgbouncer/auth"  # Secret volume
 TLS_DIR = "/etc/pgbouncer/tls"  # the client TLS Secret (kubernetes.io/tls), a whole volume too
@@ -114,7 +114,7 @@ def pgbouncer_section(spec: MarketplaceDBSpec, budget: PoolerBudget) -> dict[str
         "reserve_pool_size": str(budget.reserve_pool_size),
         # No admin_users/stats_users (left at their empty default, and not settable through
         # parameters): the console is reachable only as `pgbouncer` over the Unix socket by a
-        # process with PgBouncer's own uid (the agent and exporter sidecars).
+        # process with PgBouncer's own uid (the agent sidecar).
         "auth_file": AUTH_PATH,
         # SCRAM towards clients whatever the auth file holds (a verifier or a password).
         "auth_type": "scram-sha-256",

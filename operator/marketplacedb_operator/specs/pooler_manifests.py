@@ -153,35 +153,25 @@ def agent_args(spec: MarketplaceDBSpec, settings: Settings) -> list[str]:
         "--drain-timeout", str(DRAIN_TIMEOUT_SECONDS),
         "--admin-port", str(AGENT_ADMIN_PORT),
         "--paused-file", pgb.PAUSED_PATH,
-    ] + (["--watch", pgb.TLS_CERT_PATH, "--watch", pgb.TLS_KEY_PATH] if spec.pooler.tls is not None else [])
+    ] + (["--watch", pgb.TLS_CERT_PATH, "--watch", pgb.TLS_KEY_PATH] if spec.pooler.tls is not None else []) \
+      + (["--metrics-port", str(EXPORTER_PORT)] if spec.pooler.metrics.enabled else [])
 
 
 def _agent_container(spec: MarketplaceDBSpec, settings: Settings) -> dict[str, Any]:
+    ports = [{"name": "agent", "containerPort": settings.health_port, "protocol": "TCP"}]
+    if spec.pooler.metrics.enabled:  # the agent serves PgBouncer's metrics (pooler_metrics.py)
+        ports.append({"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"})
     return {
         "name": "agent",
         "image": settings.operator_image,
         "command": ["marketplacedb"],
         "args": agent_args(spec, settings),
-        "ports": [{"name": "agent", "containerPort": settings.health_port, "protocol": "TCP"}],
+        "ports": ports,
         # The agent's own loop, not PgBouncer's health: a dead agent restarts only itself.
         "livenessProbe": _http_probe("/livez", settings.health_port, period=10, failures=3),
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
         "securityContext": restricted_container_security(),
         "volumeMounts": _mounts(spec),
-    }
-
-
-def _exporter_container(settings: Settings) -> dict[str, Any]:
-    # Same uid as PgBouncer, so the Unix-socket admin login needs no password (lib/pq URL syntax).
-    conn = f"postgres:///pgbouncer?host={pgb.RUN_DIR}&port={pgb.PORT}&user=pgbouncer&sslmode=disable"
-    return {
-        "name": "exporter",
-        "image": settings.pgbouncer_exporter_image,
-        "args": [f"--pgBouncer.connectionString={conn}", f"--web.listen-address=:{EXPORTER_PORT}"],
-        "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
-        "securityContext": restricted_container_security(),
-        "volumeMounts": [{"name": "run", "mountPath": pgb.RUN_DIR}],
     }
 
 
@@ -234,12 +224,10 @@ def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Sett
         _pgbouncer_container(spec, pooler_image(spec, settings), settings, pooler.resources or DEFAULT_RESOURCES),
         _agent_container(spec, settings),
     ]
-    if pooler.metrics.enabled:
-        containers.append(_exporter_container(settings))
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        # Every container runs with PgBouncer's uid: the agent and exporter pass its peer-uid check
+        # Every container runs with PgBouncer's uid: the agent (reload, drain, metrics) passes its peer-uid check
         # on the admin socket without a password (a setting: it depends on the image).
         "securityContext": restricted_pod_security(settings.pooler_run_as_uid),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
