@@ -369,3 +369,53 @@ def test_agent_serves_pool_metrics_under_the_exporters_names_and_the_dashboard_u
     finally:
         for conn in clients:
             conn.close()
+
+
+# --- SCRAM: scramp's verifier is PostgreSQL's ---------------------------------------------------
+
+
+@pytest.mark.parametrize("password", ["correct horse battery staple", "p\u00e4ss\u00a0w\u00f6rd \ufb01x \u2163"])
+def test_scramp_verifier_equals_the_one_postgresql_computed(fresh_db: FreshDatabase, password: str) -> None:
+    """Known answer: PostgreSQL computes the verifier (SASLprep: U+00A0 -> space, NFKC: U+FB01 -> fi,
+    U+2163 -> IV); the glue over scramp reproduces it byte for byte from the same salt."""
+    role = f"kat_{fresh_db.name}"[:60]
+    with psycopg.connect(fresh_db.superuser_dsn, autocommit=True) as conn:
+        conn.execute("SET password_encryption = 'scram-sha-256'")
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        try:
+            row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [role]).fetchone()
+        finally:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    assert row is not None
+    server = str(row[0])
+    parsed = pgb.parse_verifier(server)
+    assert parsed is not None
+    iterations, salt, _stored, _server_key = parsed
+    assert pgb.scram_verifier(password, salt, iterations) == server
+    assert pgb.verifier_matches(server, password) and not pgb.verifier_matches(server, password + "x")
+    assert pgb.choose_credentials(role, password, server).kind == "scram-verifier"
+
+
+def test_a_password_saslprep_refuses_is_used_as_is_and_still_logs_in(
+        pg: PostgresServer, fresh_db: FreshDatabase, pgbouncer_factory: PgBouncerFactory) -> None:
+    """PostgreSQL hashes the raw bytes when SASLprep refuses a password (here a control character);
+    the operator then keeps the password (Secret only) instead of guessing a verifier."""
+    role = f"ctl_{fresh_db.name}"[:60]
+    password = "bell\u0007" + secrets.token_hex(4)
+    with psycopg.connect(fresh_db.superuser_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(fresh_db.name),
+                                                                          sql.Identifier(role)))
+        row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [role]).fetchone()
+    try:
+        assert row is not None
+        with pytest.raises(pgb.PoolerConfigError, match="SASLprep"):
+            pgb.scram_verifier(password, b"0123456789abcdef")
+        entry = pgb.choose_credentials(role, password, str(row[0]))
+        assert entry.kind == "password"
+        spec = make_spec(pg, fresh_db, users=[{"credentialsSecretRef": {"name": "ctl"}}])
+        bouncer = pgbouncer_factory(pgb.render_ini(spec, budget_for(fresh_db, spec)), pgb.render_userlist(entry))
+        with psycopg.connect(bouncer.dsn(fresh_db.name, role, password)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+    finally:
+        drop_role(fresh_db, role)
