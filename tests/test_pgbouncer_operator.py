@@ -82,3 +82,13 @@ async def test_a_missing_app_role_secret_is_a_pooler_condition(env: Env) -> None
         # The database part is unaffected: only the pooler waits for its Secret.
         await eventually(lambda: env.condition("SchemaApplied").get("status") == "True" or None, timeout=60,
                          message="SchemaApplied")
+
+
+async def test_auth_query_without_its_function_is_a_clear_condition(env: Env) -> None:
+    auth = {"credentialsSecretRef": {"name": "shop-db-owner"}, "function": "pgbouncer.user_lookup"}
+    async with env.operator():
+        await env.objects.create(pooled(env, authQuery=auth))
+        condition = await _condition(env, "PoolerAvailable", "AuthQueryFunctionMissing")
+        assert "pgbouncer.user_lookup(text) does not exist" in condition["message"]
+        assert "README" in condition["message"]
+        assert env.objects.get("apps/v1", "Deployment", naming.pooler_name("shop"), NS) is None

@@ -419,3 +419,42 @@ def test_a_password_saslprep_refuses_is_used_as_is_and_still_logs_in(
             assert conn.execute("SELECT current_user").fetchone() == (role,)
     finally:
         drop_role(fresh_db, role)
+
+
+# --- authQuery ----------------------------------------------------------------------------------
+
+
+def test_auth_query_admits_a_role_not_listed_and_the_check_sees_the_function(
+        pg: PostgresServer, fresh_db: FreshDatabase, pgbouncer_factory: PgBouncerFactory) -> None:
+    from marketplacedb_operator.gateways.postgres.pooler import lookup_function_exists
+    from marketplacedb_operator.specs.pooler_auth import lookup_function_ddl
+    auth_user, role = f"auth_{fresh_db.name}"[:60], f"looked_{fresh_db.name}"[:60]
+    auth_password, password = app_role(fresh_db, auth_user), app_role(fresh_db, role)
+    function = "pgbouncer.user_lookup"
+    try:
+        with fresh_db.connect() as conn:  # the operator's check, as the owner
+            assert not lookup_function_exists(conn, function)
+        with psycopg.connect(fresh_db.superuser_dsn, autocommit=True) as conn:
+            assert conn.info.dbname == fresh_db.name
+            assert not lookup_function_exists(conn, function)
+            for statement in lookup_function_ddl(function, auth_user):  # the README's SQL, as a DBA runs it
+                conn.execute(statement)
+        with fresh_db.connect() as conn:
+            assert lookup_function_exists(conn, function)
+        spec = make_spec(pg, fresh_db, authQuery={"credentialsSecretRef": {"name": "auth"}, "function": function},
+                         users=[])
+        ini = pgb.render_ini(spec, budget_for(fresh_db, spec), auth_user)
+        section = pgb.parse_ini(ini)["pgbouncer"]
+        assert section["auth_query"] == 'SELECT usename, passwd FROM "pgbouncer"."user_lookup"($1)'
+        assert section["auth_user"] == auth_user
+        entry = pgb.choose_credentials(auth_user, auth_password, None)
+        bouncer = pgbouncer_factory(ini, pgb.render_userlist(entry))  # only the auth_user is listed
+        with psycopg.connect(bouncer.dsn(fresh_db.name, role, password)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+        with pytest.raises(psycopg.OperationalError, match="authentication failed"):
+            psycopg.connect(bouncer.dsn(fresh_db.name, role, auth_password)).close()
+    finally:
+        with psycopg.connect(fresh_db.superuser_dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS pgbouncer CASCADE")
+        drop_role(fresh_db, role)
+        drop_role(fresh_db, auth_user)

@@ -356,6 +356,12 @@ def _pooler_credentials(ctx: Context, database: Database) -> tuple[list[pgbounce
     if pooler.owner_login if pooler.owner_login is not None else not pooler.users:
         refs.insert(0, (ctx.spec.database.credentials_secret_ref, "spec.database.credentialsSecretRef"))
     auth = pooler.auth_query
+    if auth is not None and not database.lookup_function_exists(auth.function):
+        raise DatabaseUnavailable(Problem(
+            "AuthQueryFunctionMissing",
+            f"spec.pooler.authQuery.function: {auth.function}(text) does not exist in database "
+            f"{ctx.spec.database.dbname}; an administrator creates it with the SQL in the README (Pooler)",
+        ))
     if auth is not None:
         refs.append((auth.credentials_secret_ref, "spec.pooler.authQuery.credentialsSecretRef"))
     for ref, field in refs:

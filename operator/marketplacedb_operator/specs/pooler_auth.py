@@ -137,15 +137,29 @@ def render_userlist(*entries: PoolerCredentials) -> str:
 # --- auth_query ---------------------------------------------------------------------------------
 
 # The lookup the README tells a database administrator to create (SECURITY DEFINER, owned by a
-# role that can read pg_authid, executable only by the auth_user). Expired passwords are refused
-# as in CVE-2025-2291's fix. `{function}` is a validated schema.name, composed with psycopg.sql.
+# superuser so it can read pg_authid, executable only by the auth_user). Expired passwords are
+# refused as in CVE-2025-2291's fix; superusers are never returned. Composed with psycopg.sql.
 LOOKUP_FUNCTION_SQL = sql.SQL(
-    "CREATE OR REPLACE FUNCTION {function}(p_usename text) RETURNS TABLE (usename name, passwd text)\n"
-    "LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$\n"
+    "CREATE FUNCTION {function}(p_usename text) RETURNS TABLE (usename name, passwd text)\n"
+    "LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$\n"
     "  SELECT rolname, CASE WHEN rolvaliduntil IS NULL OR rolvaliduntil > now() THEN rolpassword END\n"
-    "  FROM pg_authid WHERE rolname = p_usename AND rolcanlogin AND NOT rolsuper\n"
+    "  FROM pg_catalog.pg_authid WHERE rolname = p_usename AND rolcanlogin AND NOT rolsuper\n"
     "$$"
 )
+
+
+def lookup_function_ddl(function: str, auth_user: str) -> list[sql.Composed]:
+    """The statements an administrator runs (as a superuser) in the database for authQuery."""
+    fn, schema = function_identifier(function), sql.Identifier(function.split(".", 1)[0])
+    user = sql.Identifier(auth_user)
+    signature = sql.SQL("{}(text)").format(fn)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema),
+        LOOKUP_FUNCTION_SQL.format(function=fn),
+        sql.SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(signature),
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, user),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(signature, user),
+    ]
 
 
 def function_identifier(function: str) -> sql.Identifier:
