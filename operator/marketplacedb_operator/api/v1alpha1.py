@@ -284,9 +284,9 @@ KubeObject = Annotated[dict[str, Any], Field(description="A Kubernetes object (v
 class PoolerPodTemplate(Model):
     """Placement and metadata of the pooler pods (the operator's security settings always win)."""
 
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod annotations.")
-    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32, description="Pod nodeSelector.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[KubeObject] = Field(default_factory=list, max_length=32, description="Pod tolerations.")
     affinity: KubeObject | None = Field(
         None, description="Pod affinity; without podAntiAffinity the default spread across nodes is kept."
@@ -314,7 +314,7 @@ class PoolerServiceTemplate(Model):
 
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     annotations: dict[str, str] = Field(
-        default_factory=dict, max_length=64, description="Service annotations (for example internal load balancers)."
+        default_factory=dict, description="Service annotations (for example internal load balancers)."
     )
 
 
@@ -332,7 +332,7 @@ class PoolerSpec(Model):
     parameters: dict[str, int | str] = Field(
         default_factory=dict, description="Extra pgbouncer.ini [pgbouncer] parameters (allow-listed, typed)."
     )
-    metrics: PoolerMetrics = Field(default_factory=PoolerMetrics, description="Exporter sidecar.")
+    metrics: PoolerMetrics = Field(default_factory=PoolerMetrics, description="PgBouncer metrics, served by the agent.")
     resources: dict[str, dict[str, str]] | None = Field(None, description="Container resources (requests/limits).")
     users: Annotated[list[PoolerUser], Field(json_schema_extra={"x-kubernetes-list-type": "atomic"})] = Field(
         default_factory=list, max_length=50,
