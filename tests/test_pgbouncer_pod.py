@@ -201,3 +201,12 @@ def test_the_app_role_example_is_valid() -> None:
     for secret in secrets.values():
         kubernetes_validate.validate(copy.deepcopy(secret), "1.30.0", strict=True)
     validate(built(spec))
+
+
+def test_readme_gives_the_exact_lookup_sql_the_operator_composes() -> None:
+    from marketplacedb_operator.specs.pooler_auth import lookup_function_ddl
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
+    expected = "\n".join(s.as_string(None) + ";" for s in lookup_function_ddl("pgbouncer.user_lookup", "pgbouncer_auth"))
+    assert "\n".join(line.strip() for line in block.strip().splitlines()) == \
+        "\n".join(line.strip() for line in expected.splitlines())
