@@ -207,6 +207,7 @@ def test_readme_gives_the_exact_lookup_sql_the_operator_composes() -> None:
     from marketplacedb_operator.specs.pooler_auth import lookup_function_ddl
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("```sql\n", 1)[1].split("```", 1)[0]
-    expected = "\n".join(s.as_string(None) + ";" for s in lookup_function_ddl("pgbouncer.user_lookup", "pgbouncer_auth"))
+    statements = lookup_function_ddl("pgbouncer.user_lookup", "pgbouncer_auth")
+    expected = "\n".join(s.as_string(None) + ";" for s in statements)
     assert "\n".join(line.strip() for line in block.strip().splitlines()) == \
         "\n".join(line.strip() for line in expected.splitlines())
