@@ -231,12 +231,16 @@ async def test_paused_holds_and_releases_50_running_clients(
     await asyncio.to_thread(write_service_file, paused_file, "true")  # spec.pooler.paused: true
     await _wait_for(lambda: any(r["name"] == fresh_db.name and r["paused"] == "1"
                                 for r in bouncer.admin("SHOW DATABASES")))
+
+    def waiting() -> int:
+        return sum(int(r["cl_waiting"]) for r in bouncer.admin("SHOW POOLS") if r["database"] == fresh_db.name)
+
+    await _wait_for(lambda: waiting() == 50)  # every client has sent its next transaction and waits
     held = sum(counts)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
     assert sum(counts) == held  # nobody gets a server while paused: they wait, nobody fails
     assert agent.get("/readyz")[0] == 200  # an intended pause keeps the pod in the Service
-    waiting = sum(int(r["cl_waiting"]) for r in bouncer.admin("SHOW POOLS") if r["database"] == fresh_db.name)
-    assert waiting == 50
+    assert agent.get("/status")[1]["paused"] is True
     await asyncio.to_thread(write_service_file, paused_file, "false")
     await _wait_for(lambda: sum(counts) > held + 50)
     stop.set()
@@ -458,3 +462,22 @@ def test_auth_query_admits_a_role_not_listed_and_the_check_sees_the_function(
             conn.execute("DROP SCHEMA IF EXISTS pgbouncer CASCADE")
         drop_role(fresh_db, role)
         drop_role(fresh_db, auth_user)
+
+
+def test_a_paused_pooler_still_drains(
+        pg: PostgresServer, fresh_db: FreshDatabase, pgbouncer_factory: PgBouncerFactory, agents: list[Agent]) -> None:
+    """spec.pooler.paused and then a drain (a rollout during maintenance): the pod still stops."""
+    spec = make_spec(pg, fresh_db)
+    bouncer = pgbouncer_factory(pgb.render_ini(spec, budget_for(fresh_db, spec)),
+                                pgb.render_userlist(server_credentials(fresh_db)))
+    paused_file = bouncer.workdir / "paused"
+    write_service_file(paused_file, "true")
+    agent = Agent(bouncer, fresh_db.name, extra=("--paused-file", str(paused_file)))
+    agents.append(agent)
+    deadline = time.monotonic() + 15
+    while not any(r["name"] == fresh_db.name and r["paused"] == "1" for r in bouncer.admin("SHOW DATABASES")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    hook = agent.prestop()
+    assert hook.returncode == 0 and "200 OK" in hook.stdout
+    assert bouncer.proc is not None and bouncer.proc.wait(10) == 0

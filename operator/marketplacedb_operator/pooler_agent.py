@@ -102,7 +102,7 @@ class PoolerAgent:
         shown = self.console.query("SHOW CONFIG")
         self.mismatches = config_mismatches(ini, shown)
         unsupported = unknown_keys(ini, shown)
-        if unsupported != self.unsupported:
+        if unsupported != self.unsupported or not self.version:
             self.version = str((self.console.query("SHOW VERSION") or [{}])[0].get("version", ""))
             if unsupported:
                 log.warning("%s ignores parameters it does not know: %s", self.version, ", ".join(unsupported))
@@ -180,7 +180,7 @@ class PoolerAgent:
     def sync_pause(self) -> None:
         """PAUSE or RESUME the database to match the file; PAUSE runs in a thread (it waits for the
         running transactions), so reloads and probes go on meanwhile."""
-        if self.draining or self.pausing.locked():
+        if not self.options.paused_file or self.draining or self.pausing.locked():
             return
         want, paused = self.want_paused(), self.is_paused()
         if want == paused:
@@ -242,15 +242,17 @@ class PoolerAgent:
     def _shutdown(self) -> None:
         try:
             major, minor = self.console.version()
-            if (major, minor) >= (1, 23):
-                commands = ["SHUTDOWN WAIT_FOR_SERVERS"]
-            else:
-                commands = ["PAUSE", "SHUTDOWN"]  # PAUSE returns once every server is released
-            for command in commands:
-                self.console.query(command)
         except AdminError as exc:
-            # SHUTDOWN closes our own connection too: an error here is the expected outcome.
             log.info("shutdown: %s", exc)
+            return
+        # PAUSE returns once every server is released; an error there must not skip SHUTDOWN.
+        # SHUTDOWN closes our own connection too, so its error is the expected outcome.
+        commands = ["SHUTDOWN WAIT_FOR_SERVERS"] if (major, minor) >= (1, 23) else ["PAUSE", "SHUTDOWN"]
+        for command in commands:
+            try:
+                self.console.query(command)
+            except AdminError as exc:
+                log.info("%s: %s", command, exc)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

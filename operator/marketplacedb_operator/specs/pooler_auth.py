@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import hmac
 import re
-from collections.abc import Sequence
 from typing import Literal
 
 from psycopg import sql
@@ -173,12 +172,3 @@ def auth_query(function: str) -> str:
         raise PoolerConfigError("spec.pooler.authQuery.function: not a lower-case schema.function name")
     query = sql.SQL("SELECT usename, passwd FROM {}($1)").format(function_identifier(function))
     return query.as_string(None)
-
-
-def pooler_users(owner: PoolerCredentials | None, users: Sequence[PoolerCredentials],
-                 auth_user: PoolerCredentials | None) -> tuple[PoolerCredentials, ...]:
-    """Every auth-file entry, owner first when it may log in, the auth_user last."""
-    entries = ([owner] if owner is not None else []) + list(users)
-    if auth_user is not None and all(e.username != auth_user.username for e in entries):
-        entries.append(auth_user)
-    return tuple(entries)
