@@ -211,3 +211,14 @@ def test_readme_gives_the_exact_lookup_sql_the_operator_composes() -> None:
     expected = "\n".join(s.as_string(None) + ";" for s in statements)
     assert "\n".join(line.strip() for line in block.strip().splitlines()) == \
         "\n".join(line.strip() for line in expected.splitlines())
+
+
+def test_agent_refuses_an_admin_listener_off_loopback(tmp_path: pathlib.Path) -> None:
+    from marketplacedb_operator.pooler_agent import AgentOptions, PoolerAgent, serve
+    options = AgentOptions(socket_dir=str(tmp_path), port=5432, config=str(tmp_path / "ini"),
+                           auth_file=str(tmp_path / "auth"), database="db", listen_port=0, admin_port=0,
+                           admin_host="0.0.0.0")
+    with pytest.raises(ValueError, match="loopback"):
+        serve(PoolerAgent(options))
+    with pytest.raises(ValidationError, match="sslMode"):
+        make_spec(tls={"secretRef": {"name": "t"}, "sslMode": "verify-full"})

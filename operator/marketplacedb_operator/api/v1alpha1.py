@@ -273,8 +273,9 @@ class PoolerTLS(Model):
     secret_ref: LocalSecretName = Field(
         description="A kubernetes.io/tls Secret (tls.crt, tls.key), as cert-manager writes it; rotation reloads."
     )
-    ssl_mode: Literal["allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
-        "require", description="client_tls_sslmode: require refuses clients without TLS."
+    ssl_mode: Literal["allow", "prefer", "require"] = Field(
+        "require", description="client_tls_sslmode: require refuses clients without TLS (client certificates "
+        "are not requested)."
     )
 
 
