@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import metrics, naming
+from . import metrics, naming, pooler_logins
 from .api.errors import format_errors
 from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
 from .durations import parse_duration
@@ -327,12 +327,13 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         return
     max_connections, reserved = database.server_limits()
     budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
-    try:
-        credentials, auth_user = _pooler_credentials(ctx, database)
+    try:  # app roles and authQuery (pooler_logins.py): their Secrets, verifiers, lookup function
+        credentials, auth_user = pooler_logins.entries(ctx.spec, database, lambda ref: _credentials(ctx, ref))
         objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
         config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
-    except (DatabaseUnavailable, pgbouncer.PoolerConfigError) as exc:  # a user's Secret, the image...
-        problem = exc.problem if isinstance(exc, DatabaseUnavailable) else Problem("PoolerConfigInvalid", str(exc))
+    except (DatabaseUnavailable, pgbouncer.PoolerConfigError, pooler_logins.LookupFunctionMissing) as exc:
+        problem = exc.problem if isinstance(exc, DatabaseUnavailable) else Problem(
+            getattr(exc, "reason", "PoolerConfigInvalid"), str(exc))
         report.pooler_problem, report.pooler = problem, _pooler_status(ctx, budget, None)
         return
     try:
@@ -346,30 +347,6 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         report.pooler_problem = Problem(
             "PoolerNotReady", f"{report.pooler.ready_replicas}/{ctx.spec.pooler.replicas} pooler replica(s) ready"
         )
-
-
-def _pooler_credentials(ctx: Context, database: Database) -> tuple[list[pgbouncer.PoolerCredentials], str | None]:
-    """Auth-file entries: the owner (when it may log in), each app role, the auth_query's auth_user."""
-    pooler, entries = ctx.spec.pooler, []
-    refs = [(ref, f"spec.pooler.users[{i}].credentialsSecretRef")
-            for i, ref in enumerate(u.credentials_secret_ref for u in pooler.users)]
-    if pooler.owner_login if pooler.owner_login is not None else not pooler.users:
-        refs.insert(0, (ctx.spec.database.credentials_secret_ref, "spec.database.credentialsSecretRef"))
-    auth = pooler.auth_query
-    if auth is not None and not database.lookup_function_exists(auth.function):
-        raise DatabaseUnavailable(Problem(
-            "AuthQueryFunctionMissing",
-            f"spec.pooler.authQuery.function: {auth.function}(text) does not exist in database "
-            f"{ctx.spec.database.dbname}; an administrator creates it with the SQL in the README (Pooler)",
-        ))
-    if auth is not None:
-        refs.append((auth.credentials_secret_ref, "spec.pooler.authQuery.credentialsSecretRef"))
-    for ref, field in refs:
-        user, password = _credentials(ctx, ref)
-        entries.append(pgbouncer.choose_credentials(user, password, database.scram_verifier(user), field))
-    auth_user = entries[-1].username if auth is not None else None
-    unique = list({e.username: e for e in entries}.values())  # the auth_user may also be listed
-    return unique, auth_user
 
 
 def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> PoolerStatus:
