@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import shutil
@@ -139,11 +140,20 @@ def tls_dir() -> Iterator[Path]:
 
 
 def install_cert(tls_dir: Path, crt: Path, key: Path) -> tuple[Path, Path]:
-    """What kubelet does with the kubernetes.io/tls Secret: tls.crt and tls.key, readable by PgBouncer."""
-    cert_path, key_path = tls_dir / "tls.crt", tls_dir / "tls.key"
-    write_service_file(cert_path, crt.read_text())
-    write_service_file(key_path, key.read_text())
-    return cert_path, key_path
+    """What kubelet does with the kubernetes.io/tls Secret volume: both files appear at once (a new
+    directory, then one atomic rename of the `..data` symlink), readable by PgBouncer."""
+    version = make_service_dir("mdb-tls-version-")
+    shutil.move(str(version), tls_dir / version.name)
+    write_service_file(tls_dir / version.name / "tls.crt", crt.read_text())
+    write_service_file(tls_dir / version.name / "tls.key", key.read_text())
+    link = tls_dir / "..data_tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(version.name)
+    os.replace(link, tls_dir / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (tls_dir / name).is_symlink():
+            (tls_dir / name).symlink_to(f"..data/{name}")
+    return tls_dir / "tls.crt", tls_dir / "tls.key"
 
 
 def tls_pooler(pg: PostgresServer, db: FreshDatabase, factory: PgBouncerFactory, tls_dir: Path,
@@ -191,8 +201,15 @@ async def test_certificate_rotation_reloads_without_dropping_a_client(
     loops = [asyncio.create_task(_loop_transactions(dsn, stop, failures)) for _ in range(20)]
     await asyncio.sleep(0.5)
     await asyncio.to_thread(install_cert, tls_dir, new_crt, new_key)  # cert-manager renews, kubelet swaps
-    await _wait_for(lambda: agent.get("/readyz")[1].get("reloads", 0) >= 1)
-    assert tls_select(bouncer, fresh_db, sslmode="verify-ca", sslrootcert=str(new_ca)) == ((1,), True)
+
+    def new_certificate_served() -> bool:
+        try:
+            return bool(tls_select(bouncer, fresh_db, sslmode="verify-ca", sslrootcert=str(new_ca)) == ((1,), True))
+        except psycopg.OperationalError:
+            return False
+
+    await _wait_for(new_certificate_served, timeout=30)  # (the check runs in a thread: the clients go on)
+    assert agent.get("/readyz")[1]["reloads"] >= 1
     await asyncio.sleep(0.5)
     stop.set()
     done = sum(await asyncio.gather(*loops))
