@@ -48,7 +48,7 @@ def app_deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": NS, "annotations": {naming.ANN_PROBED_BY: "shop"}},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
@@ -114,7 +114,7 @@ async def env(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
             "stringData": {"username": workload_db.owner, "password": CANARY},
         }
     )
@@ -317,7 +317,7 @@ async def test_missing_secret_then_created(env: Env) -> None:
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": "late-secret", "namespace": NS},
+                "metadata": {"name": "late-secret", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
                 "stringData": {"username": env.db.owner, "password": CANARY},
             }
         )

@@ -45,7 +45,8 @@ async def test_a_pooler_image_outside_the_allowed_repositories_is_a_condition_an
 
 async def test_app_roles_are_listed_and_the_owner_is_not(env: Env) -> None:
     await env.objects.create({
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "shop-app", "namespace": NS},
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "shop-app", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
         # The workload database has one login role: the app Secret names it under another key set.
         "stringData": {"user": "shop_app", "pass": "app-Pa55-9d1e"},
     })
@@ -92,3 +93,14 @@ async def test_auth_query_without_its_function_is_a_clear_condition(env: Env) ->
         assert "pgbouncer.user_lookup(text) does not exist" in condition["message"]
         assert "README" in condition["message"]
         assert env.objects.get("apps/v1", "Deployment", naming.pooler_name("shop"), NS) is None
+
+
+async def test_an_app_role_secret_that_does_not_opt_in_is_refused(env: Env) -> None:
+    await env.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "team-b", "namespace": NS},
+                              "stringData": {"username": "someone_else", "password": "not-for-us"}})
+    async with env.operator():
+        await env.objects.create(pooled(env, users=[{"credentialsSecretRef": {"name": "team-b"}}]))
+        condition = await _condition(env, "PoolerAvailable", "SecretNotOptedIn")
+        assert "spec.pooler.users[0].credentialsSecretRef" in condition["message"]
+        assert env.objects.get("v1", "Secret", naming.pooler_auth_secret_name("shop"), NS) is None
+        assert "someone_else" not in str(env.resource()) and "not-for-us" not in str(env.resource())

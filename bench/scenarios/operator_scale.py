@@ -163,7 +163,8 @@ def _objects(fleet: Fleet, tenants: list[Tenant]) -> tuple[list[dict[str, Any]],
     for tenant in tenants:
         b64 = base64.b64encode
         setup.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                      "metadata": {"name": f"{tenant.name}-owner", "namespace": NAMESPACE},
+                      "metadata": {"name": f"{tenant.name}-owner", "namespace": NAMESPACE,
+                                   "labels": {"marketplacedb.io/credentials": "true"}},
                       "data": {"username": b64(tenant.role.encode()).decode(),
                                "password": b64(tenant.password.encode()).decode()}})
         body = pointed_at(template, fleet.pg.host, fleet.pg.port, tenant.db)
@@ -171,14 +172,16 @@ def _objects(fleet: Fleet, tenants: list[Tenant]) -> tuple[list[dict[str, Any]],
         body["spec"]["database"]["credentialsSecretRef"] = {"name": f"{tenant.name}-owner"}
         for probe in body["spec"].get("healthProbes", []):
             probe["deployment"] = f"{probe['deployment']}-{tenant.index:04d}"
-            setup.append(_app_deployment(probe["deployment"]))
+            setup.append(_app_deployment(probe["deployment"], tenant.name))
         resources.append(body)
     return setup, resources
 
 
-def _app_deployment(name: str) -> dict[str, Any]:
+def _app_deployment(name: str, probed_by: str) -> dict[str, Any]:
     labels = {"app": name}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": NAMESPACE,
+                         "annotations": {"marketplacedb.io/probed-by": probed_by}},
             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
                      "template": {"metadata": {"labels": labels},
                                   "spec": {"containers": [{"name": "app", "image": "example.com/bff:1.0",

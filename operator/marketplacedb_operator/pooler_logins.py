@@ -26,8 +26,8 @@ def owner_logs_in(spec: MarketplaceDBSpec) -> bool:
 
 
 def entries(spec: MarketplaceDBSpec, database: Database,
-            read: Callable[[SecretRef], tuple[str, str]]) -> tuple[list[PoolerCredentials], str | None]:
-    """(auth-file entries, auth_user name or None). `read` raises the caller's error for a Secret."""
+            read: Callable[[SecretRef, str], tuple[str, str]]) -> tuple[list[PoolerCredentials], str | None]:
+    """(auth-file entries, auth_user name or None). `read(ref, field)` raises the caller's error."""
     pooler = spec.pooler
     refs = [(u.credentials_secret_ref, f"spec.pooler.users[{i}].credentialsSecretRef")
             for i, u in enumerate(pooler.users)]
@@ -43,7 +43,7 @@ def entries(spec: MarketplaceDBSpec, database: Database,
         refs.append((auth.credentials_secret_ref, "spec.pooler.authQuery.credentialsSecretRef"))
     found = []
     for ref, field in refs:
-        user, password = read(ref)
+        user, password = read(ref, field)
         found.append(choose_credentials(user, password, database.scram_verifier(user), field))
     auth_user = found[-1].username if auth is not None else None
     unique = list({e.username: e for e in found}.values())  # the auth_user may also be a listed user

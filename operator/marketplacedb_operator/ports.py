@@ -24,6 +24,15 @@ APPLICATION_NAME = "marketplacedb-operator"
 
 
 @dataclasses.dataclass(frozen=True)
+class TLSMaterial:
+    """PEM texts from spec.database.tls: libpq wants files, the gateway writes them per connection."""
+
+    ca: str | None = dataclasses.field(default=None, repr=False)
+    cert: str | None = dataclasses.field(default=None, repr=False)
+    key: str | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class ConnInfo:
     """Where and as whom to connect. The password never appears in repr or messages."""
 
@@ -35,6 +44,14 @@ class ConnInfo:
     sslmode: str = "prefer"
     application_name: str = APPLICATION_NAME
     connect_timeout: int = 5
+    # File paths (a --dsn's sslrootcert=..., or "system" for the system CA store) ...
+    sslrootcert: str = ""
+    sslcert: str = ""
+    sslkey: str = ""
+    # ... or PEM texts from the cluster (the operator), written to private files at connect time.
+    tls: TLSMaterial | None = dataclasses.field(default=None, repr=False)
+    # libpq's require_auth (e.g. "!password": never send a cleartext password); empty: libpq's default.
+    require_auth: str = ""
 
     @classmethod
     def from_dsn(cls, dsn: str, **overrides: Any) -> ConnInfo:
@@ -47,12 +64,15 @@ class ConnInfo:
             "user": str(params.get("user", "postgres")),
             "password": str(params.get("password", "")),
             "sslmode": str(params.get("sslmode", "prefer")),
+            **{key: str(params[key]) for key in ("sslrootcert", "sslcert", "sslkey") if params.get(key)},
         }
         values.update(overrides)
         return cls(**values)
 
     def kwargs(self) -> dict[str, Any]:
-        return {
+        files = {key: getattr(self, key) for key in ("sslrootcert", "sslcert", "sslkey", "require_auth")
+                 if getattr(self, key)}
+        return files | {
             "host": self.host,
             "port": self.port,
             "dbname": self.dbname,
@@ -64,7 +84,8 @@ class ConnInfo:
         }
 
     def describe(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+        """Where, never as whom: the user name comes from a Secret and is not shown."""
+        return f"{self.host}:{self.port}/{self.dbname}"
 
 
 class RefreshResult(Protocol):
@@ -100,11 +121,11 @@ class Kube(Protocol):
 
     writes: int
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+    def apply(self, obj: dict[str, Any], *, field_manager: str = ..., force: bool = True) -> dict[str, Any]: ...
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]: ...
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]: ...
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
 
 

@@ -47,6 +47,10 @@ class Settings:
     max_backoff_seconds: float = 300.0
     # How often each resource's timer wakes to see whether a reconcile is due (no I/O when not).
     tick_seconds: float = 5.0
+    # Database hosts a MarketplaceDB may name: host-name patterns (fnmatch, e.g. `*.db.internal`)
+    # and IP networks (`10.20.0.0/16`). Empty: any host. A host outside the list is refused before
+    # any Secret is read or connection made (README "Security model").
+    allowed_database_hosts: tuple[str, ...] = ()
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"

@@ -102,11 +102,12 @@ async def _kill_in_request(rel: Rel, step: str) -> None:
     holding = True
 
     def matches(request: Any) -> bool:
-        if not holding or request.method != "PATCH" or request.resource is None:
+        if not holding or request.method not in ("PATCH", "POST") or request.resource is None:
             return False
-        if step == "cronjob-apply":
+        if step == "cronjob-apply":  # a new CronJob is a create (POST): names are never taken over by apply
             return bool(request.resource.plural == "cronjobs")
-        return bool(request.resource.plural == "marketplacedbs" and request.subresource == "status")
+        return bool(request.method == "PATCH" and request.resource.plural == "marketplacedbs"
+                    and request.subresource == "status")
 
     async def hold(_: Any) -> int:
         arrived.set()

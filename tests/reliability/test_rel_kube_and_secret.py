@@ -52,7 +52,8 @@ async def _secret(rel: Rel, name: str, data: dict[str, str]) -> None:
     existing = rel.objects.get("v1", "Secret", name, NS)
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     if existing is None:
-        await rel.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+        await rel.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": name, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"}},
                                   "data": encoded})
     else:
         await rel.objects.patch(existing, {"data": {**{k: None for k in existing.get("data", {})}, **encoded},
@@ -70,7 +71,7 @@ async def test_secret_missing_then_malformed_then_fixed(rel: Rel) -> None:
     cond = await rel.wait_condition("DatabaseReachable", "False", "SecretInvalid")
     assert "password" in cond["message"] and rel.canary not in cond["message"]
     await _secret(rel, "late-secret", {"username": rel.db.owner, "password": "wrong-" + rel.canary})
-    cond = await rel.wait_condition("DatabaseReachable", "False", "DatabaseUnreachable")
+    cond = await rel.wait_condition("DatabaseReachable", "False", "AuthenticationFailed")
     assert rel.canary not in cond["message"]  # not even the wrong password, which contains it
     await _secret(rel, "late-secret", {"username": rel.db.owner, "password": rel.canary})
     await rel.assert_invariants()

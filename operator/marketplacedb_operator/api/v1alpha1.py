@@ -93,6 +93,42 @@ class SecretRef(Model):
     password_key: str = Field("password", description="Key holding the password.")
 
 
+# A key of a Secret's or ConfigMap's data (https://kubernetes.io/docs/concepts/configuration/secret/).
+DataKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class KeyRef(Model):
+    """One key of a Secret or ConfigMap in the resource's namespace."""
+
+    name: DnsName = Field(description="Object name.")
+    key: DataKey = Field("ca.crt", description="Key holding the PEM text.")
+
+
+class ClientCertRef(Model):
+    """A Secret (opted in like the credentials Secret) with a client certificate and its key."""
+
+    name: DnsName = Field(description="Secret name (label marketplacedb.io/credentials: \"true\").")
+    cert_key: DataKey = Field("tls.crt", description="Key holding the PEM certificate.")
+    key_key: DataKey = Field("tls.key", description="Key holding the PEM private key.")
+
+
+class DatabaseTLS(Model):
+    """TLS to the database: the CA that verifies the server (verify-ca, verify-full) and an optional
+    client certificate. Used by the operator and mounted into refresh CronJob pods."""
+
+    ca_secret_ref: KeyRef | None = Field(
+        None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
+    )
+    ca_config_map_ref: KeyRef | None = Field(None, description="CA certificate(s) from a ConfigMap.")
+    client_cert_secret_ref: ClientCertRef | None = Field(None, description="Client certificate and key.")
+
+    @model_validator(mode="after")
+    def _one_ca(self) -> DatabaseTLS:
+        if self.ca_secret_ref is not None and self.ca_config_map_ref is not None:
+            raise ValueError("set one of caSecretRef and caConfigMapRef, not both")
+        return self
+
+
 class DatabaseSpec(Model):
     """The existing PostgreSQL database this resource manages (reached directly, never via the pooler)."""
 
@@ -102,7 +138,15 @@ class DatabaseSpec(Model):
     ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         "prefer", description="libpq sslmode for the operator, refresh jobs and the pooler's upstream."
     )
-    credentials_secret_ref: SecretRef = Field(description="Owner credentials (keys username, password).")
+    credentials_secret_ref: SecretRef = Field(
+        description="Owner credentials (keys username, password). The Secret must carry the label "
+        'marketplacedb.io/credentials: "true" (README "Security model").'
+    )
+    tls: DatabaseTLS | None = Field(
+        None,
+        description="CA and client certificate for TLS to the database. Without a CA, verify-ca and "
+        "verify-full use the system CA store.",
+    )
     settings: dict[str, str] = Field(
         default_factory=dict,
         description="Per-database settings applied with ALTER DATABASE ... SET (allow-listed, typed). "

@@ -169,7 +169,7 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
             "stringData": {"username": "shop_owner", "password": "demo-owner-password"},
         }
     )
@@ -179,7 +179,8 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": name, "namespace": NS},
+                # The Deployment's owner lets this MarketplaceDB set its probes (README "Security model").
+                "metadata": {"name": name, "namespace": NS, "annotations": {naming.ANN_PROBED_BY: NAME}},
                 "spec": {
                     "selector": {"matchLabels": labels},
                     "template": {

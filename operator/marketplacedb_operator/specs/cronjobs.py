@@ -20,6 +20,7 @@ from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec, MaterializedViewSpec, RefreshPolicy
 from ..durations import parse_duration
 from ..settings import Settings
+from . import db_tls
 from .meta import object_meta, restricted_container_security, restricted_pod_security
 
 COMPONENT = "refresh"
@@ -59,6 +60,7 @@ def connection_env(spec: MarketplaceDBSpec) -> list[dict[str, Any]]:
         {"name": "PGCONNECT_TIMEOUT", "value": "10"},
         {"name": "PGUSER", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.username_key}}},
         {"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.password_key}}},
+        *db_tls.env(database),
     ]
 
 
@@ -90,10 +92,10 @@ def _pod_spec(view: MaterializedViewSpec, policy: RefreshPolicy, spec: Marketpla
                 "resources": RESOURCES,
                 "securityContext": restricted_container_security(),
                 # Read-only root filesystem: Python and libpq may still want a scratch /tmp.
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *db_tls.volume_mounts(spec.database)],
             }
         ],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}, *db_tls.volumes(spec.database)],
     }
 
 
