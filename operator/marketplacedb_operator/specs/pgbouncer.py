@@ -16,6 +16,7 @@ from typing import Literal
 
 from ..api.parameters import PGBOUNCER_PARAMETERS, check_named
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
+from . import db_tls
 from .meta import content_hash
 from .pooler_auth import ADMIN_USER as ADMIN_USER
 from .pooler_auth import PoolerConfigError as PoolerConfigError
@@ -128,8 +129,7 @@ def pgbouncer_section(spec: MarketplaceDBSpec, budget: PoolerBudget) -> dict[str
         "unix_socket_dir": RUN_DIR,
         "unix_socket_mode": "0700",
     })
-    if database.ssl_mode in ("verify-ca", "verify-full"):
-        settings["server_tls_ca_file"] = CA_BUNDLE
+    settings.update(server_tls(spec))
     if pooler.tls is not None:
         # Files of the mounted kubernetes.io/tls Secret; kubelet swaps them on rotation and the
         # agent's RELOAD makes new handshakes use them (established sessions keep theirs).
@@ -144,6 +144,22 @@ def pgbouncer_section(spec: MarketplaceDBSpec, budget: PoolerBudget) -> dict[str
         # goes here quoted-free, so it must be a plain identifier (checked by the caller too).
         checked["auth_query"] = auth_query(pooler.auth_query.function)
     return checked
+
+
+def server_tls(spec: MarketplaceDBSpec) -> dict[str, str]:
+    """Upstream TLS files from spec.database.tls, mounted by specs/db_tls.py as for the refresh pods:
+    the CA that verifies the server (else the image's system bundle for verify-*) and the optional
+    client certificate PgBouncer presents to PostgreSQL."""
+    database, settings = spec.database, {}
+    tls = database.tls
+    if tls is not None and (tls.ca_config_map_ref is not None or tls.ca_secret_ref is not None):
+        settings["server_tls_ca_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.CA_FILE}"
+    elif database.ssl_mode in ("verify-ca", "verify-full"):
+        settings["server_tls_ca_file"] = CA_BUNDLE
+    if tls is not None and tls.client_cert_secret_ref is not None:
+        settings["server_tls_cert_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.CERT_FILE}"
+        settings["server_tls_key_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.KEY_FILE}"
+    return settings
 
 
 def with_auth_user(section: dict[str, str], auth_user: str | None) -> dict[str, str]:

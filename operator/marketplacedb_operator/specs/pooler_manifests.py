@@ -26,6 +26,7 @@ from typing import Any
 from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from ..settings import Settings
+from . import db_tls
 from . import pgbouncer as pgb
 from .meta import object_meta, restricted_container_security, restricted_pod_security
 from .pooler_sizing import rollout_strategy
@@ -103,7 +104,7 @@ def _http_probe(path: str, port: int, period: int, failures: int) -> dict[str, A
     }
 
 
-def _mounts(spec: MarketplaceDBSpec) -> list[dict[str, Any]]:
+def _mounts(spec: MarketplaceDBSpec, upstream_tls: bool = False) -> list[dict[str, Any]]:
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": pgb.CONFIG_DIR, "readOnly": True},
         {"name": "auth", "mountPath": pgb.AUTH_DIR, "readOnly": True},
@@ -111,6 +112,8 @@ def _mounts(spec: MarketplaceDBSpec) -> list[dict[str, Any]]:
     ]
     if spec.pooler.tls is not None:
         mounts.append({"name": "tls", "mountPath": pgb.TLS_DIR, "readOnly": True})
+    if upstream_tls:  # spec.database.tls for PgBouncer's server_tls_* (the agent does not need it)
+        mounts += db_tls.volume_mounts(spec.database)
     return mounts
 
 
@@ -136,7 +139,7 @@ def _pgbouncer_container(spec: MarketplaceDBSpec, image: str, settings: Settings
         "lifecycle": {"preStop": {"exec": {"command": ["bash", "-c", PRESTOP_DRAIN]}}},
         "resources": resources,
         "securityContext": restricted_container_security(),
-        "volumeMounts": _mounts(spec),
+        "volumeMounts": _mounts(spec, upstream_tls=True),
     }
 
 
@@ -213,7 +216,7 @@ def _volumes(spec: MarketplaceDBSpec, name: str) -> list[dict[str, Any]]:
     ]
     if spec.pooler.tls is not None:
         volumes.append({"name": "tls", "secret": {"secretName": spec.pooler.tls.secret_ref.name, "defaultMode": 0o440}})
-    return volumes
+    return volumes + db_tls.volumes(spec.database)
 
 
 def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Settings, restart: str) -> dict[str, Any]:
