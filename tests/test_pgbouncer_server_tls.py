@@ -7,6 +7,7 @@ pooler proves that PgBouncer verified the server with the given CA and presented
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,6 @@ def files(tls_pg: TLSServer) -> Iterator[Path]:
     write_service_file(path / db_tls.KEY_FILE, tls_pg.client_key)
     write_service_file(path / "wrong-ca.crt", tls_pg.wrong_ca)
     yield path
-    import shutil
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -90,8 +90,8 @@ def test_the_pgbouncer_container_mounts_the_projected_tls_volume(tls_pg: TLSServ
     resource = {"apiVersion": "marketplacedb.io/v1alpha1", "kind": "MarketplaceDB",
                 "metadata": {"name": "shop", "namespace": "prod", "uid": "u-1"}}
     spec = make_spec(tls_pg)
-    objects = {o["kind"]: o for o in build_pooler(resource, spec, SETTINGS, compute_budget(spec.pooler, SETTINGS, 100, 3),
-                                                  None)}
+    budget = compute_budget(spec.pooler, SETTINGS, 100, 3)
+    objects = {o["kind"]: o for o in build_pooler(resource, spec, SETTINGS, budget, None)}
     kubernetes_validate.validate(copy.deepcopy(objects["Deployment"]), "1.30.0", strict=True)
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     assert db_tls.volumes(spec.database)[0] in pod["volumes"]
