@@ -257,6 +257,9 @@ async def _loop_transactions(dsn: str, stop: asyncio.Event, failures: list[str])
                 done += 1
             except psycopg.Error as exc:
                 failures.append(str(exc).strip()[:200])
+                if conn.closed or conn.broken:
+                    break  # a lost connection would fail at once forever, starving the event loop
+                await asyncio.sleep(0.01)
     return done
 
 
