@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from . import naming
+from . import naming, webhook
 from .ports import Deps
 from .reconcile import Outcome, reconcile, teardown
 
@@ -132,6 +132,18 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.posting.level = logging.CRITICAL
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        if webhook.enabled(deps.settings):
+            settings.admission.server = kopf.WebhookServer(**webhook.server_options(deps.settings))
+
+    if webhook.enabled(deps.settings):  # kopf refuses validate handlers without a server
+
+        @kopf.on.validate(group, version, plural, id=webhook.HANDLER_ID, operations=["CREATE", "UPDATE"],
+                          registry=registry)
+        def validate(body: kopf.Body, **kwargs: Any) -> None:
+            old = kwargs.get("old")  # the stored object on UPDATE
+            problem = webhook.verdict(dict(body), dict(old) if old is not None else None)
+            if problem is not None:
+                raise kopf.AdmissionError(problem, code=422)
 
     @kopf.on.event(group, version, plural, registry=registry)
     def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:

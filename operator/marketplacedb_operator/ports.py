@@ -17,7 +17,7 @@ import psycopg
 from .api.v1alpha1 import MaterializedViewSpec
 from .settings import Settings
 from .sql.catalog import Catalog
-from .sql.plan import ExecutionPolicy, Plan, StepOutcome
+from .sql.plan import Desired, ExecutionPolicy, Plan, StepOutcome
 from .sql.refresh import RefreshState
 
 APPLICATION_NAME = "marketplacedb-operator"
@@ -106,7 +106,7 @@ class RefreshResult(Protocol):
 class Database(Protocol):
     """One reconcile's session with the managed database (direct, autocommit, never the pooler)."""
 
-    def observe(self) -> Catalog: ...
+    def observe(self, desired: Desired) -> Catalog: ...
     def execute(self, plan: Plan, policy: ExecutionPolicy) -> list[StepOutcome]: ...
     def server_limits(self) -> tuple[int, int]: ...  # max_connections, superuser_reserved_connections
     def scram_verifier(self, role: str) -> str | None: ...

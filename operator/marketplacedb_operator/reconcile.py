@@ -229,7 +229,7 @@ def _open_database(ctx: Context) -> Database:
 def _schema(ctx: Context, database: Database, report: Report) -> None:
     previous_settings = ctx.previous.managed_settings if ctx.previous else []
     desired = planning.desired_state(ctx.spec, ctx.owner, previous_settings)
-    catalog = database.observe()
+    catalog = database.observe(desired)
     plan = planning.plan(desired, catalog)
     report.advice = schema_report.advice(desired, catalog) + list(plan.notes)
     outcomes = []
@@ -244,7 +244,7 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
             outcomes = database.execute(plan, policy)
             metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
-            catalog = database.observe()
+            catalog = database.observe(desired)
     report.indexes = schema_report.index_statuses(desired, catalog, outcomes)
     report.views = schema_report.view_statuses(desired, catalog, outcomes)
     report.blocking = schema_report.blocking_status(s for o in outcomes for s in o.blocking)
@@ -422,7 +422,7 @@ def teardown(body: dict[str, Any], deps: Deps) -> str | None:
         return f"deletionPolicy Drop needs the database: {exc.problem.message}"
     try:
         desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
-        plan = planning.teardown_plan(desired, database.observe())
+        plan = planning.teardown_plan(desired, database.observe(desired))
         policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
         failed = [o for o in database.execute(plan, policy) if not o.ok]
     finally:

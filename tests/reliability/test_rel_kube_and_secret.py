@@ -12,7 +12,7 @@ import psycopg
 import rel_db
 from psycopg import sql
 
-from conftest import NS, SECRET, SOAK, Rel
+from conftest import DEADLINE, NS, SECRET, SOAK, Rel
 from harness.kube import eventually
 from marketplacedb_operator import naming
 
@@ -83,7 +83,7 @@ async def test_secret_rotated_while_a_client_is_mid_transaction(rel: Rel) -> Non
     spec["pooler"].update(enabled=True, replicas=1)
     created = await rel.create(spec)
     pooler = naming.pooler_name("shop")
-    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=60,
+    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=DEADLINE,
                                   message="pooler Deployment")
     # Play the Deployment controller (KMock runs none).
     await rel.objects.patch(deployment, {"status": {"readyReplicas": 1}}, subresource="status")
@@ -106,7 +106,7 @@ async def test_secret_rotated_while_a_client_is_mid_transaction(rel: Rel) -> Non
         return current.get("data") != auth_before.get("data") or current.get("stringData") != auth_before.get(
             "stringData")
 
-    await eventually(auth_changed, timeout=30, message="the pooler's auth Secret follows the rotation")
+    await eventually(auth_changed, timeout=DEADLINE, message="the pooler's auth Secret follows the rotation")
     # The operator's own sessions follow: a spec change after the rotation needs a new login.
     spec = dict(created["spec"])
     spec["indexes"] = [*spec["indexes"], NEW_INDEX]

@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes_validate
 from rel_operator import all_cmdlines
 
-from conftest import NS, Rel
+from conftest import DEADLINE, NS, Rel
 from harness.kube import eventually
 from marketplacedb_operator import naming
 from security_env import FakePostgres
@@ -62,7 +62,7 @@ async def test_what_the_operator_applied_is_restricted_and_keeps_secrets_in_secr
     spec["pooler"].update(enabled=True, replicas=2)
     await rel.create(spec)
     pooler = naming.pooler_name("shop")
-    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=60,
+    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=DEADLINE,
                                   message="pooler Deployment")
     await rel.objects.patch(deployment, {"status": {"readyReplicas": 2}}, subresource="status")
     await rel.wait_ready()

@@ -28,7 +28,7 @@ from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from ..settings import Settings
 from . import db_tls
 from . import pgbouncer as pgb
-from .meta import object_meta, restricted_container_security, restricted_pod_security
+from .meta import image_pull_secrets, object_meta, restricted_container_security, restricted_pod_security
 from .pooler_sizing import rollout_strategy
 
 COMPONENT = "pooler"
@@ -123,6 +123,7 @@ def _pgbouncer_container(spec: MarketplaceDBSpec, image: str, settings: Settings
     return {
         "name": "pgbouncer",
         "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
         # The binary itself as PID 1: the default image's entrypoint is a shell script that does not
         # `exec`, so signals would stop at the shell. The drain happens in preStop, not by signal.
         "command": ["pgbouncer", pgb.INI_PATH],
@@ -167,6 +168,7 @@ def _agent_container(spec: MarketplaceDBSpec, settings: Settings) -> dict[str, A
     return {
         "name": "agent",
         "image": settings.operator_image,
+        "imagePullPolicy": settings.image_pull_policy,
         "command": ["marketplacedb"],
         "args": agent_args(spec, settings),
         "ports": ports,
@@ -178,7 +180,7 @@ def _agent_container(spec: MarketplaceDBSpec, settings: Settings) -> dict[str, A
     }
 
 
-def _placement(spec: MarketplaceDBSpec, selector: dict[str, str]) -> dict[str, Any]:
+def _placement(spec: MarketplaceDBSpec, selector: dict[str, str], settings: Settings) -> dict[str, Any]:
     """Across nodes (and zones when labelled), preferred so that a small cluster still schedules.
 
     The user's constraints are added; one with the same topologyKey replaces the default. A user
@@ -203,8 +205,11 @@ def _placement(spec: MarketplaceDBSpec, selector: dict[str, str]) -> dict[str, A
         placement["tolerations"] = [dict(t) for t in pod.tolerations]
     if pod.priority_class_name:
         placement["priorityClassName"] = pod.priority_class_name
-    if pod.image_pull_secrets:
-        placement["imagePullSecrets"] = [{"name": ref.name} for ref in pod.image_pull_secrets]
+    # The operator's pull Secrets (meta.image_pull_secrets: its own image runs the agent) and the spec's.
+    names = [entry["name"] for entry in image_pull_secrets(settings).get("imagePullSecrets", [])]
+    names += [ref.name for ref in pod.image_pull_secrets if ref.name not in names]
+    if names:
+        placement["imagePullSecrets"] = [{"name": name} for name in names]
     return placement
 
 
@@ -236,7 +241,7 @@ def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Sett
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": containers,
         "volumes": _volumes(spec, name),
-        **_placement(spec, selector),
+        **_placement(spec, selector, settings),
     }
     return {
         "apiVersion": "apps/v1",

@@ -38,6 +38,12 @@ def scrub(text: str, *secrets: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
 
 
+# Set in the startup packet, so they override ALTER DATABASE/ROLE ... SET from the first statement
+# on: a database-level `statement_timeout = 1` cannot lock the operator out of its own sessions.
+# Every statement that may legitimately take longer sets its own limit (DDL steps, refreshes).
+SESSION_OPTIONS = "-c statement_timeout=60s -c lock_timeout=5s -c idle_in_transaction_session_timeout=0"
+
+
 def connect(info: ConnInfo) -> psycopg.Connection[Any]:
     """An autocommit connection; DatabaseUnreachable (classified, no server text) when it cannot
     be opened."""
@@ -46,6 +52,7 @@ def connect(info: ConnInfo) -> psycopg.Connection[Any]:
         kwargs = info.kwargs()
         if tls_dir is not None:
             kwargs.update(_tls_paths(tls_dir, info.tls))
+        kwargs["options"] = f"{kwargs['options']} {SESSION_OPTIONS}" if kwargs.get("options") else SESSION_OPTIONS
         return psycopg.connect(autocommit=True, **kwargs)
     except (psycopg.Error, ValueError) as exc:  # ValueError: libpq refused a parameter value
         reason, message = connect_failure(exc, info.describe())
