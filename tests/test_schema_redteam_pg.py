@@ -257,6 +257,16 @@ VIEW_STATE = (
     "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'v'::regclass))")
 
 
+VIEW_TABLE = "CREATE TABLE t (a int PRIMARY KEY, b int); INSERT INTO t SELECT g, g % 7 FROM generate_series(1, 50) g"
+
+
+def run_ids(dsn: str, template: str, **names: str) -> None:
+    """`template` with {name} placeholders filled in as identifiers."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL(template).format(  # type: ignore[arg-type]
+            **{k: psycopg.sql.Identifier(v) for k, v in names.items()}))
+
+
 def _view(query: str) -> Any:
     return desired_state(spec([], [{"name": "v", "query": query, "uniqueKey": ["a"]}]), OWNER)
 
@@ -264,23 +274,24 @@ def _view(query: str) -> Any:
 def test_view_swap_keeps_the_exact_acl_and_index_comments(fresh_db: FreshDatabase) -> None:
     db = fresh_db
     reader = f"reader_{db.name}"
-    run(db.dsn, "CREATE TABLE t (a int PRIMARY KEY, b int); INSERT INTO t SELECT g, g % 7 FROM generate_series(1, 50) g")
+    run(db.dsn, VIEW_TABLE)
     _, out = do_apply(db, _view("SELECT a, b FROM t"))
     assert all(o.ok for o in out)
     run(db.superuser_dsn, f"CREATE ROLE {reader}")
     try:
-        run(db.dsn, f"CREATE INDEX dba_v_b ON v (b); COMMENT ON INDEX dba_v_b IS 'dba: hot path'; "
-                    f"GRANT SELECT ON v TO {reader}; REVOKE SELECT ON v FROM {reader}; "
-                    f"ALTER DEFAULT PRIVILEGES GRANT SELECT, UPDATE ON TABLES TO {reader}; "
-                    "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC")
+        run_ids(db.dsn, "CREATE INDEX dba_v_b ON v (b); COMMENT ON INDEX dba_v_b IS 'dba: hot path'; "
+                        "GRANT SELECT ON v TO {reader}; REVOKE SELECT ON v FROM {reader}; "
+                        "ALTER DEFAULT PRIVILEGES GRANT SELECT, UPDATE ON TABLES TO {reader}; "
+                        "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC", reader=reader)
         before = one(db.dsn, VIEW_STATE)
         _, out = do_apply(db, _view("SELECT a, b, a + b AS c FROM t"))
         assert all(o.ok for o in out), out
         assert one(db.dsn, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'v'::regclass AND attname = 'c'") == 1
         assert one(db.dsn, VIEW_STATE) == before  # no privilege added by default privileges, comment kept
     finally:
-        run(db.dsn, f"ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM {reader}; "
-                    "ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM PUBLIC; DROP MATERIALIZED VIEW v")
+        run_ids(db.dsn, "ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM {reader}; "
+                        "ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM PUBLIC; DROP MATERIALIZED VIEW v",
+                        reader=reader)
         run(db.superuser_dsn, f"DROP ROLE {reader}")
 
 
@@ -299,7 +310,7 @@ def test_view_swap_refuses_what_it_would_lose(fresh_db: FreshDatabase, change: s
 
     db = fresh_db
     space, where = f"ts_{db.name}", f"/tmp/mdb_ts_{db.name}"
-    run(db.dsn, "CREATE TABLE t (a int PRIMARY KEY, b int); INSERT INTO t SELECT g, g % 7 FROM generate_series(1, 50) g")
+    run(db.dsn, VIEW_TABLE)
     _, out = do_apply(db, _view("SELECT a, b FROM t"))
     assert all(o.ok for o in out)
     uses_space = "{ts}" in change
