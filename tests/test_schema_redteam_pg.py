@@ -171,6 +171,7 @@ def test_precreated_forged_records_table_is_refused(fresh_db: FreshDatabase) -> 
 
 @pytest.mark.parametrize("tamper, reason", [
     ("GRANT INSERT ON marketplacedb.owned_objects TO PUBLIC", "another role may write to it"),
+    ("GRANT UPDATE (owner, oid) ON marketplacedb.owned_objects TO PUBLIC", "another role may write to it"),
     ("CREATE FUNCTION public.f() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'; "
      "CREATE TRIGGER tr BEFORE INSERT ON marketplacedb.owned_objects FOR EACH ROW EXECUTE FUNCTION public.f()",
      "it has triggers"),

@@ -145,7 +145,10 @@ SELECT (SELECT count(*) FROM t) > 0, pg_catalog.array_remove(ARRAY[
   (SELECT 'it is not an ordinary table' FROM t WHERE t.relkind <> 'r'),
   (SELECT 'another role may write to it (INSERT, UPDATE, DELETE, TRUNCATE or TRIGGER granted)' FROM t
     WHERE EXISTS (SELECT 1 FROM pg_catalog.aclexplode(t.relacl) g WHERE g.grantee <> t.relowner
-                  AND g.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER'))),
+                  AND g.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER'))
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN LATERAL pg_catalog.aclexplode(a.attacl) g
+                  WHERE a.attrelid = t.oid AND g.grantee <> t.relowner
+                    AND g.privilege_type IN ('INSERT', 'UPDATE'))),
   (SELECT 'it has triggers' FROM t WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = t.oid)),
   (SELECT 'it has rules' FROM t WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w WHERE w.ev_class = t.oid)),
   (SELECT 'it has row security policies' FROM t WHERE t.relrowsecurity
