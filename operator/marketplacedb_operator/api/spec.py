@@ -16,6 +16,17 @@ from .bounds import cel
 from .parameters import DATABASE_SETTINGS, SERVER_SETTINGS, check_named
 from .types import CRON_PATTERN, DnsName, Duration, Identifier, Model, check_cron, check_unique, in_list, unique_rule
 
+
+def _not_temporary(value: str) -> str:
+    # The schema engine builds replacements as <name>__new, parks replaced indexes as <name>__old and
+    # names a view's unique index <view>__key: a declared name of that form would collide with another
+    # declared object's temporary name.
+    for suffix in ("__new", "__old", "__key"):
+        if value.endswith(suffix):
+            raise ValueError(f"{value!r} ends in {suffix!r}, reserved for the operator's temporary names")
+    return value
+
+
 # --- database ---------------------------------------------------------------------------------
 
 
@@ -176,6 +187,7 @@ class IndexSpec(Model):
     )
 
     name: Identifier = Field(description="Index name (unique in the schema).")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     table: Identifier = Field(description="Table name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema of the table.")
     columns: list[IndexColumn] = Field(
@@ -257,6 +269,7 @@ class MaterializedViewSpec(Model):
     """A materialized view with the unique index that REFRESH ... CONCURRENTLY needs."""
 
     name: Identifier = Field(description="View name.")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     schema_name: Identifier = Field("public", alias="schema", description="Schema.")
     query: str = Field(
         min_length=1,
