@@ -75,7 +75,7 @@ async def test_no_refresh_cronjob_references_a_refused_secret(sec: Sec, fake: Fa
     await sec.reconcile()
     (cronjob,) = sec.objects.list_objects("batch/v1", "CronJob", NS)  # accepted: the owner's choice
     env = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "PGREQUIREAUTH", "value": "!password"} in env  # the pod, too, never sends it in clear
+    assert {"name": "PGREQUIREAUTH", "value": "scram-sha-256,none"} in env  # the pod, too: SCRAM only
     tls_secret = sec.objects.get("v1", "Secret", "other-team-tls", NS)
     await sec.objects.patch(tls_secret, {"metadata": {"labels": {"marketplacedb.io/credentials": None}}})
     await sec.reconcile()
@@ -93,7 +93,7 @@ async def test_the_user_name_never_reaches_status_events_or_logs(sec: Sec, fake:
                                        "credentialsSecretRef": {"name": "own"}}))
     await sec.reconcile()
     assert fake.connections >= 1 and b"MIIuser" in fake.received  # the login happened (the witness)
-    assert b"MIIkey" not in fake.received  # require_auth=!password: no cleartext password to this server
+    assert b"MIIkey" not in fake.received  # require_auth: no cleartext password to this server
     cond = sec.condition("DatabaseReachable")
     assert (cond["status"], cond["reason"]) == ("False", "AuthenticationFailed")
     assert cond["message"] == f"cannot connect to 127.0.0.1:{fake.port}/x: {EXPLANATIONS['AuthenticationFailed']}"

@@ -157,7 +157,8 @@ def test_refresh_cronjob_pods_mount_the_tls_material_and_libpq_uses_it(tls_pg: T
     container = pod["containers"][0]
     assert {"name": db_tls.VOLUME, "mountPath": db_tls.MOUNT_PATH, "readOnly": True} in container["volumeMounts"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["PGSSLMODE"] == "verify-full" and "PGREQUIREAUTH" not in env  # TLS proved the server
+    assert env["PGSSLMODE"] == "verify-full"
+    assert env["PGREQUIREAUTH"] == "scram-sha-256,none"  # TLS proves the host, not that it deserves the password
     assert env["PGSSLROOTCERT"] == f"{db_tls.MOUNT_PATH}/ca.crt"
     assert (env["PGSSLCERT"], env["PGSSLKEY"]) == (f"{db_tls.MOUNT_PATH}/tls.crt", f"{db_tls.MOUNT_PATH}/tls.key")
 

@@ -25,6 +25,7 @@ from . import naming
 from .api.v1alpha1 import DatabaseSpec, DatabaseTLS
 from .ports import ConnInfo, Kube, TLSMaterial
 from .settings import Settings
+from .specs.db_tls import REQUIRE_AUTH
 from .status import Problem
 
 OPT_IN_RULE = (
@@ -187,9 +188,10 @@ def conn_info(kube: Kube, namespace: str, database: DatabaseSpec, settings: Sett
     )
 
 
+
+
 def require_auth(ssl_mode: str) -> str:
-    """Never hand a cleartext password to a server whose identity TLS did not prove: a host that
-    asks for one (AuthenticationCleartextPassword) is refused by libpq before the password leaves
-    (https://www.postgresql.org/docs/16/libpq-connect.html#LIBPQ-CONNECT-REQUIRE-AUTH). SCRAM and
-    md5 never send the password itself."""
-    return "" if ssl_mode == "verify-full" else "!password"
+    """The require_auth value for `ssl_mode`: the same for all (the sslMode proves nothing about
+    whether the host deserves the password; see specs.db_tls.REQUIRE_AUTH)."""
+    del ssl_mode
+    return REQUIRE_AUTH
