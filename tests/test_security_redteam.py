@@ -187,7 +187,8 @@ async def test_r4_pooler_image_is_not_restricted(sec: Sec, fresh_db: Any) -> Non
     auth = sec.objects.get("v1", "Secret", naming.pooler_auth_secret_name("attacker"), NS)
     import base64
     userlist = base64.b64decode(auth["data"]["userlist.txt"]).decode() if auth else ""
-    assert "evil.example.com/exfiltrate:1" not in images or fresh_db.owner_password not in userlist, (images, "plain password in the auth file the evil image mounts")
+    assert "evil.example.com/exfiltrate:1" not in images or fresh_db.owner_password not in userlist, (
+        images, "plain password in the auth file the evil image mounts")
 
 
 # --- R5: a password with a line break crashes the reconcile (traceback loop, no condition) --------
