@@ -321,7 +321,12 @@ def _conflict(synced: SyncResult) -> Problem | None:
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     component = pooler_manifests.COMPONENT
-    if not ctx.spec.pooler.enabled:
+    refused = report.database_problem is not None and report.database_problem.reason in creds.REFUSALS
+    if ctx.spec.pooler.enabled and refused and report.database_problem is not None:
+        # The auth Secret holds the refused Secret's password and the Deployment serves it: pruned
+        # like the CronJobs, until the Secret or host is accepted again.
+        report.pooler_problem = Problem(report.database_problem.reason, "no pooler until the database spec is accepted")
+    if not ctx.spec.pooler.enabled or refused:
         secrets = (naming.pooler_auth_secret_name(ctx.name),)
         sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx))
         return
