@@ -220,3 +220,18 @@ async def test_a_server_that_never_answers_is_a_timeout() -> None:
         await silent.stop()
     assert caught.value.reason == "DatabaseTimeout"
     assert str(caught.value) == f"cannot connect to 127.0.0.1:{silent.port}/x: {EXPLANATIONS['DatabaseTimeout']}"
+
+
+def test_host_allow_list_refuses_separators_and_keeps_ip_globs_for_addresses() -> None:
+    """Red-team follow-up: the check holds by itself (not only behind the model's host regex), and an
+    IP-looking glob admits addresses only, never DNS names that start like one."""
+    allowed = ("10.20.*", "*.db.internal", "192.168.0.0/16", "fd00:*")
+    assert host_allowed("10.20.1.2", allowed) and host_allowed("[fd00::1]", allowed)
+    assert host_allowed("pg.db.internal", allowed) and host_allowed("192.168.4.5", allowed)
+    for host in ("10.20.evil.com", "10.20.1.evil.com", "pg.db.internal,evil.com", "evil.com,pg.db.internal",
+                 "/tmp", "/var/run/postgresql", "u@pg.db.internal", "pg.db.internal ", "pg .db.internal",
+                 "pg.db.internal\n", "", "127.1", "10.20.1", "2130706433", "0x7f.0x1"):
+        assert not host_allowed(host, allowed), host
+    # A name glob never admits an IP literal; "*" is names only (0.0.0.0/0 admits every IPv4 address).
+    assert not host_allowed("127.0.0.1", ("*",)) and host_allowed("x.example", ("*",))
+    assert host_allowed("127.0.0.1", ("0.0.0.0/0",))

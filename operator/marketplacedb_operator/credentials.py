@@ -19,6 +19,7 @@ import binascii
 import dataclasses
 import fnmatch
 import ipaddress
+import re
 from typing import Any
 
 from . import naming
@@ -116,27 +117,59 @@ def check_host(host: str, settings: Settings) -> None:
     )
 
 
-def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    """A host name matches a pattern (case-insensitive fnmatch); an IP literal matches a network.
+# Never part of a host name or address: a list separator (libpq takes "a,b" as two hosts), a
+# path (a Unix socket directory), user info, or whitespace. Refused here, whatever the model allows.
+_HOST_FORBIDDEN = frozenset(",/@\\") | frozenset(" \t\r\n\v\f")
+# An IPv4 glob: digits, dots and wildcards only, at least one digit (`10.20.*`). An entry with a
+# colon is an IPv6 glob (DNS names have none). Both match IP literals only.
+_IPV4_GLOB = re.compile(r"^(?=.*[0-9])[0-9.*?\[\]]+$")
 
-    A host name is never resolved here: the pattern is the contract (a CIDR entry matches IP
-    literals only), so DNS cannot be used to slip an address past the list.
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """`host` matches an entry of the allow-list. Three kinds of entry, never mixed:
+
+    - a CIDR (`10.20.0.0/16`, `fd00::/8`) or a single address matches IP literals in that network;
+    - an IP glob (`10.20.*`: digits, dots, colons and wildcards only) matches IP literals only, so
+      `10.20.*` never admits the name `10.20.evil.com`;
+    - any other entry is a DNS-name glob (`*.db.internal`, case-insensitive) and matches names only,
+      never an IP literal.
+
+    A host name is never resolved: the entry is the contract, so DNS cannot slip an address past the
+    list. A host holding `,` `/` `@` or whitespace is refused outright (libpq reads `a,b` as two hosts),
+    and so is a numeric form that is not a plain IP literal (`127.1`: libc reads it as 127.0.0.1).
     """
-    literal = host.strip("[]")
+    if not host or any(ch in _HOST_FORBIDDEN for ch in host):
+        return False
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        address = ipaddress.ip_address(literal)
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(literal)
     except ValueError:
         address = None
-    for entry in allowed:
-        if address is not None:
-            try:
-                if address in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                pass  # a name pattern: compared as text below
-        if "/" not in entry and fnmatch.fnmatchcase(literal.lower(), entry.lower()):
+        last = literal.rstrip(".").rsplit(".", 1)[-1].lower()
+        if last.isdigit() or last.startswith("0x"):
+            # Not a DNS name (no top-level domain is numeric) but a form libc reads as an address
+            # ("127.1", "0x7f.1", "2130706433"): neither a name glob nor a network may judge it.
+            return False
+    for entry in (e.strip() for e in allowed):
+        if not entry:
+            continue
+        network = _network(entry)
+        if network is not None:
+            if address is not None and address.version == network.version and address in network:
+                return True
+        elif ":" in entry or _IPV4_GLOB.match(entry):
+            if address is not None and fnmatch.fnmatchcase(str(address), entry.lower()):
+                return True
+        elif address is None and fnmatch.fnmatchcase(literal.lower(), entry.lower()):
             return True
     return False
+
+
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
 
 
 def read_tls(kube: Kube, namespace: str, tls: DatabaseTLS | None) -> TLSMaterial | None:
