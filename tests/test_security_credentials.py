@@ -18,7 +18,12 @@ import pytest
 from chart_render import render_chart
 from marketplacedb_operator.credentials import host_allowed
 from marketplacedb_operator.gateways.postgres import ConnInfo, DatabaseUnreachable, connect
-from marketplacedb_operator.redact import EXPLANATIONS, classify_connect_error, describe_db_error
+from marketplacedb_operator.redact import (
+    EXPLANATIONS,
+    METHOD_REFUSED_EXPLANATION,
+    classify_connect_error,
+    describe_db_error,
+)
 from marketplacedb_operator.settings import Settings
 from security_env import NS, FakePostgres, Sec, resource, sec_env, secret
 
@@ -66,7 +71,8 @@ async def test_no_refresh_cronjob_references_a_refused_secret(sec: Sec, fake: Fa
     """A CronJob's pod reads the Secret by reference (secretKeyRef) and would send its values to the
     spec's host: a refused Secret gets no CronJob, and one made while it was accepted is pruned."""
     crt, key = _cert_like()
-    await sec.objects.create(secret("other-team-tls", {"tls.crt": crt, "tls.key": key}, opted_in=True))
+    await sec.objects.create(secret("other-team-tls", {"tls.crt": crt, "tls.key": key}, opted_in=True, annotations={
+        "marketplacedb.io/username-key": "tls.crt", "marketplacedb.io/password-key": "tls.key"}))
     view = {"name": "mv_x", "query": "SELECT id FROM t", "uniqueKey": ["id"], "refresh": {"schedule": "@hourly"}}
     await sec.objects.create(resource({
         "host": "127.0.0.1", "port": fake.port, "dbname": "x", "sslMode": "disable",
@@ -96,7 +102,8 @@ async def test_the_user_name_never_reaches_status_events_or_logs(sec: Sec, fake:
     assert b"MIIkey" not in fake.received  # require_auth: no cleartext password to this server
     cond = sec.condition("DatabaseReachable")
     assert (cond["status"], cond["reason"]) == ("False", "AuthenticationFailed")
-    assert cond["message"] == f"cannot connect to 127.0.0.1:{fake.port}/x: {EXPLANATIONS['AuthenticationFailed']}"
+    # The server asked for a cleartext password: refused by require_auth, the message says to use SCRAM.
+    assert cond["message"] == f"cannot connect to 127.0.0.1:{fake.port}/x: {METHOD_REFUSED_EXPLANATION}"
     everything = sec.everything()
     assert sec.events
     for value in ("MIIuser", "MIIkey", "BEGIN CERTIFICATE", "BEGIN PRIVATE KEY", "for user"):
@@ -113,7 +120,7 @@ async def test_what_listens_on_a_port_is_not_told(sec: Sec, reply: bytes) -> Non
     closed_port = closed.port
     await closed.stop()
     try:
-        await sec.objects.create(secret("own", {"username": "u", "password": "p"}, opted_in=True))
+        await sec.objects.create(secret("own", {"username": "u", "password": "p"}, opted_in=True, bound="a,b"))
         for name, port in (("a", other.port), ("b", closed_port)):
             await sec.objects.create(resource({"host": "127.0.0.1", "port": port, "dbname": "x", "sslMode": "prefer",
                                                "credentialsSecretRef": {"name": "own"}}, name=name))

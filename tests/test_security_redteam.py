@@ -76,8 +76,11 @@ class EvilServer:
 @pytest.fixture
 async def sec(kube_api: Any, kube_objects: Any, kube_client: Any) -> AsyncIterator[Sec]:
     async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
-        # Team B's credentials Secret, opted in for *their* MarketplaceDB (same namespace).
-        await env.objects.create(secret("team-b-db", {"username": USER, "password": PASSWORD}, opted_in=True))
+        # Team B's credentials Secret, opted in for *their* MarketplaceDBs (same namespace). The
+        # attacker edits one of them (update on MarketplaceDBs is all it takes): the binding holds, so
+        # what protects the password is require_auth (R1, R2) and the declared keys (R2b).
+        await env.objects.create(secret("team-b-db", {"username": USER, "password": PASSWORD}, opted_in=True,
+                                        bound="shop,attacker"))
         yield env
 
 
@@ -152,8 +155,8 @@ async def test_r3_forged_owner_reference_is_trusted(sec: Sec, fresh_db: Any) -> 
     await sec.reconcile()
     cond = sec.condition("PoolerAvailable")
     live = sec.objects.get("v1", "ConfigMap", pooler, NS)
-    spec_hash = live["metadata"]["annotations"]["marketplacedb.io/spec-hash"]  # computable offline
     if cond.get("reason") != "Conflict":
+        spec_hash = live["metadata"]["annotations"]["marketplacedb.io/spec-hash"]  # computable offline
         # Impact: with the hash it would have computed (render + its own password), the attacker's
         # pgbouncer.ini is never rewritten and the operator's Deployment mounts it.
         await sec.objects.delete(live)
@@ -168,6 +171,8 @@ async def test_r3_forged_owner_reference_is_trusted(sec: Sec, fresh_db: Any) -> 
         assert {"name": "config", "configMap": {"name": pooler}} in volumes
     # Secure behaviour: an object the operator did not create is a Conflict, whatever refs it carries.
     assert cond.get("reason") == "Conflict", (cond, sec.objects.get("v1", "ConfigMap", pooler, NS)["metadata"])
+    assert live["data"]["pgbouncer.ini"] == evil_ini  # left alone, and nothing mounts it:
+    assert sec.objects.get("apps/v1", "Deployment", pooler, NS) is None
 
 
 # --- R4: spec.pooler.image is any image, and gets the owner's password mounted ----------------------
@@ -175,7 +180,7 @@ async def test_r3_forged_owner_reference_is_trusted(sec: Sec, fresh_db: Any) -> 
 async def test_r4_pooler_image_is_not_restricted(sec: Sec, fresh_db: Any) -> None:
     # Team B's opted-in Secret opens fresh_db (same namespace, opted in for B's own MarketplaceDB).
     await sec.objects.create(secret("team-b-real", {"username": fresh_db.owner, "password": fresh_db.owner_password},
-                                    opted_in=True))
+                                    opted_in=True, bound="attacker"))
     await sec.objects.create(resource({
         "host": fresh_db.server.host, "port": fresh_db.server.port, "dbname": fresh_db.name, "sslMode": "disable",
         "credentialsSecretRef": {"name": "team-b-real"}}, name="attacker",
@@ -308,7 +313,8 @@ def test_r1b_cronjob_pods_drop_pgrequireauth_under_verify_full() -> None:
 
 async def test_r2b_any_key_of_an_opted_in_secret_leaves_as_the_user_name(sec: Sec) -> None:
     await sec.objects.create(secret("team-b-app", {"username": USER, "password": PASSWORD,
-                                                   "api-token": "tok_live_ABCDEF123"}, opted_in=True))
+                                                   "api-token": "tok_live_ABCDEF123"}, opted_in=True,
+                                    bound="attacker"))
     evil = await EvilServer(auth=5, tls=None).start()
     try:
         await sec.objects.create(resource({

@@ -77,9 +77,10 @@ def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
 @pytest.fixture
 async def sec(kube_api: Any, kube_objects: Any, kube_client: Any, tls_pg: TLSServer) -> AsyncIterator[Sec]:
     async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
-        await env.objects.create(secret("owner", {"username": ROLE, "password": PASSWORD}, opted_in=True))
+        await env.objects.create(secret("owner", {"username": ROLE, "password": PASSWORD}, opted_in=True,
+                                        bound="shop,nocert,noca"))
         await env.objects.create(secret("client-cert", {"tls.crt": tls_pg.client_cert, "tls.key": tls_pg.client_key},
-                                        opted_in=True))
+                                        opted_in=True, bound="shop,nocert,noca"))
         await env.objects.create({"apiVersion": "v1", "kind": "ConfigMap",
                                   "metadata": {"name": "db-ca", "namespace": NS}, "data": {"ca.crt": tls_pg.ca}})
         yield env

@@ -179,8 +179,16 @@ class SecretRef(Model):
     """A Secret in the resource's namespace holding the database owner's credentials."""
 
     name: DnsName = Field(description="Secret name.")
-    username_key: str = Field("username", description="Key holding the user name.")
-    password_key: str = Field("password", description="Key holding the password.")
+    username_key: str = Field(
+        "username",
+        description="Key holding the user name; must be the key the Secret declares "
+        "(annotation marketplacedb.io/username-key, default username).",
+    )
+    password_key: str = Field(
+        "password",
+        description="Key holding the password; must be the key the Secret declares "
+        "(annotation marketplacedb.io/password-key, default password).",
+    )
 
 
 # Per-database timeouts below this cancel nearly every statement of every session (a value without
@@ -214,7 +222,10 @@ class KeyRef(Model):
 class ClientCertRef(Model):
     """A Secret (opted in like the credentials Secret) with a client certificate and its key."""
 
-    name: DnsName = Field(description="Secret name (label marketplacedb.io/credentials: \"true\").")
+    name: DnsName = Field(
+        description="Secret name (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB)."
+    )
     cert_key: DataKey = Field("tls.crt", description="Key holding the PEM certificate.")
     key_key: DataKey = Field("tls.key", description="Key holding the PEM private key.")
 
@@ -224,7 +235,9 @@ class DatabaseTLS(Model):
     client certificate. Used by the operator and mounted into refresh CronJob pods."""
 
     ca_secret_ref: KeyRef | None = Field(
-        None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
+        None,
+        description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB).",
     )
     ca_config_map_ref: KeyRef | None = Field(None, description="CA certificate(s) from a ConfigMap.")
     client_cert_secret_ref: ClientCertRef | None = Field(None, description="Client certificate and key.")
@@ -247,7 +260,8 @@ class DatabaseSpec(Model):
     )
     credentials_secret_ref: SecretRef = Field(
         description="Owner credentials (keys username, password). The Secret must carry the label "
-        'marketplacedb.io/credentials: "true" (README "Security model").'
+        'marketplacedb.io/credentials: "true" and the annotation marketplacedb.io/credentials-for naming '
+        'this MarketplaceDB (README "Security model").'
     )
     tls: DatabaseTLS | None = Field(
         None,
@@ -721,6 +735,20 @@ class PoolerStatus(StatusModel):
     """How the pooler's server connections fit under the database's max_connections."""
 
 
+class OwnedObject(StatusModel):
+    """A Kubernetes object the operator created (or adopted) for this resource: its proof of
+    ownership, since users cannot write status and cannot choose a uid."""
+
+    api_version: str
+    """apiVersion of the object."""
+    kind: str
+    """Kind of the object."""
+    name: str
+    """Name of the object (in the resource's namespace)."""
+    uid: str
+    """metadata.uid from the operator's own create response."""
+
+
 class BlockingSession(StatusModel):
     """A database session that holds up an index build (an older snapshot or a lock)."""
 
@@ -787,6 +815,8 @@ class MarketplaceDBStatus(StatusModel):
     """Deployments whose probes this resource patched (released when removed from the spec)."""
     handled_refresh_request: str | None = None
     """The last marketplacedb.io/refresh-now annotation value acted upon."""
+    owned_objects: list[OwnedObject] = Field(default_factory=list)
+    """Kubernetes objects the operator created for this resource (uid): only these are updated."""
 
 
 class MarketplaceDB(Model):
