@@ -209,6 +209,7 @@ async def test_r5_newline_password_is_a_condition_not_a_crash(sec: Sec, fresh_db
         "credentialsSecretRef": {"name": "nl"}}, pooler={"enabled": True}))
     await sec.reconcile()  # raises PoolerConfigError today (outside reconcile's per-part try)
     assert sec.condition("PoolerAvailable").get("status") == "False"
+    assert "line2-Pw" not in sec.everything()  # the condition names the field, never the value
 
 
 # --- R6: revoking the opt-in leaves the password in the pooler's auth Secret, pooler serving -------

@@ -358,9 +358,15 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     max_connections, reserved = database.server_limits()
     budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
     user, password = _credentials(ctx)
-    credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
-    objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
-    config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    try:
+        credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
+        objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
+        config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    except pgbouncer.PoolerConfigError as exc:  # e.g. a password PgBouncer's auth file cannot hold
+        # The message names the field, never the value; the other parts go on, this one waits.
+        report.pooler_problem = Problem("PoolerConfigInvalid", str(exc)[:500])
+        report.pooler = _pooler_status(ctx, budget, None)
+        return
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS,
                             owner_uid=_uid(ctx), record=ctx.owned)
