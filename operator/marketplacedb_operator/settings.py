@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
 PREFIX = "MARKETPLACEDB_"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+# A Secret's name (RFC 1123 subdomain); naming.py is a sibling layer, so the pattern is repeated here.
+_SECRET_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +19,10 @@ class Settings:
     operator_image: str = "ghcr.io/marketplacedb/marketplacedb-operator:0.1.0"
     pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.26.0"
     pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
+    # Applied to every pod the operator creates (refresh CronJobs, poolers), in the application's
+    # namespace: a private registry's pull Secret must exist there under these names. Comma-separated.
+    image_pull_secrets: tuple[str, ...] = ()
+    image_pull_policy: str = "IfNotPresent"
     # Watch scope: empty means all namespaces.
     namespaces: tuple[str, ...] = ()
     # Periodic drift detection; also the level-based safety net for missed events.
@@ -46,6 +54,15 @@ class Settings:
     webhook_addr: str = "0.0.0.0"
     webhook_certfile: str = "/etc/marketplacedb/webhook/tls.crt"
     webhook_keyfile: str = "/etc/marketplacedb/webhook/tls.key"
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad chart value stops the operator at start-up with the variable's name,
+        # not later as a Pod the API server rejects in some application namespace.
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"{PREFIX}IMAGE_PULL_POLICY={self.image_pull_policy!r}: one of {', '.join(PULL_POLICIES)}")
+        for name in self.image_pull_secrets:
+            if not re.fullmatch(_SECRET_NAME, name):
+                raise ValueError(f"{PREFIX}IMAGE_PULL_SECRETS: {name!r} not a Secret name (lower-case DNS subdomain)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -21,7 +21,7 @@ from ..api.v1alpha1 import MarketplaceDBSpec, MaterializedViewSpec, RefreshPolic
 from ..durations import parse_duration
 from ..settings import Settings
 from . import db_tls
-from .meta import object_meta, restricted_container_security, restricted_pod_security
+from .meta import image_pull_secrets, object_meta, restricted_container_security, restricted_pod_security
 
 COMPONENT = "refresh"
 # Time for the pod to start, connect and take its lock on top of the refresh's statement_timeout.
@@ -81,11 +81,12 @@ def _pod_spec(view: MaterializedViewSpec, policy: RefreshPolicy, spec: Marketpla
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
+        **image_pull_secrets(settings),
         "containers": [
             {
                 "name": COMPONENT,
                 "image": settings.operator_image,
-                "imagePullPolicy": "IfNotPresent",
+                "imagePullPolicy": settings.image_pull_policy,
                 "command": ["marketplacedb"],
                 "args": refresh_args(view, policy),
                 "env": connection_env(spec),
