@@ -99,6 +99,8 @@ CORPUS: list[Case] = [
     case("pooler resources", "ok", ("spec.pooler.resources", {"requests": {"cpu": "100m"}})),
     case("duration 1h30m", "ok", ("spec.ddl.lockTimeout", "1h30m")),
     case("name of 63 characters", "ok", ("metadata.name", "a" * 63)),
+    case("TLS with a CA and a client certificate", "ok", ("spec.database.tls", {
+        "caConfigMapRef": {"name": "db-ca"}, "clientCertSecretRef": {"name": "db-client"}})),
     # --- refused by the CRD ---------------------------------------------------------------------
     case("injection in index name", "crd", (f"{INDEX}.name", 'x"; DROP TABLE users; --')),
     case("identifier of 64 bytes", "crd", (f"{INDEX}.name", "a" * 64)),
@@ -166,6 +168,8 @@ CORPUS: list[Case] = [
     case("resource name an integer", "crd", ("metadata.name", 7)),
     case("namespace with upper case", "crd", ("metadata.namespace", "Prod")),
     case("secret name", "crd", ("spec.database.credentialsSecretRef.name", "Owner_Secret")),
+    case("two CAs", "crd", ("spec.database.tls", {"caSecretRef": {"name": "ca"}, "caConfigMapRef": {"name": "ca"}})),
+    case("TLS key name", "crd", ("spec.database.tls", {"caConfigMapRef": {"name": "ca", "key": "ca crt"}})),
     case("image too long", "crd", ("spec.pooler.image", "x" * 600)),
     case("predicate too long", "crd", (f"{INDEX}.where", "a = 1 AND " * 500 + "true")),
     # --- refused by the webhook only (PostgreSQL's grammar, typed values) --------------------------

@@ -237,21 +237,38 @@ async def stubborn():
 
 async def test_fails(stubborn):
     assert False, "a failed async test, with a task left that ignores cancellation"
+
+
+def test_after():
+    pass
 '''
 
 
-def test_a_failed_async_test_with_a_stubborn_task_ends_the_run(tmp_path: pathlib.Path) -> None:
-    """After a failure pytest-timeout is disarmed; the loop close waits for a task that ignores
-    cancellation. The run must still end (harness/watchdog.py), naming the task, not hang CI."""
+def _run_stubborn(tmp_path: pathlib.Path, **limits: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_stubborn.py").write_text(STUBBORN_TEST)
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "MDB_TEARDOWN_LIMIT_SECONDS": "3"}
+    env = {**os.environ, "PYTHONPATH": str(TESTS), **limits}
     try:
-        done = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "harness.watchdog",
              "-o", "asyncio_mode=auto", "-o", "timeout=300", "-o", "timeout_method=thread",
              str(tmp_path / "test_stubborn.py")],
             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the run hung after the failed test:\n{exc.stdout!r}")
+
+
+def test_a_failed_async_test_with_a_stubborn_task_does_not_stop_the_run(tmp_path: pathlib.Path) -> None:
+    """After a failure pytest-timeout is disarmed, and the loop close waited for a task that ignores
+    cancellation forever. Now the close gives up after its bound, names the task in an error of
+    that test, and the run goes on to the next test (harness/watchdog.py)."""
+    done = _run_stubborn(tmp_path, MDB_LOOP_CLOSE_LIMIT_SECONDS="2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed, 1 error" in done.stdout, done.stdout
+    assert "LeftoverTasks" in done.stdout and "task stubborn" in done.stdout, done.stdout
+
+
+def test_a_teardown_that_hangs_anyway_ends_the_run_with_stacks(tmp_path: pathlib.Path) -> None:
+    """The last resort: a teardown still running after its bound ends the run with the stacks."""
+    done = _run_stubborn(tmp_path, MDB_LOOP_CLOSE_LIMIT_SECONDS="600", MDB_TEARDOWN_LIMIT_SECONDS="3")
     assert done.returncode == 3, done.stdout + done.stderr
     assert "still running after 3s" in done.stderr and "task stubborn" in done.stderr, done.stderr

@@ -48,7 +48,8 @@ def verdict(body: dict[str, Any], old: dict[str, Any] | None = None) -> str | No
     if not isinstance(body.get("spec"), dict):
         return "spec: Field required"
     try:
-        MarketplaceDB.model_validate(body)
+        # The status is the operator's (and the status subresource's), never the author's.
+        MarketplaceDB.model_validate({key: value for key, value in body.items() if key != "status"})
     except ValidationError as exc:
         lines = format_errors(exc)
         more = f" (and {len(lines) - MAX_PROBLEMS} more)" if len(lines) > MAX_PROBLEMS else ""
