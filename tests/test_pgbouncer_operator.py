@@ -46,7 +46,9 @@ async def test_a_pooler_image_outside_the_allowed_repositories_is_a_condition_an
 async def test_app_roles_are_listed_and_the_owner_is_not(env: Env) -> None:
     await env.objects.create({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "shop-app", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+        "metadata": {"name": "shop-app", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                     "annotations": {naming.ANN_CREDENTIALS_FOR: "shop", naming.ANN_USERNAME_KEY: "user",
+                                     naming.ANN_PASSWORD_KEY: "pass"}},
         # The workload database has one login role: the app Secret names it under another key set.
         "stringData": {"user": "shop_app", "pass": "app-Pa55-9d1e"},
     })

@@ -19,9 +19,17 @@ from pydantic import ValidationError
 from . import credentials as creds
 from . import metrics, naming, pooler_logins
 from .api.errors import format_errors
-from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
+from .api.v1alpha1 import (
+    MarketplaceDB,
+    MarketplaceDBSpec,
+    MarketplaceDBStatus,
+    OwnedObject,
+    PlanStatus,
+    PoolerStatus,
+    ViewStatus,
+)
 from .durations import parse_duration
-from .owned import OWNED_KINDS, SyncResult, sync_owned
+from .owned import OWNED_KINDS, Record, SyncResult, sync_owned
 from .ports import ConnInfo, Database, Deps
 from .probe_sync import release as release_probes
 from .probe_sync import sync_probes
@@ -58,6 +66,8 @@ class Context:
     deps: Deps
     now: datetime.datetime
     password: str = ""  # kept only to mask it in messages
+    # status.ownedObjects: what proves a Kubernetes object is ours (owned.py); updated by sync_owned.
+    owned: Record = dataclasses.field(default_factory=dict)
 
     @property
     def namespace(self) -> str:
@@ -92,7 +102,7 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
     except ValidationError as exc:
         report.spec_problem = Problem("InvalidSpec", _validation_message(exc))
         return _finish(body, deps, previous, report, started, temporary=False)
-    ctx = Context(body, spec, previous, deps, deps.now())
+    ctx = Context(body, spec, previous, deps, deps.now(), owned=_owned_record(previous))
     report.pooler_enabled, report.pooler_replicas = spec.pooler.enabled, spec.pooler.replicas
     database: Database | None = None
     try:
@@ -166,6 +176,7 @@ def _finish(
         status.handled_refresh_request = ctx.annotation(naming.ANN_REFRESH_NOW) or (
             previous.handled_refresh_request if previous else None
         )
+    status.owned_objects = _owned_list(ctx.owned) if ctx is not None else (previous.owned_objects if previous else [])
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if rendered != _comparable(body.get("status")):
         deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
@@ -173,6 +184,14 @@ def _finish(
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
     return Outcome(events=events, temporary=temporary, requeue_after=requeue)
+
+
+def _owned_record(previous: MarketplaceDBStatus | None) -> Record:
+    return {(o.api_version, o.kind, o.name): o.uid for o in (previous.owned_objects if previous else [])}
+
+
+def _owned_list(record: Record) -> list[OwnedObject]:
+    return [OwnedObject(api_version=a, kind=k, name=n, uid=u) for (a, k, n), u in sorted(record.items())]
 
 
 def _comparable(status: Any) -> Any:
@@ -198,7 +217,7 @@ def _credentials(ctx: Context) -> tuple[str, str]:
 def _pooler_login(ctx: Context, ref: Any, field: str) -> tuple[str, str]:
     """A pooler login's Secret (spec.pooler.users[], authQuery), read under the owner's opt-in rule."""
     try:
-        found = creds.read_ref(ctx.deps.kube, ctx.namespace, ref, field)
+        found = creds.read_ref(ctx.deps.kube, ctx.namespace, ref, field, ctx.name)
     except creds.CredentialsRefused as exc:
         raise DatabaseUnavailable(exc.problem) from None
     return found.user, found.password
@@ -211,7 +230,7 @@ def _scrubbed(exc: BaseException, ctx: Context) -> str:
 
 def _conn_info(ctx: Context) -> ConnInfo:
     try:
-        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings)
+        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings, ctx.name)
     except creds.CredentialsRefused as exc:
         raise DatabaseUnavailable(exc.problem) from None
 
@@ -312,7 +331,7 @@ def _cronjobs(ctx: Context, report: Report) -> None:
         report.refresh_problem = Problem(refused.reason, "no refresh CronJob until the database spec is accepted")
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired,
-                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx))
+                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx), record=ctx.owned)
         report.refresh_problem = _conflict(synced) or report.refresh_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.refresh_problem = Problem("CronJobApplyFailed", str(exc)[:500])
@@ -330,9 +349,15 @@ def _conflict(synced: SyncResult) -> Problem | None:
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     component = pooler_manifests.COMPONENT
-    if not ctx.spec.pooler.enabled:
+    refused = report.database_problem is not None and report.database_problem.reason in creds.REFUSALS
+    if ctx.spec.pooler.enabled and refused and report.database_problem is not None:
+        # The auth Secret holds the refused Secret's password and the Deployment serves it: pruned
+        # like the CronJobs, until the Secret or host is accepted again.
+        report.pooler_problem = Problem(report.database_problem.reason, "no pooler until the database spec is accepted")
+    if not ctx.spec.pooler.enabled or refused:
         secrets = (naming.pooler_auth_secret_name(ctx.name),)
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx))
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx),
+                   record=ctx.owned)
         return
     if database is None:
         # Sizing and auth need the database; keep whatever runs now and say why.
@@ -352,7 +377,7 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         return
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS,
-                            owner_uid=_uid(ctx))
+                            owner_uid=_uid(ctx), record=ctx.owned)
         report.pooler_problem = _conflict(synced) or report.pooler_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.pooler_problem = Problem("PoolerApplyFailed", str(exc)[:500])

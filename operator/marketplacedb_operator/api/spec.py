@@ -34,8 +34,16 @@ class SecretRef(Model):
     """A Secret in the resource's namespace holding the database owner's credentials."""
 
     name: DnsName = Field(description="Secret name.")
-    username_key: str = Field("username", description="Key holding the user name.")
-    password_key: str = Field("password", description="Key holding the password.")
+    username_key: str = Field(
+        "username",
+        description="Key holding the user name; must be the key the Secret declares "
+        "(annotation marketplacedb.io/username-key, default username).",
+    )
+    password_key: str = Field(
+        "password",
+        description="Key holding the password; must be the key the Secret declares "
+        "(annotation marketplacedb.io/password-key, default password).",
+    )
 
 
 # Per-database timeouts below this cancel nearly every statement of every session (a value without
@@ -69,7 +77,10 @@ class KeyRef(Model):
 class ClientCertRef(Model):
     """A Secret (opted in like the credentials Secret) with a client certificate and its key."""
 
-    name: DnsName = Field(description="Secret name (label marketplacedb.io/credentials: \"true\").")
+    name: DnsName = Field(
+        description="Secret name (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB)."
+    )
     cert_key: DataKey = Field("tls.crt", description="Key holding the PEM certificate.")
     key_key: DataKey = Field("tls.key", description="Key holding the PEM private key.")
 
@@ -88,7 +99,9 @@ class DatabaseTLS(Model):
     )
 
     ca_secret_ref: KeyRef | None = Field(
-        None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
+        None,
+        description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB).",
     )
     ca_config_map_ref: KeyRef | None = Field(None, description="CA certificate(s) from a ConfigMap.")
     client_cert_secret_ref: ClientCertRef | None = Field(None, description="Client certificate and key.")
@@ -111,7 +124,8 @@ class DatabaseSpec(Model):
     )
     credentials_secret_ref: SecretRef = Field(
         description="Owner credentials (keys username, password). The Secret must carry the label "
-        'marketplacedb.io/credentials: "true" (README "Security model").'
+        'marketplacedb.io/credentials: "true" and the annotation marketplacedb.io/credentials-for naming '
+        'this MarketplaceDB (README "Security model").'
     )
     tls: DatabaseTLS | None = Field(
         None,

@@ -103,6 +103,20 @@ class PoolerStatus(StatusModel):
     """spec.pooler.parameters newer than that release: left out of pgbouncer.ini."""
 
 
+class OwnedObject(StatusModel):
+    """A Kubernetes object the operator created (or adopted) for this resource: its proof of
+    ownership, since users cannot write status and cannot choose a uid."""
+
+    api_version: str
+    """apiVersion of the object."""
+    kind: str
+    """Kind of the object."""
+    name: str
+    """Name of the object (in the resource's namespace)."""
+    uid: str
+    """metadata.uid from the operator's own create response."""
+
+
 class BlockingSession(StatusModel):
     """A database session that holds up an index build (an older snapshot or a lock)."""
 
@@ -169,3 +183,5 @@ class MarketplaceDBStatus(StatusModel):
     """Deployments whose probes this resource patched (released when removed from the spec)."""
     handled_refresh_request: str | None = None
     """The last marketplacedb.io/refresh-now annotation value acted upon."""
+    owned_objects: list[OwnedObject] = Field(default_factory=list)
+    """Kubernetes objects the operator created for this resource (uid): only these are updated."""
