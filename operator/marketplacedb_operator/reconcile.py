@@ -17,10 +17,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import credentials as creds
-from . import metrics, naming
+from . import metrics, naming, pooler_logins
 from .api.errors import format_errors
-from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus
-from .owned import OWNED_KINDS, SyncResult, sync_owned
+from .api.v1alpha1 import (
+    MarketplaceDB,
+    MarketplaceDBSpec,
+    MarketplaceDBStatus,
+    OwnedObject,
+    PlanStatus,
+    PoolerStatus,
+)
+from .owned import OWNED_KINDS, Record, SyncResult, sync_owned
 from .ports import ConnInfo, Database, Deps
 from .probe_sync import release as release_probes
 from .probe_sync import sync_probes
@@ -57,6 +64,8 @@ class Context:
     deps: Deps
     now: datetime.datetime
     password: str = ""  # kept only to mask it in messages
+    # status.ownedObjects: what proves a Kubernetes object is ours (owned.py); updated by sync_owned.
+    owned: Record = dataclasses.field(default_factory=dict)
 
     @property
     def namespace(self) -> str:
@@ -91,7 +100,7 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
     except ValidationError as exc:
         report.spec_problem = Problem("InvalidSpec", _validation_message(exc))
         return _finish(body, deps, previous, report, started, temporary=False)
-    ctx = Context(body, spec, previous, deps, deps.now())
+    ctx = Context(body, spec, previous, deps, deps.now(), owned=_owned_record(previous))
     report.pooler_enabled, report.pooler_replicas = spec.pooler.enabled, spec.pooler.replicas
     database: Database | None = None
     try:
@@ -165,6 +174,7 @@ def _finish(
         status.handled_refresh_request = ctx.annotation(naming.ANN_REFRESH_NOW) or (
             previous.handled_refresh_request if previous else None
         )
+    status.owned_objects = _owned_list(ctx.owned) if ctx is not None else (previous.owned_objects if previous else [])
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if rendered != _comparable(body.get("status")):
         deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
@@ -174,6 +184,14 @@ def _finish(
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
     return Outcome(events=events, temporary=temporary, requeue_after=requeue)
+
+
+def _owned_record(previous: MarketplaceDBStatus | None) -> Record:
+    return {(o.api_version, o.kind, o.name): o.uid for o in (previous.owned_objects if previous else [])}
+
+
+def _owned_list(record: Record) -> list[OwnedObject]:
+    return [OwnedObject(api_version=a, kind=k, name=n, uid=u) for (a, k, n), u in sorted(record.items())]
 
 
 def _comparable(status: Any) -> Any:
@@ -196,6 +214,15 @@ def _credentials(ctx: Context) -> tuple[str, str]:
     return info.user, info.password
 
 
+def _pooler_login(ctx: Context, ref: Any, field: str) -> tuple[str, str]:
+    """A pooler login's Secret (spec.pooler.users[], authQuery), read under the owner's opt-in rule."""
+    try:
+        found = creds.read_ref(ctx.deps.kube, ctx.namespace, ref, field, ctx.name)
+    except creds.CredentialsRefused as exc:
+        raise DatabaseUnavailable(exc.problem) from None
+    return found.user, found.password
+
+
 def _scrubbed(exc: BaseException, ctx: Context) -> str:
     """A database failure as SQLSTATE and object names (redact.py): never server text or row values."""
     return describe_db_error(exc)
@@ -203,7 +230,7 @@ def _scrubbed(exc: BaseException, ctx: Context) -> str:
 
 def _conn_info(ctx: Context) -> ConnInfo:
     try:
-        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings)
+        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings, ctx.name)
     except creds.CredentialsRefused as exc:
         raise DatabaseUnavailable(exc.problem) from None
 
@@ -312,7 +339,7 @@ def _cronjobs(ctx: Context, report: Report) -> None:
         report.refresh_problem = Problem(refused.reason, "no refresh CronJob until the database spec is accepted")
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired,
-                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx))
+                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx), record=ctx.owned)
         report.refresh_problem = _conflict(synced) or report.refresh_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.refresh_problem = Problem("CronJobApplyFailed", str(exc)[:500])
@@ -330,9 +357,15 @@ def _conflict(synced: SyncResult) -> Problem | None:
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     component = pooler_manifests.COMPONENT
-    if not ctx.spec.pooler.enabled:
+    refused = report.database_problem is not None and report.database_problem.reason in creds.REFUSALS
+    if ctx.spec.pooler.enabled and refused and report.database_problem is not None:
+        # The auth Secret holds the refused Secret's password and the Deployment serves it: pruned
+        # like the CronJobs, until the Secret or host is accepted again.
+        report.pooler_problem = Problem(report.database_problem.reason, "no pooler until the database spec is accepted")
+    if not ctx.spec.pooler.enabled or refused:
         secrets = (naming.pooler_auth_secret_name(ctx.name),)
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx))
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx),
+                   record=ctx.owned)
         return
     if database is None:
         # Sizing and auth need the database; keep whatever runs now and say why.
@@ -341,13 +374,18 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         return
     max_connections, reserved = database.server_limits()
     budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
-    user, password = _credentials(ctx)
-    credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
-    objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
-    config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    try:  # app roles and authQuery (pooler_logins.py): their Secrets, verifiers, lookup function
+        credentials, auth_user = pooler_logins.entries(ctx.spec, database, lambda r, f: _pooler_login(ctx, r, f))
+        objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+        config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+    except (DatabaseUnavailable, pgbouncer.PoolerConfigError, pooler_logins.LookupFunctionMissing) as exc:
+        problem = exc.problem if isinstance(exc, DatabaseUnavailable) else Problem(
+            getattr(exc, "reason", "PoolerConfigInvalid"), str(exc))
+        report.pooler_problem, report.pooler = problem, _pooler_status(ctx, budget, None)
+        return
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS,
-                            owner_uid=_uid(ctx))
+                            owner_uid=_uid(ctx), record=ctx.owned)
         report.pooler_problem = _conflict(synced) or report.pooler_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.pooler_problem = Problem("PoolerApplyFailed", str(exc)[:500])
@@ -364,11 +402,17 @@ def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> Pooler
     name = naming.pooler_name(ctx.name)
     deployment = ctx.deps.kube.get("apps/v1", "Deployment", ctx.namespace, name) or {}
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    image = ctx.spec.pooler.image or ctx.deps.settings.pgbouncer_image
+    version = pgbouncer.image_version(image)
     return PoolerStatus(
         ready_replicas=ready,
         endpoint=f"{name}.{ctx.namespace}.svc:5432",
         config_hash=config_hash,
         budget=budget,
+        paused=ctx.spec.pooler.paused,
+        pgbouncer_version=".".join(map(str, version)) if version else None,
+        # Judged from the image tag here; the agent checks the running binary (SHOW CONFIG).
+        unsupported_parameters=pgbouncer.unsupported_parameters(ctx.spec.pooler.parameters, version) if version else [],
     )
 
 

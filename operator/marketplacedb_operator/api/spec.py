@@ -20,6 +20,17 @@ from .bounds import cel
 from .parameters import DATABASE_SETTINGS, SERVER_SETTINGS, check_named
 from .types import CRON_PATTERN, DnsName, Duration, Identifier, Model, check_cron, check_unique, in_list, unique_rule
 
+
+def _not_temporary(value: str) -> str:
+    # The schema engine builds replacements as <name>__new, parks replaced indexes as <name>__old and
+    # names a view's unique index <view>__key: a declared name of that form would collide with another
+    # declared object's temporary name.
+    for suffix in ("__new", "__old", "__key"):
+        if value.endswith(suffix):
+            raise ValueError(f"{value!r} ends in {suffix!r}, reserved for the operator's temporary names")
+    return value
+
+
 # --- database ---------------------------------------------------------------------------------
 
 
@@ -27,8 +38,16 @@ class SecretRef(Model):
     """A Secret in the resource's namespace holding the database owner's credentials."""
 
     name: DnsName = Field(description="Secret name.")
-    username_key: str = Field("username", description="Key holding the user name.")
-    password_key: str = Field("password", description="Key holding the password.")
+    username_key: str = Field(
+        "username",
+        description="Key holding the user name; must be the key the Secret declares "
+        "(annotation marketplacedb.io/username-key, default username).",
+    )
+    password_key: str = Field(
+        "password",
+        description="Key holding the password; must be the key the Secret declares "
+        "(annotation marketplacedb.io/password-key, default password).",
+    )
 
 
 # Per-database timeouts below this cancel nearly every statement of every session (a value without
@@ -62,7 +81,10 @@ class KeyRef(Model):
 class ClientCertRef(Model):
     """A Secret (opted in like the credentials Secret) with a client certificate and its key."""
 
-    name: DnsName = Field(description="Secret name (label marketplacedb.io/credentials: \"true\").")
+    name: DnsName = Field(
+        description="Secret name (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB)."
+    )
     cert_key: DataKey = Field("tls.crt", description="Key holding the PEM certificate.")
     key_key: DataKey = Field("tls.key", description="Key holding the PEM private key.")
 
@@ -81,7 +103,9 @@ class DatabaseTLS(Model):
     )
 
     ca_secret_ref: KeyRef | None = Field(
-        None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
+        None,
+        description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB).",
     )
     ca_config_map_ref: KeyRef | None = Field(None, description="CA certificate(s) from a ConfigMap.")
     client_cert_secret_ref: ClientCertRef | None = Field(None, description="Client certificate and key.")
@@ -104,7 +128,8 @@ class DatabaseSpec(Model):
     )
     credentials_secret_ref: SecretRef = Field(
         description="Owner credentials (keys username, password). The Secret must carry the label "
-        'marketplacedb.io/credentials: "true" (README "Security model").'
+        'marketplacedb.io/credentials: "true" and the annotation marketplacedb.io/credentials-for naming '
+        'this MarketplaceDB (README "Security model").'
     )
     tls: DatabaseTLS | None = Field(
         None,
@@ -180,6 +205,7 @@ class IndexSpec(Model):
     )
 
     name: Identifier = Field(description="Index name (unique in the schema).")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     table: Identifier = Field(description="Table name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema of the table.")
     columns: list[IndexColumn] = Field(
@@ -311,6 +337,7 @@ class MaterializedViewSpec(Model):
     """A materialized view with the unique index that REFRESH ... CONCURRENTLY needs."""
 
     name: Identifier = Field(description="View name.")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     schema_name: Identifier = Field("public", alias="schema", description="Schema.")
     allow_volatile_functions: bool = Field(
         False,
