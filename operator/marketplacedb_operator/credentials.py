@@ -1,9 +1,9 @@
 """The credentials boundary: which Secrets the operator reads, which hosts it connects to.
 
 Whoever may create a MarketplaceDB is trusted with DDL through the role its Secret names, nothing
-more (DESIGN.md 4a). The operator's service account can read every Secret it needs, so without a
-rule a MarketplaceDB could name another team's Secret (`usernameKey: tls.crt`) and a host of its
-choosing, and receive that Secret's values in a login packet. Hence:
+more (docs/architecture.md#ownership-and-trust). The operator's service account can read every
+Secret it needs, so without a rule a MarketplaceDB could name another team's Secret
+(`usernameKey: tls.crt`) and a host of its choosing, and receive that Secret's values in a login packet. Hence:
 
 - a Secret is read only when it opts in with the label `marketplacedb.io/credentials: "true"`
   *and* names the MarketplaceDB in its annotation `marketplacedb.io/credentials-for` (both set by
