@@ -103,6 +103,61 @@ def test_stale_intent_never_binds_a_valid_index(fresh_db: FreshDatabase) -> None
     assert one(db.dsn, "SELECT to_regclass('idx__new')::oid") == oid
 
 
+def test_a_build_that_finishes_after_the_operator_died_is_ours_by_its_pinned_oid(fresh_db: FreshDatabase) -> None:
+    """The other side of finding 1: the operator is SIGKILLed while its CREATE INDEX CONCURRENTLY
+    waits; the orphaned backend finishes the build, leaving a *valid* index at the temporary name.
+    The build's watcher pinned that index's OID on the intent (ownership.pin_build, read from the
+    build's own pg_stat_progress_create_index row), so the next plan sweeps and rebuilds it instead
+    of a permanent "temporary name taken" conflict (found by tests/reliability/test_rel_kill.py)."""
+    import threading
+
+    db = fresh_db
+    run(db.dsn, "CREATE TABLE t (a int, b int); INSERT INTO t SELECT g, g FROM generate_series(1, 1000) g")
+    d = desired_state(spec(INDEX), OWNER)
+    with db.connect() as conn:
+        assert gateway.ensure_records(conn, FAST) == ""
+        conn.execute(ownership.intent(OWNER, "public", "idx__new", "public", "t", "h"))
+    snapshot = psycopg.connect(db.superuser_dsn)  # the build's wait phase waits for this snapshot
+    snapshot.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    snapshot.execute("SELECT count(*) FROM pg_class")
+    builder = psycopg.connect(db.dsn, autocommit=True)  # plays the build of the operator that dies
+    build = threading.Thread(target=builder.execute, args=("CREATE INDEX CONCURRENTLY idx__new ON t (a)",))
+    try:
+        build.start()
+        deadline = time.monotonic() + 60
+        pinned = 0
+        while not pinned and time.monotonic() < deadline:  # what the executor's watcher does
+            with db.connect() as watcher:
+                pinned = watcher.execute(ownership.pin_build(builder.info.backend_pid)).rowcount
+            time.sleep(0.1)
+        assert pinned == 1
+    finally:
+        snapshot.rollback()
+        snapshot.close()
+        build.join(60)
+        builder.close()
+    assert one(db.dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx__new'::regclass")
+    p = do_plan(db, d)
+    assert not p.conflicts, p.conflicts
+    assert any(s.startswith("drop") and "idx__new" in s for s in p.descriptions()), p.descriptions()
+    _, out = do_apply(db, d)
+    assert all(o.ok for o in out), out
+    assert one(db.dsn, "SELECT to_regclass('idx__new')") is None
+    assert one(db.dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx'::regclass")
+
+
+def test_a_dba_index_at_the_temporary_name_is_never_pinned(fresh_db: FreshDatabase) -> None:
+    """pin_build binds only the index that backend `pid` is building right now."""
+    db = fresh_db
+    run(db.dsn, "CREATE TABLE t (a int, b int)")
+    with db.connect() as conn:
+        assert gateway.ensure_records(conn, FAST) == ""
+        conn.execute(ownership.intent(OWNER, "public", "idx__new", "public", "t", "h"))
+        run(db.superuser_dsn, "CREATE INDEX idx__new ON t (b)")
+        assert conn.execute(ownership.pin_build(conn.info.backend_pid)).rowcount == 0
+    assert records(db) == [("idx__new", "building", None)]
+
+
 # --- finding 2: declared names that are another declared object's temporary name -----------------
 
 

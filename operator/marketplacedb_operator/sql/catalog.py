@@ -44,12 +44,16 @@ class Record:
     how: str  # created, adopted, building (an interrupted build of ours), replaced
     spec_hash: str
     def_hash: str
+    # The record names the object's OID. Only read for how == 'building': False is an intent that
+    # binds an INVALID leftover by age and table alone (see catalog_sql.OBSERVE).
+    pinned: bool = False
 
 
 def _record(value: Mapping[str, Any] | None) -> Record | None:
     if not value:
         return None
-    return Record(str(value["owner"]), str(value["how"]), str(value["spec_hash"] or ""), str(value["def_hash"] or ""))
+    return Record(str(value["owner"]), str(value["how"]), str(value["spec_hash"] or ""), str(value["def_hash"] or ""),
+                  bool(value.get("pinned")))
 
 
 @dataclasses.dataclass(frozen=True)

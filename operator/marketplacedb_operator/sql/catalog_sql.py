@@ -49,7 +49,7 @@ rels AS (
 -- an intent whose build made it (younger catalog row, same table, and INVALID: what an interrupted
 -- build leaves; a valid index there is someone's, made after a stale intent, never ours).
 owned AS (
-  SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash
+  SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash, rec.oid IS NOT NULL AS pinned
   FROM rels r JOIN rec ON rec.schema_name = r.nspname AND rec.name = r.relname
    AND rec.kind = CASE WHEN r.relkind IN ('i', 'I') THEN 'index' WHEN r.relkind = 'm' THEN 'view' END
   WHERE rec.oid = r.oid
@@ -78,7 +78,7 @@ SELECT pg_catalog.json_build_object(
                 JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                WHERE k.ord <= i.indnkeyatts) AS key_columns,
              (SELECT pg_catalog.json_build_object('owner', o.owner, 'how', o.how, 'spec_hash', o.spec_hash,
-                                                  'def_hash', o.def_hash)
+                                                  'def_hash', o.def_hash, 'pinned', o.pinned)
                 FROM owned o WHERE o.rel = r.oid LIMIT 1) AS record,
              -- Someone's CREATE INDEX CONCURRENTLY still running: its progress row (visible with
              -- pg_read_all_stats), else a session (perhaps autovacuum: then we just wait) holding
@@ -147,7 +147,7 @@ SELECT pg_catalog.json_build_object(
                WHERE d.classoid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objoid = r.oid
                  AND d.objsubid > 0) AS column_comments,
              (SELECT pg_catalog.json_build_object('owner', o.owner, 'how', o.how, 'spec_hash', o.spec_hash,
-                                                  'def_hash', o.def_hash)
+                                                  'def_hash', o.def_hash, 'pinned', o.pinned)
                 FROM owned o WHERE o.rel = r.oid LIMIT 1) AS record,
              (SELECT coalesce(pg_catalog.json_agg(DISTINCT dn.nspname || '.' || dc.relname), '[]')
                 FROM pg_catalog.pg_depend d

@@ -105,6 +105,22 @@ def intent(owner: str, schema: str, name: str, table_schema: str, table: str, sp
              table=_regclass(table_schema, table), spec_hash=sql.Literal(spec_hash), overwrite=_OVERWRITE_INTENT)
 
 
+def pin_build(pid: int) -> sql.Composed:
+    """While backend `pid` runs CREATE INDEX CONCURRENTLY: record the OID of the index it builds on
+    the intent row of that name. The build's own progress row names the index, so the OID proves the
+    index is the one our build made: a valid index left at the temporary name by a build that
+    finished after the operator died is then ours (to sweep and rebuild), while a DBA's index put at
+    that name later, under a stale intent, never is."""
+    return sql.SQL(
+        "UPDATE {records} AS r SET oid = p.index_relid "
+        "FROM pg_catalog.pg_stat_progress_create_index p "
+        "JOIN pg_catalog.pg_class c ON c.oid = p.index_relid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE p.pid = {pid} AND p.index_relid <> 0 AND r.schema_name = n.nspname AND r.name = c.relname "
+        "AND r.kind = 'index' AND r.how = 'building' AND r.oid IS NULL AND r.table_oid = p.relid"
+    ).format(records=RECORDS, pid=sql.Literal(pid))
+
+
 def forget(owner: str, schema: str, name: str) -> sql.Composed:
     """Delete `owner`'s row for `schema.name` (after the object was dropped, or a build undone)."""
     return sql.SQL("DELETE FROM {} WHERE schema_name = {} AND name = {} AND owner = {}").format(

@@ -274,9 +274,11 @@ def _adopted(info: IndexInfo | ViewInfo) -> bool:
 def _sweepable(info: IndexInfo, owner: str) -> bool:
     """Recorded as ours and safe to sweep (undeclared or teardown): not being built by someone, and
     not a *valid* index bound only by an intent record (a stale intent must never adopt a DBA's
-    index created later under that name; what an interrupted build of ours leaves is INVALID)."""
+    index created later under that name). A valid index whose OID our build pinned on the intent
+    (ownership.pin_build: a build that finished after the operator died) is ours."""
     return info.owned_by(owner) and info.building_pid is None \
-        and not (info.record is not None and info.record.how == "building" and info.valid)
+        and not (info.record is not None and info.record.how == "building" and info.valid
+                 and not info.record.pinned)
 
 
 def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[ViewInfo],

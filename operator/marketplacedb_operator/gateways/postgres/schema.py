@@ -225,11 +225,19 @@ class _Runner:
             thread.join(timeout=5)
 
     def _watch(self, connect: Connect, pid: int, stop: threading.Event) -> None:
+        pinned, ticks = False, 0
         try:
             with connect() as other:
-                while not stop.wait(0.2):
-                    for session in sessions_blocking(other, pid):
-                        self.blockers[session.pid] = session  # keep the latest (oldest age)
+                # Pin the build's index OID on its intent row (ownership.pin_build) as soon as the
+                # build has created it: until then a crash leaves a build that may finish unowned.
+                while not stop.wait(0.2 if pinned else 0.02):
+                    if not pinned:
+                        pinned = other.execute(ownership.pin_build(pid)).rowcount > 0
+                        other.commit()
+                    ticks += 1
+                    if pinned or ticks % 10 == 0:
+                        for session in sessions_blocking(other, pid):
+                            self.blockers[session.pid] = session  # keep the latest (oldest age)
         except Exception:  # observation only: never fail a build because of it
             return
 
