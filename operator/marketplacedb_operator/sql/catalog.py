@@ -32,6 +32,7 @@ from .catalog_sql import (
 from .ddl import Marker, parse_marker
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
+           "EXTENSIONS",
            "Catalog", "Grant", "IndexInfo", "Record", "SessionInfo", "ViewInfo", "observe_params", "observe_query",
            "parse_catalog", "session_from_row"]
 
@@ -157,6 +158,9 @@ class Catalog:
     expected: tuple[tuple[tuple[str, str], str], ...] = ()
     # Declared objects that could not be compared at all (the probe failed): {(schema, name): why}.
     uncompared: tuple[tuple[tuple[str, str], str], ...] = ()
+    # Installed extensions, and those this role may create here (gateway: EXTENSIONS below).
+    extensions: tuple[str, ...] = ()
+    creatable_extensions: tuple[str, ...] = ()
 
     def index(self, schema: str, name: str) -> IndexInfo | None:
         return next((i for i in self.indexes if i.schema == schema and i.name == name), None)
@@ -184,6 +188,19 @@ class Catalog:
     @property
     def server(self) -> Mapping[str, str]:
         return dict(self.server_settings)
+
+
+# Installed extensions, and the available ones this role may create: a superuser any, otherwise a
+# trusted one (PostgreSQL 13+) given CREATE on the database. Read in the observation's transaction.
+EXTENSIONS = """
+SELECT (SELECT coalesce(pg_catalog.array_agg(e.extname::text ORDER BY e.extname), '{}')
+          FROM pg_catalog.pg_extension e),
+       (SELECT coalesce(pg_catalog.array_agg(DISTINCT a.name::text), '{}')
+          FROM pg_catalog.pg_available_extension_versions a
+         WHERE a.version = (SELECT d.default_version FROM pg_catalog.pg_available_extensions d WHERE d.name = a.name)
+           AND ((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+                OR (a.trusted AND pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'))))
+"""
 
 
 def session_from_row(row: tuple[Any, ...]) -> SessionInfo:

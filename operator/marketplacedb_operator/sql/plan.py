@@ -32,6 +32,7 @@ from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_guards import fk_conflict as _fk_conflict
 from .plan_views import drop_view_step, view_steps
+from .prerequisites import prerequisites
 from .steps import (
     Desired,
     DesiredIndex,
@@ -83,6 +84,7 @@ def desired_state(spec: MarketplaceDBSpec, owner: str, previously_managed_settin
         reset_settings=tuple(sorted(set(previously_managed_settings) - declared)),
         deletion_policy=spec.ddl.deletion_policy,
         approval=spec.ddl.approval,
+        extensions=tuple(sorted(spec.database.extensions)),
     )
 
 
@@ -320,12 +322,11 @@ def _on_declared_view(d: DesiredIndex, desired: Desired) -> bool:
 
 def plan(desired: Desired, observed: Catalog) -> Plan:
     """The steps that bring `observed` to `desired`; empty when they already match."""
-    steps: list[Step] = []
-    conflicts: list[str] = []
     notes: list[str] = []
     declared = _declared(desired)
-    on_views = [d for d in desired.indexes if _on_declared_view(d, desired)]
-    on_tables = [d for d in desired.indexes if d not in on_views]
+    steps, conflicts, blocked = prerequisites(desired, observed)
+    on_views = [d for d in desired.indexes if _on_declared_view(d, desired) and d.object not in blocked]
+    on_tables = [d for d in desired.indexes if d not in on_views and d.object not in blocked]
     for index in on_tables:
         found, conflict, note = _index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from ...sql import ownership
-from ...sql.catalog import Catalog, observe_params, observe_query, parse_catalog
+from ...sql.catalog import EXTENSIONS, Catalog, observe_params, observe_query, parse_catalog
 from ...sql.ddl import create_index, qualified
 from ...sql.plan import Desired, observed_names
 from ...sqlcheck import normalize_select
@@ -58,9 +58,12 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         cur = conn.execute(observe_query(bool(trust[0])),
                            observe_params(desired.owner, observed_names(desired)))
         row = cur.fetchone()
+        found = conn.execute(EXTENSIONS).fetchone()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
+    if found is not None:
+        catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
     return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
