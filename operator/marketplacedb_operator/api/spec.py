@@ -295,7 +295,8 @@ class IndexSpec(Model):
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "!has(self.include) || self.include.all(n, !self.columns.filter(c, has(c.name)).exists(c, c.name == n))",
+                "!has(self.include) || "
+                "self.include.all(n, !self.columns.filter(c, has(c.name)).exists(c, c.name == n))",
                 "include must not repeat key columns",
             ),
         )
