@@ -210,13 +210,13 @@ def create_index(spec: IndexSpec, name: str | None = None, *, concurrently: bool
 
 
 def create_index_on(spec: IndexSpec, name: str, *, concurrently: bool = True, only: bool = False,
-                    table: str | None = None) -> sql.Composed:
+                    table: str | None = None, schema: str | None = None) -> sql.Composed:
     """CREATE INDEX for `spec` under `name`: on `table` (a partition) instead of the declared one,
     or ON ONLY the (partitioned) table: an INVALID parent index that the partitions' attach."""
     query = sql.SQL("CREATE {unique}INDEX {how}{name} ON {only}{table} USING {method} ({columns})").format(
         unique=sql.SQL("UNIQUE " if spec.unique else ""), how=sql.SQL("CONCURRENTLY " if concurrently else ""),
         name=sql.Identifier(name), only=sql.SQL("ONLY " if only else ""),
-        table=qualified(spec.schema_name, table or spec.table),
+        table=qualified(schema or spec.schema_name, table or spec.table),
         method=METHODS[spec.method],
         columns=sql.SQL(", ").join(_key_column(c) for c in spec.columns),
     )
@@ -232,6 +232,18 @@ def create_index_on(spec: IndexSpec, name: str, *, concurrently: bool = True, on
         # Parser-verified, deparsed expression (one boolean expression, no subquery).
         query = sql.SQL("{} WHERE {}").format(query, sql.SQL(normalize_predicate(spec.where)))
     return query
+
+
+def attach_index(schema: str, parent: str, child_schema: str, child: str) -> sql.Composed:
+    """Attach a partition's index to the partitioned index (valid once every partition has one)."""
+    return sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+        qualified(schema, parent), qualified(child_schema, child))
+
+
+def drop_partitioned_index(schema: str, name: str) -> sql.Composed:
+    """PostgreSQL 15 cannot DROP INDEX CONCURRENTLY a partitioned index: a plain DROP (it takes the
+    table's ACCESS EXCLUSIVE lock briefly, under the DDL lock_timeout) drops its partitions' too."""
+    return sql.SQL("DROP INDEX IF EXISTS {}").format(qualified(schema, name))
 
 
 def drop_index(schema: str, name: str) -> sql.Composed:

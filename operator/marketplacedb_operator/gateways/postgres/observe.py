@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from ...sql import ownership
-from ...sql.catalog import EXTENSIONS, Catalog, observe_params, observe_query, parse_catalog
+from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
 from ...sql.ddl import create_index, qualified
 from ...sql.plan import Desired, observed_names
 from ...sqlcheck import normalize_select
@@ -59,14 +59,31 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
                            observe_params(desired.owner, observed_names(desired)))
         row = cur.fetchone()
         found = conn.execute(EXTENSIONS).fetchone()
+        tables = sorted({(d.spec.schema_name, d.spec.table) for d in desired.indexes})
+        partitions = conn.execute(PARTITIONS, {"schemas": [s for s, _ in tables],
+                                               "names": [n for _, n in tables]}).fetchall()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
     if found is not None:
         catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
+    catalog = dataclasses.replace(catalog, partitions=tuple(tuple(r) for r in partitions),
+                                  attached=_attached(conn, desired, catalog))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
     return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
+
+
+def _attached(conn: Connection, desired: Desired,
+              catalog: Catalog) -> tuple[tuple[str, str, str, str, str, str], ...]:
+    """Partition indexes attached to the declared indexes and to those recorded as this resource's."""
+    declared = [(d.spec.schema_name, d.spec.name) for d in desired.indexes]
+    owned = [i.oid for i in catalog.indexes if i.owned_by(desired.owner) and i.table_kind == "p"]
+    with conn.transaction():
+        _pin_session(conn)
+        rows = conn.execute(ATTACHED, {"schemas": [s for s, _ in declared], "names": [n for _, n in declared],
+                                       "owned": owned}).fetchall()
+    return tuple(tuple(r) for r in rows)
 
 
 @contextlib.contextmanager
