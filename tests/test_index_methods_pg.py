@@ -187,3 +187,12 @@ def psycopg_superuser(db: FreshDatabase) -> Any:
     import psycopg
 
     return psycopg.connect(db.superuser_dsn, autocommit=True)
+
+
+def test_a_volatile_expression_fails_cleanly_and_leaves_nothing(products: FreshDatabase) -> None:
+    d = desired([{"name": "ix_random", "table": "products", "columns": [{"expression": "id + random()"}]}])
+    outcomes = apply(products, d)
+    assert len(outcomes) == 1 and not outcomes[0].ok
+    assert "IMMUTABLE" in outcomes[0].message, outcomes
+    assert one(products, "SELECT count(*) FROM pg_class WHERE relname LIKE 'ix_random%%'") == 0
+    assert one(products, "SELECT count(*) FROM marketplacedb.owned_objects WHERE name LIKE 'ix_random%%'") == 0
