@@ -20,7 +20,8 @@ ADVISED_SETTINGS = ("max_connections", "shared_buffers", "effective_cache_size",
 _EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", naming.STATE_SCHEMA)
 
 
-# Observation: one SELECT, one JSON row, scoped (DESIGN.md 4a "neighbours are not our business"):
+# Observation: one SELECT, one JSON row, scoped ("neighbours are not our business",
+# docs/architecture.md#ownership-and-trust):
 # only relations named in %(schemas)s/%(names)s (declared names and their temporaries), the objects
 # this resource recorded as its own, and the indexes on declared materialized views are read; no
 # definition of anything else is ever deparsed, so no lock of an undeclared object is waited for.

@@ -4,7 +4,7 @@ Pure: no connection, no clock, no environment. A Plan is an ordered tuple of Ste
 one object are contiguous and the executor (gateways/postgres/schema.py) stops an object at its
 first failed step, undoes what that object left behind, and goes on with the next object.
 
-Safety rules the planner encodes (DESIGN.md sections 4 and 4a):
+Safety rules the planner encodes (docs/architecture.md, "PostgreSQL and PgBouncer facts" and "Ownership and trust"):
 * an object is this resource's only when the ownership record names its very OID (ownership.py);
   a name pattern (`__new`, `__old`, `__key`) or a COMMENT marker proves nothing. Everything else
   is never dropped, renamed or rebuilt, under any deletion policy: it is reported ("left alone");

@@ -1,6 +1,6 @@
 """Observe the catalog and execute a Plan on a direct, autocommit connection.
 
-Execution rules (DESIGN.md sections 4 and 4a):
+Execution rules (docs/architecture.md, "PostgreSQL and PgBouncer facts" and "Ownership and trust"):
 * the ownership table exists before the first step (ownership.ENSURE); nothing runs otherwise;
 * every step runs with `lock_timeout` and `statement_timeout` set for the session: the resource's
   lockTimeout (index steps too, capped by the operator's index policy); a lock timeout or deadlock
