@@ -126,10 +126,13 @@ def test_each_method_is_built_in_sync_and_rebuilt_when_changed(products: FreshDa
     assert not planned(products, desired([changed], extensions)).steps
 
 
-@pytest.mark.parametrize("index", [CASES[3][0], CASES[5][0], CASES[0][0]], ids=["gin", "brin", "expression"])
+@pytest.mark.parametrize("index", [CASES[3][0], CASES[5][0], CASES[0][0], CASES[6][0], CASES[7][0]],
+                         ids=["gin", "brin", "expression", "gin-trgm", "gist-trgm-expression"])
 def test_an_identical_index_made_by_hand_is_adopted(products: FreshDatabase, index: dict[str, Any]) -> None:
-    expected = next(c[1] for c in CASES if c[0] is index)
+    expected, extensions = next((c[1], c[2]) for c in CASES if c[0] is index)
     with products.connect() as conn:
+        for extension in extensions:  # an opclass from an extension: deparsed public.gin_trgm_ops on both sides
+            conn.execute(f"CREATE EXTENSION {extension}")
         conn.execute(expected)  # the DBA's own, identical index
     oid = one(products, "SELECT to_regclass(%s)::oid", f"public.{index['name']}")
     p = planned(products, desired([index]))

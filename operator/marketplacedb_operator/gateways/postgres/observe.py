@@ -123,12 +123,17 @@ def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
                     sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
                 probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
                 conn.execute(create_index(probe, name, concurrently=False))  # an empty temporary table
-                row = conn.execute("SELECT CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
-                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$') "
+                # Read with search_path pinned to pg_catalog, as OBSERVE reads the live index: an
+                # operator class or function from an extension (public.gin_trgm_ops) is then
+                # qualified alike on both sides. The path is put back for the next probe.
+                row = conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true), "
+                                   "CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
+                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$'), "
+                                   "pg_catalog.set_config('search_path', %s, true) "
                                    "FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
-                                   [f"pg_temp.{name}"]).fetchone()
-                if row and row[0]:
-                    found.append(((d.spec.schema_name, d.spec.name), str(row[0])))
+                                   [path, f"pg_temp.{name}"]).fetchone()
+                if row and row[1]:
+                    found.append(((d.spec.schema_name, d.spec.name), str(row[1])))
         for number, view in enumerate(views):
             name = f"mdb_probe_view_{number}"
             with _probe(failures, view.spec.schema_name, view.spec.name), conn.transaction():
