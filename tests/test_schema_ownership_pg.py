@@ -377,6 +377,10 @@ def _migration_sql() -> list[str]:
         "CREATE INDEX idx_search_history_user_recent ON search_history USING btree (user_id, created_at DESC)",
         "CREATE INDEX idx_popular_searches_ranking ON popular_searches (search_count DESC) "
         "INCLUDE (query, is_trending)",
+        # issue 18: the search indexes (GIN, trigram and jsonb_path_ops) are adopted alike
+        "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+        "CREATE INDEX idx_seller_products_name_trgm ON seller_products USING gin (name gin_trgm_ops)",
+        "CREATE INDEX idx_seller_products_attributes ON seller_products USING gin (attributes jsonb_path_ops)",
     ]
     for name, query in workload.VIEW_QUERIES.items():
         key = ", ".join(workload.VIEW_UNIQUE_KEYS[name])
@@ -402,7 +406,7 @@ def test_reference_workload_made_by_sql_is_adopted_with_no_ddl(workload_db: Fres
     manifest = str(write_manifest(tmp_path, document))
     code, out, _ = cli(capsys, "plan", "-f", manifest, "--dsn", workload_db.dsn, "-o", "json")
     planned = json.loads(out)["resources"][0]["plan"]
-    assert code == 0 and {s["kind"] for s in planned["steps"]} == {"adopt"} and len(planned["steps"]) == 7
+    assert code == 0 and {s["kind"] for s in planned["steps"]} == {"adopt"} and len(planned["steps"]) == 9
     assert planned["conflicts"] == []
     since = len(pg.log_text())
     code, out, err = cli(capsys, "apply", "-f", manifest, "--dsn", workload_db.dsn, "-o", "json")
@@ -425,7 +429,7 @@ def test_reference_workload_made_by_sql_is_adopted_with_no_ddl(workload_db: Fres
         down = teardown_plan(d, gateway.observe(conn, d))
         assert all(o.ok for o in gateway.execute(conn, down, FAST))
     assert oids(workload_db, *names) == before
-    assert sum(n.startswith("kept: ") for n in down.notes) == 7
+    assert sum(n.startswith("kept: ") for n in down.notes) == 9
     assert one(workload_db, "SELECT count(*) FROM marketplacedb.owned_objects") == 0
 
 

@@ -124,7 +124,7 @@ def test_example_view_queries_are_the_workload_queries() -> None:
 
 def test_example_has_the_design_indexes() -> None:
     spec = example()["spec"]
-    assert tuple(i["name"] for i in spec["indexes"]) == DESIGN_INDEXES
+    assert tuple(i["name"] for i in spec["indexes"])[: len(DESIGN_INDEXES)] == DESIGN_INDEXES
     assert spec["materializedViews"][1]["refresh"]["schedule"] == "*/10 * * * *"
 
 

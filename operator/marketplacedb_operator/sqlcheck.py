@@ -157,3 +157,40 @@ def normalize_predicate(expression: str) -> str:
     if not deparsed.startswith(prefix):  # pragma: no cover - libpg_query contract
         raise SqlCheckError("could not be normalized")
     return deparsed[len(prefix) :]
+
+
+_EXPRESSION_PREFIX = "SELECT "
+# Fields a bare `SELECT <expr>` may carry; anything else (FROM, WHERE, ORDER BY...) was smuggled in.
+_EXPRESSION_FIELDS = {"target_list", "op", "limit_option"}
+
+
+def normalize_expression(expression: str) -> str:
+    """One scalar expression for an index key column (`lower(email)`, `(attributes ->> 'brand')`),
+    deparsed; SqlCheckError otherwise. The server still decides whether it is immutable."""
+    result = _parse(_EXPRESSION_PREFIX + expression)
+    if len(result.stmts) != 1:
+        raise SqlCheckError("must be one expression, not several statements")
+    stmt = result.stmts[0].stmt
+    if stmt.WhichOneof("node") != "select_stmt":  # pragma: no cover - the prefix makes it a SELECT
+        raise SqlCheckError("must be a plain expression")
+    select = stmt.select_stmt
+    extra = sorted(f.name for f, _ in select.ListFields() if f.name not in _EXPRESSION_FIELDS)
+    if extra or select.op != _SETOP_NONE:
+        clauses = ", ".join(_CLAUSES.get(name, name.removesuffix("_clause").upper()) for name in extra)
+        raise SqlCheckError(f"must be one plain expression, found a trailing clause ({clauses or 'set op'})")
+    if len(select.target_list) != 1:
+        raise SqlCheckError(f"must be exactly one expression, found {len(select.target_list)}")
+    target = select.target_list[0].res_target
+    if target.name:
+        raise SqlCheckError("must not carry an alias (AS ...)")
+    kinds = _nodes(target.val)
+    if "SubLink" in kinds:
+        raise SqlCheckError("subqueries are not allowed in an index expression")
+    if "ParamRef" in kinds:
+        raise SqlCheckError("has a parameter ($1): an index expression takes no parameters")
+    if "A_Star" in kinds:
+        raise SqlCheckError("`*` is not an expression")
+    deparsed = _deparse(result)
+    if not deparsed.startswith(_EXPRESSION_PREFIX):  # pragma: no cover - libpg_query contract
+        raise SqlCheckError("could not be normalized")
+    return deparsed[len(_EXPRESSION_PREFIX):]

@@ -137,6 +137,21 @@ ORDER BY display_order, id""",
 }
 """The home page with the operator: the same rows, in the same order, read from the views."""
 
+SEARCH_QUERIES: Final[dict[str, str]] = {
+    # Product search box: a substring anywhere in the name (served by the trigram GIN index
+    # idx_seller_products_name_trgm; without it, a sequential scan of seller_products).
+    "product_search": """\
+SELECT id, name, price FROM seller_products
+WHERE name ILIKE '%%' || %(term)s || '%%' AND is_available = true AND is_approved = true
+ORDER BY sold_count DESC, id LIMIT 20""",
+    # Filters: products with given attributes (served by idx_seller_products_attributes, jsonb_path_ops).
+    "attribute_filter": """\
+SELECT id, name, price FROM seller_products
+WHERE attributes @> %(filter)s::jsonb AND is_available = true AND is_approved = true
+ORDER BY sold_count DESC, id LIMIT 20""",
+}
+"""Search and filter queries of the shop (issue 18), with psycopg named parameters."""
+
 
 # --- the data ---------------------------------------------------------------------------------
 # Placeholders are the WorkloadSize fields and `seed`. Each row hashes its number a few times
@@ -236,7 +251,7 @@ FROM (SELECT g, pg_temp.wl_hash(g, 30) AS a, pg_temp.wl_hash(g, 31) AS b
 -- Seller products: 80% available, 90% approved (72% visible). Orders re-derive a product's
 -- seller and price from its hashes 40 (r.a) and 43 (r.d).
 INSERT INTO seller_products (id, seller_id, category_id, name, description, price, icon_url, stock, sold_count,
-                             view_count, rating, is_available, is_approved, created_at, updated_at)
+                             view_count, rating, is_available, is_approved, created_at, updated_at, attributes)
 SELECT r.g,
        pg_temp.wl_skewed(r.a, {sellers}),
        pg_temp.wl_skewed(r.b, {categories}),
@@ -252,7 +267,11 @@ SELECT r.g,
        pg_temp.wl_bits(r.c, 2) % 100 < 80,
        pg_temp.wl_bits(r.c, 3) % 100 < 90,
        pg_temp.wl_ago(pg_temp.wl_bits(r.e, 0) * 962),
-       pg_temp.wl_ago(pg_temp.wl_bits(r.e, 0) * 962 - pg_temp.wl_bits(r.e, 1) * 40)
+       pg_temp.wl_ago(pg_temp.wl_bits(r.e, 0) * 962 - pg_temp.wl_bits(r.e, 1) * 40),
+       jsonb_build_object(
+         'delivery', CASE WHEN pg_temp.wl_bits(r.a, 3) % 3 = 0 THEN 'manual' ELSE 'instant' END,
+         'language', (ARRAY['en', 'de', 'fr', 'es', 'ja', 'pt'])[1 + pg_temp.wl_bits(r.e, 2) % 6],
+         'license', (ARRAY['personal', 'commercial', 'enterprise'])[1 + pg_temp.wl_bits(r.e, 3) % 3])
 FROM (SELECT g, pg_temp.wl_hash(g, 40) AS a, pg_temp.wl_hash(g, 41) AS b, pg_temp.wl_hash(g, 42) AS c,
              pg_temp.wl_hash(g, 43) AS d, pg_temp.wl_hash(g, 44) AS e
       FROM generate_series(1, {seller_products}) AS g OFFSET 0) AS r,

@@ -66,7 +66,7 @@ async def test_long_transaction_holding_a_lock_on_the_indexed_table(rel: Rel) ->
             # One failed index does not hold the others back.
             states = {i["name"]: i["state"] for i in rel.resource()["status"]["indexes"]}
             assert states[HISTORY_INDEX] != "Valid"
-            assert [s for n, s in states.items() if n != HISTORY_INDEX] == ["Valid"] * 4, states
+            assert [s for n, s in states.items() if n != HISTORY_INDEX] == ["Valid"] * (len(states) - 1), states
             assert blocker.pid in [s["pid"] for s in rel.resource()["status"].get("blockingSessions", [])]
             await asyncio.sleep(3)  # keep failing for a while: the spin bound is what matters here
             rel.assert_no_spin(await rel.close_window(window), "lock held on indexed table")

@@ -114,7 +114,8 @@ class MarketplaceDBSpec(Model):
     database: DatabaseSpec = Field(description="The database (reached directly, never through the pooler).")
     ddl: DDLPolicy = Field(default_factory=DDLPolicy, description="How DDL runs: timeouts, deletion, approval.")
     indexes: Annotated[list[IndexSpec], Field(json_schema_extra=list_map("name"))] = Field(
-        default_factory=list, max_length=200, description="B-tree indexes, built and dropped CONCURRENTLY."
+        default_factory=list, max_length=200,
+        description="Indexes (btree, hash, gin, gist, brin), built and dropped CONCURRENTLY."
     )
     materialized_views: Annotated[list[MaterializedViewSpec], Field(json_schema_extra=list_map("name"))] = Field(
         default_factory=list, max_length=50, description="Materialized views and their refresh schedules."

@@ -62,6 +62,8 @@ CREATE TABLE seller_products (
     is_approved  boolean       NOT NULL DEFAULT false,
     created_at   timestamptz   NOT NULL DEFAULT now(),
     updated_at   timestamptz   NOT NULL DEFAULT now(),
+    -- Filterable attributes (delivery, language, license): SEARCH_QUERIES' JSONB filter.
+    attributes   jsonb         NOT NULL DEFAULT '{}',
     CONSTRAINT seller_products_seller_id_fkey FOREIGN KEY (seller_id) REFERENCES seller_profiles (id),
     CONSTRAINT seller_products_category_id_fkey FOREIGN KEY (category_id) REFERENCES categories (id)
 );

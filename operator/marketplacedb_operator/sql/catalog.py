@@ -32,6 +32,7 @@ from .catalog_sql import (
 from .ddl import Marker, parse_marker
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
+           "ATTACHED", "EXTENSIONS", "PARTITIONS",
            "Catalog", "Grant", "IndexInfo", "Record", "SessionInfo", "ViewInfo", "observe_params", "observe_query",
            "parse_catalog", "session_from_row"]
 
@@ -161,6 +162,23 @@ class Catalog:
     expected: tuple[tuple[tuple[str, str], str], ...] = ()
     # Declared objects that could not be compared at all (the probe failed): {(schema, name): why}.
     uncompared: tuple[tuple[tuple[str, str], str], ...] = ()
+    # Installed extensions, and those this role may create here (gateway: EXTENSIONS below).
+    extensions: tuple[str, ...] = ()
+    creatable_extensions: tuple[str, ...] = ()
+    # Partitions of declared partitioned tables: (table schema, table, partition schema, partition, relkind),
+    # and partition indexes attached to declared or owned indexes: (schema, index, child schema, child
+    # index, partition schema, partition). Read by gateway.observe (PARTITIONS, ATTACHED below).
+    partitions: tuple[tuple[str, str, str, str, str], ...] = ()
+    attached: tuple[tuple[str, str, str, str, str, str], ...] = ()
+
+    def partitions_of(self, schema: str, table: str) -> tuple[tuple[str, str, str], ...]:
+        return tuple((ps, p, k) for s, t, ps, p, k in self.partitions if (s, t) == (schema, table))
+
+    def attached_partitions(self, schema: str, index: str) -> tuple[tuple[str, str], ...]:
+        return tuple((ps, p) for s, i, _, _, ps, p in self.attached if (s, i) == (schema, index))
+
+    def is_attached_child(self, schema: str, name: str) -> bool:
+        return any((cs, c) == (schema, name) for _, _, cs, c, _, _ in self.attached)
 
     def index(self, schema: str, name: str) -> IndexInfo | None:
         return next((i for i in self.indexes if i.schema == schema and i.name == name), None)
@@ -188,6 +206,45 @@ class Catalog:
     @property
     def server(self) -> Mapping[str, str]:
         return dict(self.server_settings)
+
+
+# Installed extensions, and the available ones this role may create: a superuser any, otherwise a
+# trusted one (PostgreSQL 13+) given CREATE on the database. Read in the observation's transaction.
+EXTENSIONS = """
+SELECT (SELECT coalesce(pg_catalog.array_agg(e.extname::text ORDER BY e.extname), '{}')
+          FROM pg_catalog.pg_extension e),
+       (SELECT coalesce(pg_catalog.array_agg(DISTINCT a.name::text), '{}')
+          FROM pg_catalog.pg_available_extension_versions a
+         WHERE a.version = (SELECT d.default_version FROM pg_catalog.pg_available_extensions d WHERE d.name = a.name)
+           AND ((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+                OR (a.trusted AND pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE'))))
+"""
+
+
+PARTITIONS = """
+SELECT pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, c.relkind::text
+  FROM pg_catalog.pg_class p JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+  JOIN pg_catalog.pg_inherits h ON h.inhparent = p.oid
+  JOIN pg_catalog.pg_class c ON c.oid = h.inhrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace
+ WHERE p.relkind = 'p' AND (pn.nspname::text, p.relname::text) IN
+       (SELECT * FROM ROWS FROM (pg_catalog.unnest(%(schemas)s::text[]), pg_catalog.unnest(%(names)s::text[])))
+ ORDER BY 1, 2, 3, 4
+"""
+
+# Children of declared partitioned indexes and of indexes recorded as this resource's (by OID).
+ATTACHED = """
+SELECT pn.nspname::text, pc.relname::text, cn.nspname::text, cc.relname::text, tn.nspname::text, t.relname::text
+  FROM pg_catalog.pg_inherits h
+  JOIN pg_catalog.pg_class pc ON pc.oid = h.inhparent AND pc.relkind = 'I'
+  JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+  JOIN pg_catalog.pg_class cc ON cc.oid = h.inhrelid JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace
+  JOIN pg_catalog.pg_index x ON x.indexrelid = cc.oid
+  JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace
+ WHERE (pn.nspname::text, pc.relname::text) IN
+       (SELECT * FROM ROWS FROM (pg_catalog.unnest(%(schemas)s::text[]), pg_catalog.unnest(%(names)s::text[])))
+    OR pc.oid = ANY(%(owned)s::pg_catalog.oid[])
+ ORDER BY 1, 2, 3, 4
+"""
 
 
 def session_from_row(row: tuple[Any, ...]) -> SessionInfo:

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from .. import naming
 from ..api.v1alpha1 import IndexSpec, MaterializedViewSpec
-from ..sqlcheck import normalize_predicate, normalize_select
+from ..sqlcheck import normalize_expression, normalize_predicate, normalize_select
 
 MARKER_PREFIX = f"{naming.GROUP}/owner="
 ObjectKind = Literal["INDEX", "MATERIALIZED VIEW"]
@@ -124,7 +124,28 @@ def index_hash(spec: IndexSpec) -> str:
         "include": list(spec.include),
         "where": where,
         "unique": spec.unique,
+        **_index_extras(spec),
     }))
+
+
+def _index_extras(spec: IndexSpec) -> dict[str, Any]:
+    """What issue 18 added, only when not the default: the hash of a plain btree index (and with it
+    every existing ownership record) is unchanged, so upgrading rebuilds nothing."""
+    extras: dict[str, Any] = {}
+    if spec.method != "btree":
+        extras["method"] = spec.method
+    if any(c.expression is not None or c.opclass is not None for c in spec.columns):
+        extras["keys"] = [[c.name, c.expression, c.opclass] for c in spec.columns]
+    storage = _storage(spec)
+    if storage:
+        extras["storage"] = storage
+    return extras
+
+
+def _storage(spec: IndexSpec) -> dict[str, int | bool]:
+    if spec.storage is None:
+        return {}
+    return {k: v for k, v in spec.storage.model_dump(exclude_none=True).items()}
 
 
 def view_hash(spec: MaterializedViewSpec) -> str:
@@ -160,8 +181,21 @@ def mark(kind: ObjectKind, schema: str, name: str, prefix: str) -> sql.Composed:
 # --- indexes -------------------------------------------------------------------------------------
 
 
+# Only names from these tables ever become SQL keywords.
+METHODS = {m: sql.SQL(m) for m in ("btree", "hash", "gin", "gist", "brin")}
+STORAGE_PARAMETERS = {p: sql.SQL(p) for p in ("fillfactor", "pages_per_range", "fastupdate")}
+
+
 def _key_column(column: Any) -> sql.Composed:
-    parts: list[sql.Composable] = [sql.Identifier(column.name)]
+    if column.expression is not None:
+        # Parser-verified, deparsed scalar expression (sqlcheck.normalize_expression), parenthesized
+        # as CREATE INDEX requires for anything but a bare function call.
+        key: sql.Composable = sql.SQL("({})").format(sql.SQL(normalize_expression(column.expression)))
+    else:
+        key = sql.Identifier(column.name)
+    parts: list[sql.Composable] = [key]
+    if column.opclass is not None:
+        parts.append(sql.Identifier(column.opclass))
     if column.order == "desc":
         parts.append(sql.SQL("DESC"))
     if column.nulls is not None:
@@ -172,18 +206,44 @@ def _key_column(column: Any) -> sql.Composed:
 def create_index(spec: IndexSpec, name: str | None = None, *, concurrently: bool = True) -> sql.Composed:
     """CREATE [UNIQUE] INDEX CONCURRENTLY: never blocks writes; cannot run in a transaction.
     (Not concurrently only for the adoption probe, on an empty temporary table.)"""
-    query = sql.SQL("CREATE {unique}INDEX {how}{name} ON {table} USING btree ({columns})").format(
+    return create_index_on(spec, name or spec.name, concurrently=concurrently)
+
+
+def create_index_on(spec: IndexSpec, name: str, *, concurrently: bool = True, only: bool = False,
+                    table: str | None = None, schema: str | None = None) -> sql.Composed:
+    """CREATE INDEX for `spec` under `name`: on `table` (a partition) instead of the declared one,
+    or ON ONLY the (partitioned) table: an INVALID parent index that the partitions' attach."""
+    query = sql.SQL("CREATE {unique}INDEX {how}{name} ON {only}{table} USING {method} ({columns})").format(
         unique=sql.SQL("UNIQUE " if spec.unique else ""), how=sql.SQL("CONCURRENTLY " if concurrently else ""),
-        name=sql.Identifier(name or spec.name),
-        table=qualified(spec.schema_name, spec.table),
+        name=sql.Identifier(name), only=sql.SQL("ONLY " if only else ""),
+        table=qualified(schema or spec.schema_name, table or spec.table),
+        method=METHODS[spec.method],
         columns=sql.SQL(", ").join(_key_column(c) for c in spec.columns),
     )
     if spec.include:
         query = sql.SQL("{} INCLUDE ({})").format(query, sql.SQL(", ").join(map(sql.Identifier, spec.include)))
+    storage = _storage(spec)
+    if storage:
+        query = sql.SQL("{} WITH ({})").format(query, sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(STORAGE_PARAMETERS[k], sql.Literal(("on" if v else "off")
+                                                                           if isinstance(v, bool) else int(v)))
+            for k, v in sorted(storage.items())))
     if spec.where:
         # Parser-verified, deparsed expression (one boolean expression, no subquery).
         query = sql.SQL("{} WHERE {}").format(query, sql.SQL(normalize_predicate(spec.where)))
     return query
+
+
+def attach_index(schema: str, parent: str, child_schema: str, child: str) -> sql.Composed:
+    """Attach a partition's index to the partitioned index (valid once every partition has one)."""
+    return sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+        qualified(schema, parent), qualified(child_schema, child))
+
+
+def drop_partitioned_index(schema: str, name: str) -> sql.Composed:
+    """PostgreSQL 15 cannot DROP INDEX CONCURRENTLY a partitioned index: a plain DROP (it takes the
+    table's ACCESS EXCLUSIVE lock briefly, under the DDL lock_timeout) drops its partitions' too."""
+    return sql.SQL("DROP INDEX IF EXISTS {}").format(qualified(schema, name))
 
 
 def drop_index(schema: str, name: str) -> sql.Composed:

@@ -31,7 +31,9 @@ from . import ddl, ownership
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_guards import fk_conflict as _fk_conflict
+from .plan_partitions import partitioned_index_steps
 from .plan_views import drop_view_step, view_steps
+from .prerequisites import prerequisites
 from .steps import (
     Desired,
     DesiredIndex,
@@ -83,6 +85,7 @@ def desired_state(spec: MarketplaceDBSpec, owner: str, previously_managed_settin
         reset_settings=tuple(sorted(set(previously_managed_settings) - declared)),
         deletion_policy=spec.ddl.deletion_policy,
         approval=spec.ddl.approval,
+        extensions=tuple(sorted(spec.database.extensions)),
     )
 
 
@@ -105,6 +108,11 @@ def observed_names(desired: Desired) -> list[tuple[str, str]]:
 
 def _drop_index_step(obj: str, owner: str, info: IndexInfo, why: str) -> Step:
     schema, name = info.schema, info.name
+    if info.table_kind == "p":  # no CONCURRENTLY for a partitioned index (its partitions' go with it)
+        return Step("drop-index", obj, f"drop partitioned index {schema}.{name} (with its partitions' indexes; "
+                    f"a brief ACCESS EXCLUSIVE lock on the table): {why}",
+                    (ownership.assert_oid(schema, name, info.oid), ddl.drop_partitioned_index(schema, name),
+                     ownership.forget(owner, schema, name)), transactional=True)
     return Step("drop-index", obj, f"drop index {schema}.{name} CONCURRENTLY: {why}",
                 (ownership.assert_oid(schema, name, info.oid), ddl.drop_index(schema, name),
                  ownership.forget(owner, schema, name)),
@@ -192,6 +200,9 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     if other:
         return [], [f"{d.field}: {schema}.{name} already exists as a {relkind(other)}; left alone"], notes
     existing = cat.index(schema, name)
+    if cat.other_relation(schema, spec.table) == "p":
+        found, conflicts = partitioned_index_steps(d, owner, cat, existing)
+        return steps + found, conflicts, notes
     needs_build = existing is None or not existing.owned_by(owner) and spec.adopt == "Replace" \
         or existing.owned_by(owner) and (not existing.valid or bool(index_drift(d, existing)))
     if needs_build and temp_taken:
@@ -261,7 +272,7 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
     dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
-    indexes = [i for i in cat.indexes if _sweepable(i, desired.owner)
+    indexes = [i for i in cat.indexes if _sweepable(i, desired.owner) and not cat.is_attached_child(i.schema, i.name)
                and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in cat.views if (v.schema, v.name) in our_views and (v.schema, v.name) not in keep]
     return indexes, views
@@ -322,12 +333,11 @@ def _on_declared_view(d: DesiredIndex, desired: Desired) -> bool:
 
 def plan(desired: Desired, observed: Catalog) -> Plan:
     """The steps that bring `observed` to `desired`; empty when they already match."""
-    steps: list[Step] = []
-    conflicts: list[str] = []
     notes: list[str] = []
     declared = _declared(desired)
-    on_views = [d for d in desired.indexes if _on_declared_view(d, desired)]
-    on_tables = [d for d in desired.indexes if d not in on_views]
+    steps, conflicts, blocked = prerequisites(desired, observed)
+    on_views = [d for d in desired.indexes if _on_declared_view(d, desired) and d.object not in blocked]
+    on_tables = [d for d in desired.indexes if d not in on_views and d.object not in blocked]
     for index in on_tables:
         found, conflict, note = _index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
@@ -363,6 +373,7 @@ def teardown_plan(desired: Desired, observed: Catalog) -> Plan:
     # The indexes of a view we drop go with it; those we created on an adopted (kept) view do not.
     dropped_with = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner) and not _adopted(v)}
     indexes = [i for i in observed.indexes if _sweepable(i, desired.owner)
+               and not observed.is_attached_child(i.schema, i.name)
                and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in observed.views if (v.schema, v.name) in our_views]
     steps, notes = _drop_owned_steps(desired.owner, indexes, views, "resource deleted (deletionPolicy: Drop)", observed)

@@ -49,6 +49,7 @@ class Desired:
     reset_settings: tuple[str, ...]
     deletion_policy: str
     approval: str
+    extensions: tuple[str, ...] = ()  # spec.database.extensions: the operator may create these
 
 
 @dataclasses.dataclass(frozen=True)

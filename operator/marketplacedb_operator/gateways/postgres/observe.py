@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from ...sql import ownership
-from ...sql.catalog import Catalog, observe_params, observe_query, parse_catalog
+from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
 from ...sql.ddl import create_index, qualified
 from ...sql.plan import Desired, observed_names
 from ...sqlcheck import normalize_select
@@ -58,12 +58,32 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         cur = conn.execute(observe_query(bool(trust[0])),
                            observe_params(desired.owner, observed_names(desired)))
         row = cur.fetchone()
+        found = conn.execute(EXTENSIONS).fetchone()
+        tables = sorted({(d.spec.schema_name, d.spec.table) for d in desired.indexes})
+        partitions = conn.execute(PARTITIONS, {"schemas": [s for s, _ in tables],
+                                               "names": [n for _, n in tables]}).fetchall()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
+    if found is not None:
+        catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
+    catalog = dataclasses.replace(catalog, partitions=tuple(tuple(r) for r in partitions),
+                                  attached=_attached(conn, desired, catalog))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
     return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
+
+
+def _attached(conn: Connection, desired: Desired,
+              catalog: Catalog) -> tuple[tuple[str, str, str, str, str, str], ...]:
+    """Partition indexes attached to the declared indexes and to those recorded as this resource's."""
+    declared = [(d.spec.schema_name, d.spec.name) for d in desired.indexes]
+    owned = [i.oid for i in catalog.indexes if i.owned_by(desired.owner) and i.table_kind == "p"]
+    with conn.transaction():
+        _pin_session(conn)
+        rows = conn.execute(ATTACHED, {"schemas": [s for s, _ in declared], "names": [n for _, n in declared],
+                                       "owned": owned}).fetchall()
+    return tuple(tuple(r) for r in rows)
 
 
 @contextlib.contextmanager
@@ -103,12 +123,17 @@ def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
                     sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
                 probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
                 conn.execute(create_index(probe, name, concurrently=False))  # an empty temporary table
-                row = conn.execute("SELECT CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
-                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$') "
+                # Read with search_path pinned to pg_catalog, as OBSERVE reads the live index: an
+                # operator class or function from an extension (public.gin_trgm_ops) is then
+                # qualified alike on both sides. The path is put back for the next probe.
+                row = conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true), "
+                                   "CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
+                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$'), "
+                                   "pg_catalog.set_config('search_path', %s, true) "
                                    "FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
-                                   [f"pg_temp.{name}"]).fetchone()
-                if row and row[0]:
-                    found.append(((d.spec.schema_name, d.spec.name), str(row[0])))
+                                   [path, f"pg_temp.{name}"]).fetchone()
+                if row and row[1]:
+                    found.append(((d.spec.schema_name, d.spec.name), str(row[1])))
         for number, view in enumerate(views):
             name = f"mdb_probe_view_{number}"
             with _probe(failures, view.spec.schema_name, view.spec.name), conn.transaction():
