@@ -76,15 +76,23 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         return
     try:
         state.pending = False
-        outcome: Outcome = reconcile(dict(body), deps)
         state.handled_generation = body.get("metadata", {}).get("generation")
         state.handled_triggers = _triggers(body)
-        state.failures = state.failures + 1 if outcome.temporary else 0
-        delay = backoff(deps, state.failures) if outcome.temporary else outcome.requeue_after
+        try:
+            outcome: Outcome | None = reconcile(dict(body), deps)
+        except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)
+            logger.warning("reconcile failed, retrying with backoff: %s", type(exc).__name__)
+            outcome = None
+        temporary = outcome is None or outcome.temporary
+        state.failures = state.failures + 1 if temporary else 0
+        delay = backoff(deps, state.failures) if temporary or outcome is None else outcome.requeue_after
         state.next_due = 0.0 if state.pending else deps.monotonic() + delay
-        for event in outcome.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-        if outcome.events:
+        for event in outcome.events if outcome is not None else []:
+            try:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            except Exception:  # an Event is best effort; never a reason to spin
+                logger.debug("posting an Event failed", exc_info=True)
+        if outcome is not None and outcome.events:
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -103,17 +104,42 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
                 _refreshes(ctx, database, report)
             except Exception as exc:  # a session cut mid-reconcile (restart, pg_terminate_backend)
                 report.database_problem = Problem("DatabaseError", _scrubbed(exc, ctx))
-                database.close()
+                _close_quietly(database)
                 database = None
-        _cronjobs(ctx, report)
-        _pooler(ctx, database, report)
-        _probes(ctx, report)
+        # Each part is isolated: an exception (a 422 on a probe patch, a pooler config error, an
+        # API outage) becomes that part's condition and a bounded backoff, never an escaped error
+        # that would leave status unwritten and the whole reconcile re-running every tick.
+        _isolated(ctx, report, "refresh", "CronJobApplyFailed", lambda: _cronjobs(ctx, report))
+        _isolated(ctx, report, "pooler", "PoolerApplyFailed", lambda: _pooler(ctx, database, report))
+        _isolated(ctx, report, "probes", "ProbesApplyFailed", lambda: _probes(ctx, report))
     finally:
         if database is not None:
-            database.close()
+            _close_quietly(database)
     _record_metrics(namespace, name, report, time.perf_counter() - started)
-    temporary = report.database_problem is not None or report.pooler_problem is not None and not report.pooler
+    temporary = (
+        report.database_problem is not None
+        or report.pooler_problem is not None and not report.pooler
+        or bool(report.crashed)
+        or report.retry_soon
+    )
     return _finish(body, deps, previous, report, started, temporary=temporary, ctx=ctx)
+
+
+def _isolated(ctx: Context, report: Report, part: str, reason: str, action: Callable[[], None]) -> None:
+    """Run one part; an exception becomes `<part>_problem` (and a backoff), never an escape."""
+    try:
+        action()
+    except Exception as exc:
+        log.warning("%s/%s: part %s failed: %s", ctx.namespace, ctx.name, part, type(exc).__name__)
+        setattr(report, f"{part}_problem", Problem(reason, _scrubbed(exc, ctx)))
+        report.crashed.append(part)
+
+
+def _close_quietly(database: Database) -> None:
+    try:
+        database.close()
+    except Exception:  # closing a cut session must not turn a reported problem into an escape
+        log.debug("closing the database session failed", exc_info=True)
 
 
 def _record_metrics(namespace: str, name: str, report: Report, seconds: float) -> None:
@@ -160,9 +186,13 @@ def _finish(
             else (previous.managed_settings if previous else [])
         )
         status.probed_deployments = sorted(p.deployment for p in ctx.spec.health_probes)
-        status.handled_refresh_request = ctx.annotation(naming.ANN_REFRESH_NOW) or (
-            previous.handled_refresh_request if previous else None
-        )
+    elif previous is not None:  # an invalid spec: keep what teardown will need to undo
+        status.managed_settings, status.probed_deployments = previous.managed_settings, previous.probed_deployments
+    # A refresh-now value counts as handled only once every refresh it asked for ran or was refused
+    # for good (not when the database was unreachable or another refresh held the view's lock).
+    status.handled_refresh_request = report.handled_refresh_request or (
+        previous.handled_refresh_request if previous else None
+    )
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     if rendered != _comparable(body.get("status")):
         deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
@@ -271,14 +301,20 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
     failures = []
+    busy = False
     for view in ctx.spec.materialized_views:
         policy = view.refresh
         state = states.get(view.name)
         scheduled = policy is not None and policy.mode == "Operator" and not policy.suspend
         if requested or (scheduled and policy and due(policy.schedule, state.last_attempt if state else None, ctx.now)):
             result = database.refresh(view, ctx.now, requested)
+            busy = busy or result.outcome == "skipped-busy"
             if not result.ok:
                 failures.append(f"{view.name}: {result.error or result.reason}")
+    if requested and not busy:
+        report.handled_refresh_request = request
+    elif requested:
+        report.retry_soon = True  # another refresh holds a view's lock: ask again after a backoff
     if failures or requested or any(v.refresh and v.refresh.mode == "Operator" for v in ctx.spec.materialized_views):
         states = {s.name: s for s in database.refresh_states()}
     limits = {v.name: parse_duration(v.refresh.max_staleness) for v in ctx.spec.materialized_views if v.refresh}
@@ -311,7 +347,8 @@ def _cronjobs(ctx: Context, report: Report) -> None:
     try:
         sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired, [("batch/v1", "CronJob")])
     except Exception as exc:  # reported per part; the other parts go on
-        report.refresh_problem = Problem("CronJobApplyFailed", str(exc)[:500])
+        report.refresh_problem = Problem("CronJobApplyFailed", _scrubbed(exc, ctx))
+        report.crashed.append("cronjobs")
 
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
@@ -334,7 +371,8 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     try:
         sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS)
     except Exception as exc:  # reported per part; the other parts go on
-        report.pooler_problem = Problem("PoolerApplyFailed", str(exc)[:500])
+        report.pooler_problem = Problem("PoolerApplyFailed", _scrubbed(exc, ctx))
+        report.crashed.append("pooler")
     report.pooler = _pooler_status(ctx, budget, pgbouncer.config_hash(config))
     if budget.oversubscribed:
         report.pooler_problem = Problem("Oversubscribed", budget.message)

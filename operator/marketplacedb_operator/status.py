@@ -52,6 +52,10 @@ class Report:
     refresh_scheduled: int = 0
     probes_applied: int = 0
     drifted: list[str] = dataclasses.field(default_factory=list)
+    crashed: list[str] = dataclasses.field(default_factory=list)  # parts that raised (backoff)
+    retry_soon: bool = False  # nothing failed, but something must be retried with backoff
+    # The refresh-now value this reconcile acted upon (every refresh ran or was refused), if any.
+    handled_refresh_request: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
