@@ -24,6 +24,7 @@ from marketplacedb_operator.settings import Settings
 from test_operator import CANARY, NS, PROBED, Env, _ready, app_deployment, example_resource
 
 Matcher = Callable[[Any], bool]
+TEARDOWN_TIMEOUT = 6.0
 
 
 @pytest.fixture
@@ -52,6 +53,7 @@ async def env(
         tick_seconds=0.5,
         retry_base_seconds=1.0,
         max_backoff_seconds=8.0,
+        teardown_timeout_seconds=TEARDOWN_TIMEOUT,
         ddl_retry_base_seconds=0.05,
     )
     yield Env(kube_api, kube_objects, workload_db, make_deps(settings, kube_client), [])
@@ -210,3 +212,39 @@ def _outcome(db: Any, view: str, outcome: str) -> bool:
             [view],
         ).fetchone()
     return bool(row and json.loads(json.dumps(row[0])).get(outcome))
+
+
+async def test_drop_teardown_is_bounded_when_the_secret_is_gone(env: Env) -> None:
+    """Finding 6: deletionPolicy Drop with the Secret deleted first (as a namespace deletion does)
+    hung forever, and every retry re-patched the probed Deployments."""
+    body = example_resource(env.db)
+    body["spec"]["ddl"]["deletionPolicy"] = "Drop"
+    body["spec"]["pooler"]["enabled"] = False
+    async with env.operator():
+        await env.objects.create(body)
+        await _ready(env)
+        created = await eventually(
+            lambda: naming.FINALIZER in (env.resource()["metadata"].get("finalizers") or []) and env.resource(),
+            message="the finalizer",
+        )
+        await env.objects.delete(env.objects.get("v1", "Secret", "shop-db-owner", NS) or {})
+        deleted_at = asyncio.get_running_loop().time()
+        await env.objects.delete(created)
+        # Bound: the timeout plus one retry delay (backoff capped at the time left) and kopf's pass.
+        await eventually(lambda: env.resource() == {}, timeout=TEARDOWN_TIMEOUT + 30, message="finalizer released")
+        assert asyncio.get_running_loop().time() - deleted_at >= TEARDOWN_TIMEOUT - 1
+        warnings = [e for e in env.objects.events(NS, involved_name="shop") if e.get("reason") == "TeardownTimedOut"]
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+        message = warnings[0]["message"]
+        for name in [i["name"] for i in body["spec"]["indexes"]] + [
+            v["name"] for v in body["spec"]["materializedViews"]
+        ]:
+            assert name in message
+        assert "Secret prod/shop-db-owner not found" in message and CANARY not in message
+        # The probes were released once per Deployment, not once per retry.
+        releases = [
+            r.url.path.rsplit("/", 1)[-1]
+            for r in iter_requests(env.api, "PATCH")
+            if r.url.path.rsplit("/", 1)[-1] in PROBED and set(r.data or {}) == {"apiVersion", "kind", "metadata"}
+        ]
+        assert sorted(releases) == sorted(PROBED)

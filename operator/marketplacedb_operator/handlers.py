@@ -10,6 +10,7 @@ state on the object except the finalizer.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import random
 import threading
@@ -54,6 +55,8 @@ class ResourceState:
         self.next_due: float = 0.0
         self.pending = False  # something arrived while a reconcile ran: run again at the next tick
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
+        self.released: set[str] = set()  # Deployments whose probes teardown already released
+        self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -96,6 +99,20 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()
+
+
+def _teardown_deadline(body: kopf.Body, deps: Deps, state: ResourceState) -> float:
+    """When teardown gives up (epoch seconds): the deletionTimestamp plus the timeout. The
+    timestamp survives an operator restart; without one, the first attempt this process saw."""
+    stamp = body.get("metadata", {}).get("deletionTimestamp")
+    started = state.deletion_seen or deps.now().timestamp()
+    state.deletion_seen = started
+    if isinstance(stamp, str):
+        try:
+            started = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return started + deps.settings.teardown_timeout_seconds
 
 
 def backoff(deps: Deps, failures: int) -> float:
@@ -166,11 +183,23 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         state = _state(memo)
         with state.lock:
-            problem = teardown(dict(body), deps)
-        if problem is not None:
-            # The finalizer stays until teardown succeeds; kopf retries with its backoff.
-            raise kopf.TemporaryError(problem, delay=30)
-        logger.info("teardown done (deletionPolicy honoured)")
+            result = teardown(dict(body), deps, state.released)
+        if result.problem is None:
+            logger.info("teardown done (deletionPolicy honoured)")
+            return
+        remaining = _teardown_deadline(body, deps, state) - deps.now().timestamp()
+        if remaining > 0:
+            # The finalizer stays while teardown may still succeed; retried with backoff.
+            state.failures += 1
+            raise kopf.TemporaryError(result.problem, delay=max(1.0, min(remaining, backoff(deps, state.failures))))
+        timeout = deps.settings.teardown_timeout_seconds
+        message = (f"finalizer released after {timeout:g}s without teardown; retained: "
+                   f"{', '.join(result.retained) or 'nothing known'}; last problem: {result.problem}")
+        logger.warning("%s", message)
+        try:
+            kopf.event(body, type="Warning", reason="TeardownTimedOut", message=message[:1000])
+        except Exception:  # the Event is best effort; the deletion must finish regardless
+            logger.debug("posting the TeardownTimedOut Event failed", exc_info=True)
 
 
 def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:

@@ -426,36 +426,67 @@ def _probes(ctx: Context, report: Report) -> None:
 # --- deletion ---------------------------------------------------------------------------------
 
 
-def teardown(body: dict[str, Any], deps: Deps) -> str | None:
-    """Undo what the resource did outside its owned objects; None when done, else why not yet.
+@dataclasses.dataclass(frozen=True)
+class Teardown:
+    """What a deletion attempt left: None when done, else why not yet and what would be retained."""
+
+    problem: str | None = None
+    retained: tuple[str, ...] = ()
+
+
+def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None) -> Teardown:
+    """Undo what the resource did outside its owned objects.
 
     Owned Kubernetes objects go with their ownerReferences (garbage collection). Database objects
     go only with deletionPolicy Drop, and only those carrying this resource's owner marker.
+    `released` remembers the Deployments whose probes were already released, so a retry (kopf
+    retries until the finalizer can go) never re-patches them.
     """
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    released = set() if released is None else released
     previous = _previous_status(body)
     for deployment in previous.probed_deployments if previous else []:
-        if deps.kube.get("apps/v1", "Deployment", namespace, deployment) is not None:
+        if deployment in released:
+            continue
+        live = deps.kube.get("apps/v1", "Deployment", namespace, deployment)
+        if live is not None and _has_our_fields(live):
             deps.kube.apply(probe_specs.release_patch(namespace, deployment))
+        released.add(deployment)
     metrics.forget_resource(namespace, name)
     try:
         spec = MarketplaceDB.model_validate(body).spec
     except ValidationError:
-        return None  # never applied anything we could identify
+        return Teardown()  # never applied anything we could identify
     if spec.ddl.deletion_policy != "Drop":
-        return None
+        return Teardown()
+    retained = tuple(
+        [f"index {i.name}" for i in spec.indexes]
+        + [f"materialized view {v.name}" for v in spec.materialized_views]
+        + [f"database setting {k}" for k in sorted(previous.managed_settings if previous else [])]
+    )
     ctx = Context(body, spec, previous, deps, deps.now())
     try:
         database = _open_database(ctx)
     except DatabaseUnavailable as exc:
-        return f"deletionPolicy Drop needs the database: {exc.problem.message}"
+        return Teardown(f"deletionPolicy Drop needs the database: {exc.problem.message}", retained)
     try:
         desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
         plan = planning.teardown_plan(desired, database.observe())
         policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
         failed = [o for o in database.execute(plan, policy) if not o.ok]
+    except Exception as exc:  # a session cut mid-teardown: retried, then bounded by the timeout
+        return Teardown(f"deletionPolicy Drop failed: {_scrubbed(exc, ctx)}", retained)
     finally:
-        database.close()
+        _close_quietly(database)
     if failed:
-        return "; ".join(f"{o.object}: {o.message}" for o in failed)
-    return None
+        return Teardown("; ".join(f"{o.object}: {o.message}" for o in failed), tuple(o.object for o in failed))
+    return Teardown()
+
+
+def _has_our_fields(deployment: dict[str, Any]) -> bool:
+    """Whether our field manager still owns fields of this Deployment. A real API server lists the
+    managers in managedFields; without that record (an emulator) assume it does."""
+    managed = deployment.get("metadata", {}).get("managedFields")
+    if not managed:
+        return True
+    return any(entry.get("manager") == naming.FIELD_MANAGER for entry in managed)

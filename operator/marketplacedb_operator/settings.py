@@ -34,6 +34,10 @@ class Settings:
     max_backoff_seconds: float = 300.0
     # How often each resource's timer wakes to see whether a reconcile is due (no I/O when not).
     tick_seconds: float = 5.0
+    # Deletion is bounded: when teardown (deletionPolicy Drop) still cannot finish this long after
+    # the deletionTimestamp (database unreachable, Secret deleted with the namespace), the
+    # finalizer is released with a Warning Event listing what was retained.
+    teardown_timeout_seconds: float = 600.0
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"
