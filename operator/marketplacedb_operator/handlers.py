@@ -14,6 +14,7 @@ import datetime
 import logging
 import random
 import threading
+import time
 from typing import Any
 
 import kopf
@@ -157,6 +158,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.posting.level = logging.CRITICAL
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        settings.peering.lifetime = max(2, deps.settings.peering_lifetime_seconds)
 
     @kopf.on.event(group, version, plural, registry=registry)
     def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
@@ -202,6 +204,24 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
             logger.debug("posting the TeardownTimedOut Event failed", exc_info=True)
 
 
+# kopf peering (https://kopf.readthedocs.io/en/stable/peering/) pauses every replica that sees a
+# live peer with a higher priority, and *all* replicas when two share the highest one ("Pausing all
+# operators, including self"), so equal priorities mean nobody reconciles. Priorities here are
+# distinct and ordered by start time: the oldest live replica is the active one, a newer one
+# waits (kopf starts a peered operator paused until it has seen the peering object, so a
+# restarting or rolling replica never preempts the active one). When the active replica exits it
+# removes its entry and the next oldest resumes at once; when it is SIGKILLed, its entry expires
+# after MARKETPLACEDB_PEERING_LIFETIME_SECONDS and the standby resumes then.
+_PRIORITY_CEILING = 2**53  # exact in every JSON parser; above start-time-ms x 1000 until 2255
+
+
+def peering_priority(started: float | None = None) -> int:
+    """Higher for an older process: the ceiling minus the start time in milliseconds x 1000, minus
+    a random tie-breaker below 1000 (two replicas started in the same millisecond still differ)."""
+    at = time.time() if started is None else started
+    return _PRIORITY_CEILING - int(at * 1000) * 1000 - random.randrange(1000)
+
+
 def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:
     """Run kopf until stopped (SIGTERM/SIGINT), with the real cluster's credentials."""
     registry = kopf.OperatorRegistry()
@@ -216,7 +236,7 @@ def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, live
         registry=registry,
         standalone=peering is None,
         peering_name=peering,
-        priority=100,
+        priority=peering_priority(),
         namespaces=namespaces,
         clusterwide=not namespaces,
         liveness_endpoint=liveness_endpoint,

@@ -38,6 +38,9 @@ class Settings:
     # the deletionTimestamp (database unreachable, Secret deleted with the namespace), the
     # finalizer is released with a Warning Event listing what was retained.
     teardown_timeout_seconds: float = 600.0
+    # HA (`run --peering NAME`): a replica that stops renewing its peering entry for this long is
+    # presumed dead and the standby takes over, so a SIGKILLed leader is replaced within it.
+    peering_lifetime_seconds: int = 60
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"
