@@ -118,8 +118,15 @@ async def test_a_failing_part_is_a_condition_with_backoff(env: Env, part: str) -
         )
         assert failed["status"] == "False" and "500" in failed["message"] and CANARY not in failed["message"]
         assert env.condition("Ready")["status"] == "False"
-        # The refresh-now request was acted upon once and is recorded, although a later part fails.
-        assert env.resource()["status"].get("handledRefreshRequest") == "r-1"
+        # The refresh-now request is acted upon once (after the views exist) and recorded, although
+        # a later part fails.
+        await eventually(
+            lambda: env.resource()["status"].get("handledRefreshRequest") == "r-1",
+            timeout=60,
+            message="r-1 handled",
+        )
+        failed = env.condition(condition)
+        assert failed["status"] == "False" and failed["reason"] == reason
         # Backoff: retry_base 1 s doubling up to 8 s (with jitter) instead of every retry of kopf's
         # timer (1 s) or every 0.5 s tick.
         hits = sum(1 for r in iter_requests(env.api) if matcher(r))

@@ -10,6 +10,9 @@ state on the object except the finalizer.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import datetime
 import logging
 import random
@@ -20,8 +23,10 @@ from typing import Any
 import kopf
 
 from . import naming
+from .background import Background
 from .ports import Deps
-from .reconcile import Outcome, reconcile, teardown
+from .reconcile import Outcome, reconcile
+from .teardown import teardown
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,10 @@ RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+# Threads for reconciles triggered by events (a new generation, a trigger annotation).
+EVENT_RECONCILES = 4
+
+
 class ResourceState:
     """Per-resource memory of the operator process (lost on restart: reconcile is level-based)."""
 
@@ -58,6 +67,9 @@ class ResourceState:
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
         self.released: set[str] = set()  # Deployments whose probes teardown already released
         self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
+        # (resourceVersion of the body, the status reconcile wrote on top of it): a re-run on the
+        # same, not yet updated body compares with what it wrote, not with the stale status.
+        self.written: tuple[Any, dict[str, Any]] | None = None
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -82,8 +94,12 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         state.pending = False
         state.handled_generation = body.get("metadata", {}).get("generation")
         state.handled_triggers = _triggers(body)
+        version = body.get("metadata", {}).get("resourceVersion")
+        written = state.written[1] if state.written and state.written[0] == version else None
         try:
-            outcome: Outcome | None = reconcile(dict(body), deps)
+            outcome: Outcome | None = reconcile(dict(body), deps, written)
+            if outcome is not None and outcome.status is not None:
+                state.written = (version, outcome.status)
         except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)
             logger.warning("reconcile failed, retrying with backoff: %s", type(exc).__name__)
             outcome = None
@@ -147,6 +163,26 @@ class SeenMarkerStorage(kopf.DiffBaseStorage):
 def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     """Register the handlers on `registry` (tests pass their own; `run` uses the default one)."""
     group, version, plural = naming.GROUP, naming.VERSION, naming.PLURAL
+    states: dict[str, ResourceState] = {}  # namespace/name -> state, for waking a resource
+
+    def wake(key: tuple[str, str]) -> None:
+        """A background job ended: reconcile its resource at the next tick to report the outcome."""
+        state = states.get(key[0])
+        if state is not None:
+            state.pending = True  # also when the reconcile that submitted it is still running
+            state.next_due = 0.0
+
+    if deps.background is None:
+        deps.background = Background(
+            deps.settings.max_background_jobs, deps.settings.max_background_jobs_per_database, on_done=wake
+        )
+    background = deps.background
+
+    def tracked(body: kopf.Body, memo: kopf.Memo) -> ResourceState:
+        state = _state(memo)
+        meta = body.get("metadata", {})
+        states[f"{meta.get('namespace')}/{meta.get('name')}"] = state
+        return state
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -160,14 +196,23 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.watching.client_timeout = 330
         settings.peering.lifetime = max(2, deps.settings.peering_lifetime_seconds)
 
+    # Event-driven reconciles run on this pool, not on kopf's handler threads, and on_event is async
+    # and returns at once: kopf then writes its finalizer and `seen` marker right after the first
+    # event instead of after a reconcile queued behind every other resource's. (With 1,000 new
+    # resources on kopf's 6 handler threads, most of that bookkeeping was still pending when the
+    # operator stopped, and the restarted process wrote it: 960 PATCHes after a restart.)
+    reconciles = concurrent.futures.ThreadPoolExecutor(max_workers=EVENT_RECONCILES, thread_name_prefix="reconcile")
+
     @kopf.on.event(group, version, plural, registry=registry)
-    def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    async def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        state = _state(memo)
+        state = tracked(body, memo)
         generation = body.get("metadata", {}).get("generation")
         if generation != state.handled_generation or _triggers(body) != state.handled_triggers:
-            _run(deps, body, state, logger)
+            # kopf.event() finds its posting queue through context variables: carry them over.
+            context = contextvars.copy_context()
+            asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run, deps, body, state, logger)
 
     # backoff: after an exception (e.g. the database session cut mid-reconcile) kopf would wait its
     # default 60 s before the next tick; retry at the operator's own base delay instead
@@ -177,13 +222,20 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_timer(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        state = _state(memo)
+        state = tracked(body, memo)
         if deps.monotonic() >= state.next_due:
             _run(deps, body, state, logger)
 
     @kopf.on.delete(group, version, plural, registry=registry)
     def on_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         state = _state(memo)
+        meta = body.get("metadata", {})
+        resource = f"{meta.get('namespace')}/{meta.get('name')}"
+        # A deleted resource's background work stops now (its session is terminated): deletion is
+        # never delayed by a build blocked on an old snapshot, and Drop never races a build.
+        for kind in ("schema", "refresh"):
+            background.cancel((resource, kind), wait=10.0)
+        states.pop(resource, None)
         with state.lock:
             result = teardown(dict(body), deps, state.released)
         if result.problem is None:

@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import metrics, naming
+from . import jobs, metrics, naming
 from .api.errors import format_errors
 from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
+from .background import Job
 from .durations import parse_duration
 from .owned import OWNED_KINDS, sync_owned
 from .ports import ConnInfo, Database, Deps
@@ -46,6 +47,7 @@ class Outcome:
     events: list[Event]
     temporary: bool  # a retry with backoff is due (unreachable database, missing Secret, ...)
     requeue_after: float
+    status: dict[str, Any] | None = None  # the status as written (or found already in place)
 
 
 @dataclasses.dataclass
@@ -56,6 +58,7 @@ class Context:
     deps: Deps
     now: datetime.datetime
     password: str = ""  # kept only to mask it in messages
+    info: ConnInfo | None = None  # how this reconcile connected (background jobs connect alike)
 
     @property
     def namespace(self) -> str:
@@ -80,8 +83,13 @@ def _previous_status(body: dict[str, Any]) -> MarketplaceDBStatus | None:
         return None  # status written by someone else: recompute from scratch
 
 
-def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
+def reconcile(body: dict[str, Any], deps: Deps, written: dict[str, Any] | None = None) -> Outcome:
+    """`written`: the status this process already wrote on top of this very body (same
+    resourceVersion), when the watch has not delivered that write yet; compared instead of the
+    body's stale status, so that an immediate re-run does not write the same status again."""
     started = time.perf_counter()
+    if written is not None:
+        body = {**body, "status": written}
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     previous = _previous_status(body)
     report = Report()
@@ -159,6 +167,9 @@ def _record_metrics(namespace: str, name: str, report: Report, seconds: float) -
         pooler_ready=report.pooler.ready_replicas if report.pooler else None,
         problems=[p.reason for p in problems if p is not None],
     )
+    progress = report.progress
+    metrics.record_progress(namespace, name, progress is not None, progress.blocks_done if progress else None,
+                            progress.blocks_total if progress else None)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -199,7 +210,9 @@ def _finish(
     requeue = deps.settings.resync_seconds
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
-    return Outcome(events=events, temporary=temporary, requeue_after=requeue)
+    if report.progress is not None:  # background DDL: report its progress (its end wakes us anyway)
+        requeue = min(requeue, deps.settings.progress_seconds)
+    return Outcome(events=events, temporary=temporary, requeue_after=requeue, status=rendered)
 
 
 def _comparable(status: Any) -> Any:
@@ -251,7 +264,7 @@ def _conn_info(ctx: Context) -> ConnInfo:
 
 def _open_database(ctx: Context) -> Database:
     info = _conn_info(ctx)
-    ctx.password = info.password
+    ctx.password, ctx.info = info.password, info
     try:
         return ctx.deps.open_database(info)
     except Exception as exc:  # the gateway raises DatabaseUnreachable with a scrubbed message
@@ -265,15 +278,28 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
     catalog = database.observe()
     plan = planning.plan(desired, catalog)
     report.advice = schema_report.advice(desired, catalog) + list(plan.notes)
-    outcomes = []
-    if not plan.empty:
+    outcomes: list[Any] = []
+    running, finished = _job(ctx, jobs.SCHEMA)
+    if finished is not None:  # a background run ended: report its outcome (once)
+        outcomes = list(finished.result or [])
+        metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
+        if finished.error:
+            report.schema_problem = Problem("DDLFailed", finished.error.replace(ctx.password or "\0", "***"))
+    retry_later = finished is not None and (finished.error is not None or any(not o.ok for o in outcomes))
+    if running is not None:
+        report.progress = jobs.progress(running, database, len(plan.steps))
+    elif not plan.empty and not retry_later:  # a failed run is retried at the next resync, not now
         if ctx.spec.ddl.approval == "Manual" and ctx.annotation(naming.ANN_APPROVE_PLAN) != plan.hash:
             report.plan = PlanStatus(hash=plan.hash, steps=plan.descriptions(), approved=False)
             report.schema_problem = Problem(
                 "AwaitingApproval",
                 f"{len(plan.steps)} step(s) wait for approval: annotate {naming.ANN_APPROVE_PLAN}={plan.hash}",
             )
-        else:
+        elif ctx.deps.background is not None and ctx.info is not None:
+            policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
+            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, plan, policy)
+            report.progress = jobs.progress(job, database, len(plan.steps))
+        else:  # no background pool (the CLI): inline
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
             outcomes = database.execute(plan, policy)
             metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
@@ -290,6 +316,28 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
         report.schema_problem = Problem("DDLFailed", "; ".join(f"{o.object}: {o.message}" for o in failed))
     elif conflicts:
         report.schema_problem = Problem("Conflict", "; ".join(dict.fromkeys(conflicts)))
+    elif report.progress is not None and report.schema_problem is None:
+        # A retry after a failure keeps reporting the failure (no DDLFailed/Applying flapping,
+        # no Event per retry), with the retry's progress appended.
+        last = next((c for c in (ctx.previous.conditions if ctx.previous else []) if c.type == "SchemaApplied"), None)
+        if last is not None and last.reason == "DDLFailed":
+            first = last.message.split("; retrying in the background")[0]
+            report.schema_problem = Problem("DDLFailed", f"{first}; retrying in the background: "
+                                            f"{jobs.describe(report.progress)}")
+        else:
+            report.schema_problem = Problem("Applying", jobs.describe(report.progress))
+
+
+def _job(ctx: Context, kind: str) -> tuple[Job | None, Job | None]:
+    """(the running job, the finished one not yet reported) of this resource and kind."""
+    background = ctx.deps.background
+    if background is None:
+        return None, None
+    job_key = jobs.key(ctx.namespace, ctx.name, kind)
+    current = background.get(job_key)
+    if current is not None and current.running:
+        return current, None
+    return None, background.take(job_key)
 
 
 # --- refreshes --------------------------------------------------------------------------------
@@ -300,21 +348,37 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
     states = {s.name: s for s in database.refresh_states() if s.schema}
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
-    failures = []
-    busy = False
+    failures: list[str] = []
+    running, finished = _job(ctx, jobs.REFRESH)
+    if finished is not None:  # background refreshes ended: their outcome, once
+        results = list(finished.result or [])
+        failures += [f"{r.view}: {r.error or r.reason}" for r in results if not r.ok]
+        if finished.error or any(r.outcome == "skipped-busy" for r in results):
+            report.retry_soon = True  # unreachable, or another refresh held a lock: not handled
+        elif finished.tag and finished.tag == request:
+            report.handled_refresh_request = request
+        if finished.error:
+            failures.append(finished.error.replace(ctx.password or "\0", "***"))
+    requested = requested and report.handled_refresh_request != request and not report.retry_soon
+    wanted = []
     for view in ctx.spec.materialized_views:
         policy = view.refresh
         state = states.get(view.name)
         scheduled = policy is not None and policy.mode == "Operator" and not policy.suspend
         if requested or (scheduled and policy and due(policy.schedule, state.last_attempt if state else None, ctx.now)):
-            result = database.refresh(view, ctx.now, requested)
-            busy = busy or result.outcome == "skipped-busy"
-            if not result.ok:
-                failures.append(f"{view.name}: {result.error or result.reason}")
-    if requested and not busy:
-        report.handled_refresh_request = request
-    elif requested:
-        report.retry_soon = True  # another refresh holds a view's lock: ask again after a backoff
+            wanted.append(view)
+    # Not while this resource's DDL runs in the background: a view may be created or swapped.
+    if wanted and running is None and finished is None and report.progress is None:
+        if ctx.deps.background is not None and ctx.info is not None:
+            job_key = jobs.key(ctx.namespace, ctx.name, jobs.REFRESH)
+            jobs.submit_refresh(ctx.deps, job_key, ctx.info, wanted, requested, request if requested else "")
+        else:  # no background pool (the CLI): inline
+            outcomes = [database.refresh(view, ctx.now, requested) for view in wanted]
+            failures += [f"{r.view}: {r.error or r.reason}" for r in outcomes if not r.ok]
+            if requested and all(r.outcome != "skipped-busy" for r in outcomes):
+                report.handled_refresh_request = request
+            elif requested:
+                report.retry_soon = True  # another refresh holds a view's lock: ask again after a backoff
     if failures or requested or any(v.refresh and v.refresh.mode == "Operator" for v in ctx.spec.materialized_views):
         states = {s.name: s for s in database.refresh_states()}
     limits = {v.name: parse_duration(v.refresh.max_staleness) for v in ctx.spec.materialized_views if v.refresh}
@@ -421,72 +485,3 @@ def _probes(ctx: Context, report: Report) -> None:
     report.probes_applied = applied
     if problems:
         report.probes_problem = Problem("ProbeTargetMissing", "; ".join(problems))
-
-
-# --- deletion ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Teardown:
-    """What a deletion attempt left: None when done, else why not yet and what would be retained."""
-
-    problem: str | None = None
-    retained: tuple[str, ...] = ()
-
-
-def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None) -> Teardown:
-    """Undo what the resource did outside its owned objects.
-
-    Owned Kubernetes objects go with their ownerReferences (garbage collection). Database objects
-    go only with deletionPolicy Drop, and only those carrying this resource's owner marker.
-    `released` remembers the Deployments whose probes were already released, so a retry (kopf
-    retries until the finalizer can go) never re-patches them.
-    """
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    released = set() if released is None else released
-    previous = _previous_status(body)
-    for deployment in previous.probed_deployments if previous else []:
-        if deployment in released:
-            continue
-        live = deps.kube.get("apps/v1", "Deployment", namespace, deployment)
-        if live is not None and _has_our_fields(live):
-            deps.kube.apply(probe_specs.release_patch(namespace, deployment))
-        released.add(deployment)
-    metrics.forget_resource(namespace, name)
-    try:
-        spec = MarketplaceDB.model_validate(body).spec
-    except ValidationError:
-        return Teardown()  # never applied anything we could identify
-    if spec.ddl.deletion_policy != "Drop":
-        return Teardown()
-    retained = tuple(
-        [f"index {i.name}" for i in spec.indexes]
-        + [f"materialized view {v.name}" for v in spec.materialized_views]
-        + [f"database setting {k}" for k in sorted(previous.managed_settings if previous else [])]
-    )
-    ctx = Context(body, spec, previous, deps, deps.now())
-    try:
-        database = _open_database(ctx)
-    except DatabaseUnavailable as exc:
-        return Teardown(f"deletionPolicy Drop needs the database: {exc.problem.message}", retained)
-    try:
-        desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
-        plan = planning.teardown_plan(desired, database.observe())
-        policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
-        failed = [o for o in database.execute(plan, policy) if not o.ok]
-    except Exception as exc:  # a session cut mid-teardown: retried, then bounded by the timeout
-        return Teardown(f"deletionPolicy Drop failed: {_scrubbed(exc, ctx)}", retained)
-    finally:
-        _close_quietly(database)
-    if failed:
-        return Teardown("; ".join(f"{o.object}: {o.message}" for o in failed), tuple(o.object for o in failed))
-    return Teardown()
-
-
-def _has_our_fields(deployment: dict[str, Any]) -> bool:
-    """Whether our field manager still owns fields of this Deployment. A real API server lists the
-    managers in managedFields; without that record (an emulator) assume it does."""
-    managed = deployment.get("metadata", {}).get("managedFields")
-    if not managed:
-        return True
-    return any(entry.get("manager") == naming.FIELD_MANAGER for entry in managed)

@@ -41,6 +41,12 @@ class Settings:
     # HA (`run --peering NAME`): a replica that stops renewing its peering entry for this long is
     # presumed dead and the standby takes over, so a SIGKILLed leader is replaced within it.
     peering_lifetime_seconds: int = 60
+    # Long DDL and operator-mode refreshes run in background threads, never on kopf's handler
+    # threads: at most this many at once overall, and per database.
+    max_background_jobs: int = 8
+    max_background_jobs_per_database: int = 2
+    # While background DDL runs, how often its progress is written to status.
+    progress_seconds: float = 10.0
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"

@@ -14,6 +14,7 @@ from typing import Literal
 from .api import conditions as c
 from .api.v1alpha1 import (
     BlockingSession,
+    DDLProgress,
     IndexStatus,
     MarketplaceDBStatus,
     PlanStatus,
@@ -52,6 +53,7 @@ class Report:
     refresh_scheduled: int = 0
     probes_applied: int = 0
     drifted: list[str] = dataclasses.field(default_factory=list)
+    progress: DDLProgress | None = None  # background DDL running for this resource
     crashed: list[str] = dataclasses.field(default_factory=list)  # parts that raised (backoff)
     retry_soon: bool = False  # nothing failed, but something must be retried with backoff
     # The refresh-now value this reconcile acted upon (every refresh ran or was refused), if any.
@@ -67,6 +69,8 @@ class Event:
 
 # Conditions whose True is bad news (a Warning when they turn True).
 _NEGATIVE = {c.STALE, c.DRIFTED}
+# Reasons that say work is under way (background DDL): a Normal Event, not a Warning.
+_PROGRESS = {"Applying"}
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, now: datetime.datetime, gen: int | None) -> c.Condition:
@@ -189,6 +193,7 @@ def compute(
         pooler=report.pooler,
         plan=report.plan,
         blocking_sessions=report.blocking,
+        progress=report.progress,
         advice=report.advice,
         summary=Summary(
             indexes=f"{sum(1 for i in indexes if i.state == 'Valid')}/{len(indexes)}",
@@ -216,7 +221,7 @@ def transitions(old: list[c.Condition], new: list[c.Condition]) -> list[Event]:
             continue  # first sighting of a healthy part: Ready=True says it once
         if before is None and condition.type in _NEGATIVE and condition.status == "False":
             continue
-        bad = (condition.status == "True") == (condition.type in _NEGATIVE)
+        bad = (condition.status == "True") == (condition.type in _NEGATIVE) and condition.reason not in _PROGRESS
         events.append(
             Event(
                 type="Warning" if bad else "Normal",

@@ -373,6 +373,21 @@ class IndexStatus(Model):
     message: str = ""
 
 
+class DDLProgress(Model):
+    """Long DDL running in the background for this resource (an index build, a view swap)."""
+
+    steps: int = Field(description="Plan steps being executed.", ge=0, le=10000)
+    phase: str = Field(
+        description="pg_stat_progress_create_index phase of the running build (e.g. 'waiting for old "
+        "snapshots'), or 'queued'/'running' outside an index build.",
+        max_length=100,
+    )
+    index: str | None = Field(default=None, description="The index being built.", max_length=200)
+    blocks_done: int | None = Field(default=None, description="Blocks processed in the current phase.", ge=0)
+    blocks_total: int | None = Field(default=None, description="Blocks to process in the current phase.", ge=0)
+    seconds: float = Field(description="Seconds since the work started (or was queued).", ge=0)
+
+
 class ViewStatus(Model):
     name: str
     populated: bool = False
@@ -437,6 +452,9 @@ class MarketplaceDBStatus(Model):
     pooler: PoolerStatus | None = None
     plan: PlanStatus | None = None
     blocking_sessions: list[BlockingSession] = Field(default_factory=list)
+    progress: DDLProgress | None = Field(
+        default=None, description="DDL running in the background right now, and how far it got."
+    )
     advice: list[str] = Field(default_factory=list)
     summary: Summary | None = None
     # What this resource changed outside its own objects, so that removals can be undone.
