@@ -96,8 +96,14 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         state.handled_triggers = _triggers(body)
         version = body.get("metadata", {}).get("resourceVersion")
         written = state.written[1] if state.written and state.written[0] == version else None
+        current = dict(body)
+        if written is not None:
+            # The status this process already wrote on top of this very body (same
+            # resourceVersion) that the watch has not delivered yet: compared instead of the
+            # stale one, so an immediate re-run does not write the same status again.
+            current["status"] = written
         try:
-            outcome: Outcome | None = reconcile(dict(body), deps, written)
+            outcome: Outcome | None = reconcile(current, deps)
             if outcome is not None and outcome.status is not None:
                 state.written = (version, outcome.status)
         except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)

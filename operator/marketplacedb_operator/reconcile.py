@@ -83,13 +83,8 @@ def _previous_status(body: dict[str, Any]) -> MarketplaceDBStatus | None:
         return None  # status written by someone else: recompute from scratch
 
 
-def reconcile(body: dict[str, Any], deps: Deps, written: dict[str, Any] | None = None) -> Outcome:
-    """`written`: the status this process already wrote on top of this very body (same
-    resourceVersion), when the watch has not delivered that write yet; compared instead of the
-    body's stale status, so that an immediate re-run does not write the same status again."""
+def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
     started = time.perf_counter()
-    if written is not None:
-        body = {**body, "status": written}
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     previous = _previous_status(body)
     report = Report()
