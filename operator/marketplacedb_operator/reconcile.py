@@ -200,8 +200,13 @@ def _finish(
         previous.handled_refresh_request if previous else None
     )
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
-    if rendered != _comparable(body.get("status")):
-        deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
+    live = _comparable(body.get("status"))
+    if rendered != live:
+        # A merge patch keeps keys it does not mention: a field that is gone (progress after a
+        # build, plan after approval) is deleted with an explicit null, or it would stay forever
+        # and every later reconcile would see a difference and write again.
+        gone = {key: None for key in (live if isinstance(live, dict) else {}) if key not in rendered}
+        deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], {**rendered, **gone})
     requeue = deps.settings.resync_seconds
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
