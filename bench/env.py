@@ -27,7 +27,7 @@ from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.specs import pgbouncer as pgb
 from marketplacedb_operator.specs.pooler_sizing import compute_budget
 
-from . import pgbench
+from . import load, pgbench
 from ._harness import ROOT, PgBouncerProcess, PostgresServer
 
 EXAMPLE = ROOT / "examples" / "marketplacedb.yaml"
@@ -170,6 +170,7 @@ def start(products: int, workdir: Path, *, max_connections: int = 600) -> Workbe
     """A server on loopback with the workload loaded (not yet applied)."""
     pg = PostgresServer(max_connections=max_connections, shared_buffers="512MB", extra_conf=SERVER_CONF)
     pg.start()
+    load.register_server(pg.datadir)  # its CPU is the bench's own, not outside load
     password = secrets.token_urlsafe(18)
     bench = Workbench(pg=pg, products=products, password=password, workdir=workdir)
     try:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install what `make test` needs on a fresh Debian machine: PostgreSQL 15 and pgbouncer from apt
-# when missing, then a virtualenv with the project and its test extras. Idempotent.
+# Install what `make test` needs on a fresh Debian machine: PostgreSQL 15, pgbouncer and python3-venv
+# from apt when missing, then a virtualenv with the project and its test extras. Idempotent.
 set -euo pipefail
 venv=${1:-.venv}
 
+python=${PYTHON:-python3}
 need_apt=()
+# Debian splits `venv` from python3: without python3-venv, `python3 -m venv` fails (no ensurepip).
+[ -x "$venv/bin/python" ] || "$python" -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client-15)
@@ -23,7 +26,6 @@ fi
 # servers on free ports, so stop those to keep the machine quiet (harmless when not running).
 service pgbouncer stop >/dev/null 2>&1 || true
 
-python=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null
 "$venv/bin/pip" install -q -e '.[test]'

@@ -17,6 +17,9 @@ from harness.kube import KubeEmulator, KubeObjects, kube_emulator
 from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess
 from harness.postgres import FreshDatabase, PostgresServer
 
+# Every teardown is bounded, failed test or not (pytest-timeout disarms itself on a failure).
+pytest_plugins = ["harness.watchdog"]
+
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PostgresServer]:

@@ -55,7 +55,7 @@ def _index(document: dict[str, Any]) -> dict[str, Any]:
         (
             lambda d: d["spec"]["materializedViews"][0]["refresh"].update(schedule="61 * * * *"),
             "spec.materializedViews[0].refresh.schedule",
-            "not a valid cron",
+            "minute 0-59",
         ),
         (
             lambda d: d["spec"]["healthProbes"][0].update(readiness={"exec": {"command": ["true"]}}),

@@ -9,7 +9,9 @@ behaviour they measure holds (skip-if-unchanged skips; the views return what the
 from __future__ import annotations
 
 import math
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +24,8 @@ from marketplacedb_operator import workload
 # bench/ is a top-level package of the repository, not of the installed project: import it from
 # the checkout (pytest puts only tests/ on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import env, pgbench, report
-from bench.scenarios import home, refresh
+from bench import env, load, pgbench, report
+from bench.scenarios import home, pooling, refresh
 from bench.scripts import Scripts
 
 PRODUCTS = 2000
@@ -62,3 +64,32 @@ def test_skip_if_unchanged_scenario_runs_and_skips(bench_env: tuple[env.Workbenc
     assert result["always_refreshes"] == 18 and result["always_seconds"] > 0
     assert not math.isnan(result["check_p50_ms"])
     assert report.num(result["check_p50_ms"], "ms").endswith(" ms")
+
+
+def test_pooling_compares_both_paths_below_the_direct_paths_saturation(
+        bench_env: tuple[env.Workbench, Scripts]) -> None:
+    """(a) and (c) of the pooling scenario at a toy scale: the rate is derived from the direct path's
+    own flat-out throughput, server memory and pgbouncer's CPU figures are read from /proc."""
+    bench, scripts = bench_env
+    result = pooling.peak(bench, scripts, seconds=1, flat_seconds=1, clients=4)
+    assert result["rate"] == max(1, round(pooling.UTILISATION * result["direct_flat_tps"]))
+    for where in ("direct", "pooled"):
+        assert result[f"{where}_rate_processed"] > 0 and result[f"{where}_rate_failed"] == 0
+        assert result[f"{where}_flat_backend_processes"] > 1 and result[f"{where}_flat_backend_rss_mib"] > 0
+    assert 0 <= result["bouncer_rate_cpu"] and 0 <= result["bouncer_rate_wait"]
+    assert not math.isnan(result["p99_ratio"]) and not math.isnan(result["memory_ratio"])
+
+
+def test_load_sampler_counts_the_benchs_own_children_as_its_own() -> None:
+    """CPU burned by a child of the bench is the bench's, not load from outside (however busy the
+    machine is: the child burns a fixed amount of CPU time, not of wall time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with load.LoadSampler(period=0.2) as sampler:
+        sampler.mark("burn")
+        subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 1.0: pass"], check=True)
+        sampler.mark("after")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    burn = sampler.summary()["burn"]
+    # What the sampler cannot see: the child's last period before it exited (<= 0.2 s of CPU).
+    assert burn["bench_cpu_seconds"] >= child - 0.3, (burn, child)

@@ -59,6 +59,8 @@ _ALLOWED_KEYS = {
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-validations",
+    "maxProperties",
 }
 
 
@@ -126,3 +128,58 @@ def test_readme_reference_is_in_sync() -> None:
 
     readme = (ROOT / "README.md").read_text()
     assert readme == with_reference(readme), "README resource reference drifted: run `make generate`"
+
+
+def _leaves(node: dict[str, Any], path: str) -> Any:
+    """Every property of the schema (spec and status, nested), with its path."""
+    for name, child in node.get("properties", {}).items():
+        yield f"{path}.{name}", child
+        yield from _leaves(child, f"{path}.{name}")
+    for key, suffix in (("items", "[]"), ("additionalProperties", "{}")):
+        if isinstance(node.get(key), dict):
+            yield from _leaves(node[key], path + suffix)
+
+
+def test_every_field_has_a_description() -> None:
+    """`kubectl explain` has text for every field, spec and status alike (from the models)."""
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    bare = [path for path, node in _leaves(root, "") if not node.get("description", "").strip()]
+    assert bare == [], f"fields without a description (add Field(description=...) or a docstring): {bare}"
+
+
+def test_every_string_list_and_map_is_bounded() -> None:
+    """maxLength/maxItems/maxProperties everywhere: the API server bounds CEL cost with them."""
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    nodes = [("(root)", root), *_leaves(root, "")]
+    unbounded = []
+    for path, node in nodes:
+        kind = node.get("type")
+        if (kind == "string" or node.get("x-kubernetes-int-or-string")) and "enum" not in node:
+            unbounded += [] if "maxLength" in node else [path]
+        elif kind == "array":
+            unbounded += [] if "maxItems" in node else [path]
+            if node["items"].get("type") == "string" and "maxLength" not in node["items"]:
+                unbounded.append(path + "[]")
+        elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+            unbounded += [] if "maxProperties" in node else [path]
+    assert [p for p in unbounded if p not in (".apiVersion", ".kind")] == []
+
+
+def test_models_enforce_the_default_bounds_the_crd_declares() -> None:
+    """A field without its own bound gets the CRD's default in the models too (same verdict)."""
+    import pydantic
+
+    from marketplacedb_operator.api import bounds
+    from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
+
+    document = yaml.safe_load((ROOT / "examples" / "marketplacedb.yaml").read_text())
+    document["spec"]["database"]["credentialsSecretRef"]["usernameKey"] = "u" * (bounds.DEFAULT_MAX_LENGTH + 1)
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    key = schema["properties"]["spec"]["properties"]["database"]["properties"]["credentialsSecretRef"]
+    assert key["properties"]["usernameKey"]["maxLength"] == bounds.DEFAULT_MAX_LENGTH
+    try:
+        MarketplaceDB.model_validate(document)
+    except pydantic.ValidationError as exc:
+        assert "longer than 1024" in str(exc)
+    else:
+        raise AssertionError("an over-long unbounded field passed the models")

@@ -6,6 +6,12 @@ If one of these fails, every higher tier's failures are noise: fix the harness f
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import kopf
@@ -13,9 +19,20 @@ import kubernetes.client
 import psycopg
 import pytest
 
-from harness.kube import MDB, KubeApiError, KubeEmulator, KubeObjects, eventually, kopf_runner, marketplacedb
+from harness.kube import (
+    MDB,
+    KubeApiError,
+    KubeEmulator,
+    KubeObjects,
+    eventually,
+    kopf_runner,
+    kopf_tasks,
+    marketplacedb,
+)
 from harness.pgbouncer import PgBouncerFactory
 from harness.postgres import FreshDatabase, PostgresServer
+
+TESTS = pathlib.Path(__file__).resolve().parent
 
 BOUNCER_INI = """\
 [databases]
@@ -173,3 +190,85 @@ def test_postgres_stop_and_start() -> None:
     finally:
         server.cleanup()
     assert not server.basedir.exists()
+
+
+async def test_a_kopf_stop_that_times_out_leaves_no_kopf_task_behind(kube_api: KubeEmulator,
+                                                                     kube_objects: KubeObjects) -> None:
+    """The CI hang: kopf's stop timed out (a slow reconcile under load) and kopf was cancelled
+    mid-stop. It then cancels its own helper tasks, and its watcher waits forever in `finally`
+    for a `Scheduler.close()` that needs one of them, suppressing every cancellation; after the
+    failed test, pytest-asyncio's loop close waited for it forever. Reproduced here with an event
+    handler in its thread and a second event queued when the stop gives up."""
+    registry = kopf.OperatorRegistry()
+    in_handler = threading.Event()
+
+    @kopf.on.event(MDB.group, MDB.version, MDB.plural, registry=registry)
+    def slow(**_: Any) -> None:
+        in_handler.set()
+        time.sleep(2)  # a reconcile still running when the stop gives up
+
+    body = marketplacedb("shop", "shop", {"database": {"dbname": "m"}})
+    with pytest.raises(TimeoutError):
+        async with kopf_runner(kube_api, registry, namespaces=["shop"], stop_timeout=0.5):
+            await kube_objects.create(body)
+            await eventually(in_handler.is_set, timeout=60, message="the handler runs")
+            await kube_objects.patch_spec(body, {"database": {"dbname": "n"}})  # queued behind it
+    assert [t.get_name() for t in kopf_tasks()] == []
+
+
+STUBBORN_TEST = '''
+import asyncio
+
+import pytest
+
+
+@pytest.fixture
+async def stubborn():
+    async def ignores_cancellation():
+        while True:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                pass
+
+    asyncio.get_running_loop().create_task(ignores_cancellation(), name="stubborn")
+    yield
+
+
+async def test_fails(stubborn):
+    assert False, "a failed async test, with a task left that ignores cancellation"
+
+
+def test_after():
+    pass
+'''
+
+
+def _run_stubborn(tmp_path: pathlib.Path, **limits: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_stubborn.py").write_text(STUBBORN_TEST)
+    env = {**os.environ, "PYTHONPATH": str(TESTS), **limits}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "harness.watchdog",
+             "-o", "asyncio_mode=auto", "-o", "timeout=300", "-o", "timeout_method=thread",
+             str(tmp_path / "test_stubborn.py")],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the run hung after the failed test:\n{exc.stdout!r}")
+
+
+def test_a_failed_async_test_with_a_stubborn_task_does_not_stop_the_run(tmp_path: pathlib.Path) -> None:
+    """After a failure pytest-timeout is disarmed, and the loop close waited for a task that ignores
+    cancellation forever. Now the close gives up after its bound, names the task in an error of
+    that test, and the run goes on to the next test (harness/watchdog.py)."""
+    done = _run_stubborn(tmp_path, MDB_LOOP_CLOSE_LIMIT_SECONDS="2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed, 1 error" in done.stdout, done.stdout
+    assert "LeftoverTasks" in done.stdout and "task stubborn" in done.stdout, done.stdout
+
+
+def test_a_teardown_that_hangs_anyway_ends_the_run_with_stacks(tmp_path: pathlib.Path) -> None:
+    """The last resort: a teardown still running after its bound ends the run with the stacks."""
+    done = _run_stubborn(tmp_path, MDB_LOOP_CLOSE_LIMIT_SECONDS="600", MDB_TEARDOWN_LIMIT_SECONDS="3")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "still running after 3s" in done.stderr and "task stubborn" in done.stderr, done.stderr

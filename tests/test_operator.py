@@ -48,7 +48,7 @@ def app_deployment(name: str) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": NS, "annotations": {naming.ANN_PROBED_BY: "shop"}},
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
@@ -114,7 +114,7 @@ async def env(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
             "stringData": {"username": workload_db.owner, "password": CANARY},
         }
     )
@@ -207,9 +207,10 @@ async def test_create_converges_to_ready_with_everything_applied(env: Env) -> No
             assert container["image"] == "example.com/bff:1.0"  # only probe fields were applied
             assert "ownerReferences" not in env.objects.get("apps/v1", "Deployment", name, NS)["metadata"]
 
-        # Idle resyncs: the timer runs (resync 1 s) but writes nothing and runs no DDL. (kopf posts
-        # Events from a queue: let the last transition's Events land first.)
-        await asyncio.sleep(1.5)
+        # Idle resyncs: the timer runs (resync 1 s) but writes nothing and runs no DDL. First let
+        # the last transition's writes land (kopf posts Events from a queue; on a loaded machine
+        # a late status write can follow Ready by seconds): wait for 3 quiet seconds, at most 60.
+        await _quiet(env, seconds=3.0, timeout=60)
         before_writes, before_catalog = _writes(env.api), _catalog(env.db)
         ddl_before = _ddl_count(env.db)
         await asyncio.sleep(3.5)
@@ -218,6 +219,19 @@ async def test_create_converges_to_ready_with_everything_applied(env: Env) -> No
         assert _ddl_count(env.db) == ddl_before
 
         _assert_no_canary(env)
+
+
+async def _quiet(env: Env, *, seconds: float, timeout: float) -> None:
+    """Wait until the API has seen no write for `seconds` (a resync that writes never gets there)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    count, since = len(_writes(env.api)), loop.time()
+    while loop.time() - since < seconds:
+        assert loop.time() < deadline, f"writes never stopped: {_writes(env.api)[count - 5:]}"
+        await asyncio.sleep(0.2)
+        now = len(_writes(env.api))
+        if now != count:
+            count, since = now, loop.time()
 
 
 def _ddl_count(db: Any) -> str:
@@ -317,7 +331,7 @@ async def test_missing_secret_then_created(env: Env) -> None:
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": "late-secret", "namespace": NS},
+                "metadata": {"name": "late-secret", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
                 "stringData": {"username": env.db.owner, "password": CANARY},
             }
         )

@@ -12,20 +12,18 @@ import json
 import resource
 import signal
 import subprocess
-import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
 from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess, free_port
-from harness.postgres import FreshDatabase, PostgresServer, as_service_user, running_as_root
+from harness.postgres import FreshDatabase, PostgresServer, as_service_user
+from harness.service_python import service_python_command
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from marketplacedb_operator.gateways.postgres import server
 from marketplacedb_operator.settings import Settings
@@ -33,7 +31,6 @@ from marketplacedb_operator.specs import pgbouncer as pgb
 from marketplacedb_operator.specs.pooler_sizing import compute_budget
 
 SETTINGS = Settings()
-OPERATOR_DIR = Path(__file__).resolve().parents[1] / "operator"
 
 
 def make_spec(pg: PostgresServer, db: FreshDatabase, **pooler: Any) -> MarketplaceDBSpec:
@@ -182,12 +179,10 @@ async def test_500_clients_share_the_budgeted_server_connections(
 
 
 def _agent_command() -> tuple[list[str], dict[str, str]]:
-    """The real CLI, as pgbouncer's OS user. As root the venv's interpreter may be unreadable for
-    that user (a pyenv under /root), so Debian's python3 (same 3.11 ABI) runs it with our paths."""
-    purelib = sysconfig.get_paths()["purelib"]
-    env = {"PYTHONPATH": f"{OPERATOR_DIR}:{purelib}", "PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
-    python = "/usr/bin/python3" if running_as_root() else sys.executable
-    return [python, "-m", "marketplacedb_operator.cli", "pooler-agent"], env
+    """The real CLI, as pgbouncer's OS user, from a copy that user can read (the checkout may be
+    in a root-only dir): see tests/harness/service_python.py."""
+    command, env = service_python_command("marketplacedb_operator.cli")
+    return [*command, "pooler-agent"], env
 
 
 class Agent:

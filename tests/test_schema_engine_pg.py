@@ -83,14 +83,15 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def observe(db: FreshDatabase) -> Catalog:
+def observe(db: FreshDatabase, d: Desired | None = None) -> Catalog:
+    """What the engine sees for `d` (default: the reference resource owned by OWNER)."""
     with db.connect() as conn:
-        return gateway.observe(conn)
+        return gateway.observe(conn, d or desired_state(the_spec(), OWNER))
 
 
 def apply(db: FreshDatabase, d: Desired, policy: ExecutionPolicy = FAST, **kw: Any) -> list[Any]:
     with db.connect() as conn:
-        return gateway.execute(conn, plan(d, gateway.observe(conn)), policy, **kw)
+        return gateway.execute(conn, plan(d, gateway.observe(conn, d)), policy, **kw)
 
 
 def one(db: FreshDatabase, query: str, *params: Any) -> Any:
@@ -197,37 +198,39 @@ def test_drift_is_repaired_and_foreign_objects_left_alone(workload_db: FreshData
     # Dropped by hand: recreated.
     run(su, "DROP INDEX idx_search_history_user_recent")
     p = plan(d, observe(workload_db))
-    assert [s.kind for s in p.steps] == ["create-index", "mark"]
+    assert [s.kind for s in p.steps] == ["intent", "create-index", "mark"]
     assert all(o.ok for o in apply(workload_db, d))
 
-    # Redefined by hand, marker kept (storage parameter; drop and re-create copying the comment).
+    # Redefined by hand: a storage parameter on our very index is drift (replaced); a drop and
+    # re-create that copies the marker comment is someone else's index (left alone, finding 1).
     before = index_oid(workload_db, "idx_popular_searches_ranking")
     run(su, "ALTER INDEX idx_popular_searches_ranking SET (fillfactor = 50)")
     marker = one(workload_db, "SELECT obj_description('idx_seller_orders_seller_status'::regclass)")
     run(su, "DROP INDEX idx_seller_orders_seller_status")
     run(su, "CREATE INDEX idx_seller_orders_seller_status ON seller_orders (status)")
     run(su, sql.SQL("COMMENT ON INDEX idx_seller_orders_seller_status IS {}").format(sql.Literal(marker)))
+    copied = index_oid(workload_db, "idx_seller_orders_seller_status")
     statuses = {s.name: s for s in report.index_statuses(d, observe(workload_db))}
     assert statuses["idx_popular_searches_ranking"].state == "Drifted"
-    assert "by hand" in statuses["idx_seller_orders_seller_status"].message
+    assert statuses["idx_seller_orders_seller_status"].state == "Conflict"
+    assert "copied or forged" in statuses["idx_seller_orders_seller_status"].message
     outcomes = apply(workload_db, d)
-    assert [o.object for o in outcomes] == ["index/public.idx_seller_orders_seller_status",
-                                            "index/public.idx_popular_searches_ranking"]
+    assert [o.object for o in outcomes] == ["index/public.idx_popular_searches_ranking"]
     assert all(o.ok for o in outcomes), outcomes
     cat = observe(workload_db)
     assert index_oid(workload_db, "idx_popular_searches_ranking") != before
     assert "fillfactor" not in cat.index("public", "idx_popular_searches_ranking").definition  # type: ignore[union-attr]
-    assert "(seller_id, status, created_at DESC)" in cat.index(  # type: ignore[union-attr]
-        "public", "idx_seller_orders_seller_status").definition
+    assert index_oid(workload_db, "idx_seller_orders_seller_status") == copied  # untouched
     assert not [i.name for i in cat.indexes if i.name.endswith(("__new", "__old"))]
-    assert plan(d, cat).empty
+    left = plan(d, cat)
+    assert left.empty and "adopt: Replace" in left.conflicts[0]
 
     # Made by someone else under a declared name: a conflict, untouched.
     run(su, "DROP INDEX idx_search_history_user_recent")
     run(su, "CREATE INDEX idx_search_history_user_recent ON search_history (query)")
     oid = index_oid(workload_db, "idx_search_history_user_recent")
     p = plan(d, observe(workload_db))
-    assert p.empty and "not created by this operator" in p.conflicts[0]
+    assert p.empty and "not created or adopted by this operator" in p.conflicts[1]
     assert apply(workload_db, d) == [] and index_oid(workload_db, "idx_search_history_user_recent") == oid
 
 
@@ -306,27 +309,78 @@ def test_failed_unique_build_leaves_nothing_and_is_rebuilt(workload_db: FreshDat
     assert info is not None and info.valid and info.unique
 
 
-def test_cancelled_build_is_detected_reported_and_rebuilt(workload_db: FreshDatabase) -> None:
-    d = desired_state(the_spec(materializedViews=[]), OWNER)
-    with psycopg.connect(workload_db.superuser_dsn, autocommit=True) as blocker, \
-            psycopg.connect(workload_db.dsn, autocommit=True) as hand:
+def _cancelled_build(db: FreshDatabase, name: str, columns: str = "user_id") -> None:
+    """A CREATE INDEX CONCURRENTLY on search_history cancelled by a lock timeout: INVALID `name`."""
+    with psycopg.connect(db.superuser_dsn, autocommit=True) as blocker, \
+            psycopg.connect(db.dsn, autocommit=True) as hand:
         blocker.execute("BEGIN")
         blocker.execute("UPDATE search_history SET results_count = results_count WHERE id = 1")
         hand.execute("SET lock_timeout = '200ms'")
         with pytest.raises(psycopg.errors.LockNotAvailable):
-            hand.execute("CREATE INDEX CONCURRENTLY idx_search_history_user_recent ON search_history (user_id)")
+            hand.execute(sql.SQL("CREATE INDEX CONCURRENTLY {} ON search_history ({})").format(
+                sql.Identifier(name), sql.SQL(columns)))
         blocker.execute("COMMIT")
-    cat = observe(workload_db)
+
+
+def test_someone_elses_cancelled_build_is_left_alone_until_replace(workload_db: FreshDatabase) -> None:
+    d = desired_state(the_spec(materializedViews=[]), OWNER)
+    _cancelled_build(workload_db, "idx_search_history_user_recent")
+    oid = index_oid(workload_db, "idx_search_history_user_recent")
+    cat = observe(workload_db, d)
     info = cat.index("public", "idx_search_history_user_recent")
-    assert info is not None and not info.valid and info.marker is None
+    assert info is not None and not info.valid and info.record is None
     status = {s.name: s for s in report.index_statuses(d, cat)}["idx_search_history_user_recent"]
-    assert status.state == "Invalid"
-    steps = [s for s in plan(d, cat).steps if s.object == "index/public.idx_search_history_user_recent"]
-    assert [s.kind for s in steps] == ["drop-index", "create-index", "mark"]
+    assert status.state == "Conflict"
+    p = plan(d, cat)
+    assert not [s for s in p.steps if s.object == "index/public.idx_search_history_user_recent"]
+    assert any("INVALID" in c and "adopt: Replace" in c for c in p.conflicts)
     assert all(o.ok for o in apply(workload_db, d))
-    info = observe(workload_db).index("public", "idx_search_history_user_recent")
-    assert info is not None and info.valid and info.marker is not None
+    assert index_oid(workload_db, "idx_search_history_user_recent") == oid  # never dropped
+
+    # The user opts in: built under a temporary name, swapped in, the old one dropped.
+    replace = [{**i, "adopt": "Replace"} if i["name"] == "idx_search_history_user_recent" else i for i in INDEXES]
+    d2 = desired_state(the_spec(materializedViews=[], indexes=replace), OWNER)
+    steps = [s.kind for s in plan(d2, observe(workload_db, d2)).steps
+             if s.object == "index/public.idx_search_history_user_recent"]
+    assert steps == ["intent", "create-index", "swap-index", "drop-index"]
+    assert all(o.ok for o in apply(workload_db, d2))
+    info = observe(workload_db, d2).index("public", "idx_search_history_user_recent")
+    assert info is not None and info.valid and info.owned_by(OWNER) and info.oid != oid
     assert "(user_id, created_at DESC)" in info.definition
+
+
+def test_our_interrupted_build_is_recognised_by_its_intent_record(workload_db: FreshDatabase) -> None:
+    """The operator dies during its CONCURRENTLY build: the INVALID `__new` it leaves is bound to
+    the intent record written before the build (younger catalog row, same table), so it is dropped
+    and rebuilt; the same name made by someone before the intent is not."""
+    only = [i for i in INDEXES if i["name"] == "idx_search_history_user_recent"]
+    d = desired_state(the_spec(materializedViews=[], indexes=only), OWNER)
+    tmp = "idx_search_history_user_recent__new"
+    intent = [s for s in plan(d, observe(workload_db, d)).steps if s.kind == "intent"][0]
+    with workload_db.connect() as conn:
+        gateway.ensure_records(conn, FAST)
+        with conn.transaction():
+            for statement in intent.statements:
+                conn.execute(statement)
+    _cancelled_build(workload_db, tmp, "user_id, created_at DESC")
+    cat = observe(workload_db, d)
+    leftover = cat.index("public", tmp)
+    assert leftover is not None and not leftover.valid and leftover.owned_by(OWNER)
+    assert [s.kind for s in plan(d, cat).steps if s.object.startswith("index/")] == \
+        ["drop-index", "intent", "create-index", "mark"]
+    assert all(o.ok for o in apply(workload_db, d))
+    cat = observe(workload_db, d)
+    assert cat.index("public", tmp) is None and cat.index("public", only[0]["name"]).owned_by(OWNER)  # type: ignore[union-attr]
+
+    # Someone's own `__new` made while no build of ours is pending: never ours, never dropped.
+    run(workload_db.superuser_dsn, "DROP INDEX idx_search_history_user_recent")
+    run(workload_db.dsn, f"CREATE INDEX {tmp} ON search_history (query)")
+    oid = index_oid(workload_db, tmp)
+    p = plan(d, observe(workload_db, d))
+    assert not p.steps and any(tmp in c and "temporary name" in c for c in p.conflicts)
+    assert any(n.startswith(f"left alone: index public.{tmp}") for n in p.notes)
+    apply(workload_db, d)
+    assert index_oid(workload_db, tmp) == oid
 
 
 # --- blocking sessions, locks, write load -----------------------------------------------------------
@@ -358,7 +412,7 @@ def test_idle_in_transaction_session_is_waited_for_and_reported(workload_db: Fre
         idle_pid = idle.info.backend_pid
         result: list[Any] = []
         with connect(info) as conn:
-            the_plan = plan(d, gateway.observe(conn))
+            the_plan = plan(d, gateway.observe(conn, d))
             worker = threading.Thread(target=lambda: result.extend(
                 gateway.execute(conn, the_plan, FAST, watch=lambda: connect(info))))
             worker.start()
@@ -483,18 +537,18 @@ def test_teardown_drops_only_what_this_resource_created(workload_db: FreshDataba
     marker = one(workload_db, "SELECT obj_description('idx_ai_accounts_available_category'::regclass)")
     su = workload_db.superuser_dsn
     run(su, "CREATE INDEX idx_dba_own ON ai_accounts (name)")
-    run(su, "CREATE SCHEMA marketplacedb")
+    run(su, "CREATE SCHEMA IF NOT EXISTS marketplacedb")
     run(su, "CREATE TABLE marketplacedb.refresh_state (view_name text PRIMARY KEY)")
     run(su, "CREATE INDEX state_idx ON marketplacedb.refresh_state (view_name)")
     run(su, sql.SQL("COMMENT ON INDEX marketplacedb.state_idx IS {}").format(sql.Literal(marker)))
     with workload_db.connect() as conn:
-        teardown = teardown_plan(d, gateway.observe(conn))
+        teardown = teardown_plan(d, gateway.observe(conn, d))
         outcomes = gateway.execute(conn, teardown, FAST)
     assert all(o.ok for o in outcomes), outcomes
     cat = observe(workload_db)
     assert not [i for i in cat.indexes if i.marker is not None]
     assert cat.views == ()
-    assert cat.index("public", "idx_dba_own") is not None
+    assert index_oid(workload_db, "idx_dba_own") is not None
     with psycopg.connect(su) as conn:
         assert conn.execute("SELECT to_regclass('marketplacedb.state_idx') IS NOT NULL").fetchone() == (True,)
     assert "work_mem" not in dict(cat.database_settings)

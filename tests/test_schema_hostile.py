@@ -131,9 +131,9 @@ def test_hostile_identifiers_are_quoted_by_the_builders(canary_db: FreshDatabase
         name=view, schema_name="public", query="SELECT id, v FROM canary", unique_key=["id"], refresh=None)]
     d = desired_state(spec, "default/shop")
     with canary_db.connect() as conn:
-        outcomes = gateway.execute(conn, plan(d, gateway.observe(conn)), ExecutionPolicy(retries=0))
+        outcomes = gateway.execute(conn, plan(d, gateway.observe(conn, d)), ExecutionPolicy(retries=0))
         assert all(o.ok for o in outcomes), outcomes
-        cat = gateway.observe(conn)
+        cat = gateway.observe(conn, d)
         assert plan(d, cat).empty  # the markers were written and read back through the quoting
     info = cat.index("public", index)
     assert info is not None and info.valid and info.marker is not None and info.marker.owner == "default/shop"

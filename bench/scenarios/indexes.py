@@ -37,7 +37,7 @@ def _apply(bench: Workbench, spec: MarketplaceDBSpec) -> list[Any]:
     info = ConnInfo.from_dsn(bench.dsn())
     with connect(info) as conn:
         desired = desired_state(spec, owner_of(meta.get("namespace"), meta["name"]))
-        the_plan = plan(desired, gateway.observe(conn))
+        the_plan = plan(desired, gateway.observe(conn, desired))
         policy = ExecutionPolicy.from_spec(spec.ddl, Settings())
         return gateway.execute(conn, the_plan, policy, watch=lambda: connect(info))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from . import naming
+from . import naming, webhook
 from .background import Background
 from .ports import Deps
 from .reconcile import Outcome, reconcile
@@ -201,12 +201,23 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.peering.lifetime = max(2, deps.settings.peering_lifetime_seconds)
+        if webhook.enabled(deps.settings):
+            settings.admission.server = kopf.WebhookServer(**webhook.server_options(deps.settings))
+
+    if webhook.enabled(deps.settings):  # kopf refuses validate handlers without a server
+
+        @kopf.on.validate(group, version, plural, id=webhook.HANDLER_ID, operations=["CREATE", "UPDATE"],
+                          registry=registry)
+        def validate(body: kopf.Body, **kwargs: Any) -> None:
+            old = kwargs.get("old")  # the stored object on UPDATE
+            problem = webhook.verdict(dict(body), dict(old) if old is not None else None)
+            if problem is not None:
+                raise kopf.AdmissionError(problem, code=422)
 
     # Event-driven reconciles run on this pool, not on kopf's handler threads, and on_event is async
     # and returns at once: kopf then writes its finalizer and `seen` marker right after the first
-    # event instead of after a reconcile queued behind every other resource's. (With 1,000 new
-    # resources on kopf's 6 handler threads, most of that bookkeeping was still pending when the
-    # operator stopped, and the restarted process wrote it: 960 PATCHes after a restart.)
+    # event instead of after a reconcile queued behind every other resource's on kopf's few
+    # handler threads (else a restart soon after a bulk create writes that bookkeeping then).
     reconciles = concurrent.futures.ThreadPoolExecutor(max_workers=EVENT_RECONCILES, thread_name_prefix="reconcile")
 
     @kopf.on.event(group, version, plural, registry=registry)

@@ -32,6 +32,7 @@ _IMAGE, _, _TAG = Settings().operator_image.rpartition(":")
 # The values install.yaml is built from: the same keys and defaults as the chart's values.yaml.
 DEFAULT_VALUES: dict[str, Any] = {
     "image": {"repository": _IMAGE, "tag": "", "pullPolicy": "IfNotPresent"},
+    "imagePullSecrets": [],
     "pgbouncerImage": Settings().pgbouncer_image,
     "watchNamespaces": [],
     "replicas": 1,
@@ -173,9 +174,15 @@ def operator_container(values: dict[str, Any]) -> dict[str, Any]:
         {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "MARKETPLACEDB_OPERATOR_IMAGE", "value": image},
         {"name": "MARKETPLACEDB_PGBOUNCER_IMAGE", "value": values["pgbouncerImage"]},
+        # The pods the operator creates run the same image: same pull policy and pull Secrets.
+        {"name": "MARKETPLACEDB_IMAGE_PULL_POLICY", "value": values["image"]["pullPolicy"]},
         {"name": "MARKETPLACEDB_RESYNC_SECONDS", "value": str(values["resyncSeconds"])},
         {"name": "MARKETPLACEDB_LOG_FORMAT", "value": values["logFormat"]},
     ]
+    if values["imagePullSecrets"]:
+        # The chart's rendering of the same list (a trailing comma, which Settings ignores).
+        names = "".join(f"{secret['name']}," for secret in values["imagePullSecrets"])
+        env.insert(4, {"name": "MARKETPLACEDB_IMAGE_PULL_SECRETS", "value": names})
     return {
         "name": "operator",
         "image": image,
@@ -211,6 +218,7 @@ def operator_deployment(values: dict[str, Any]) -> dict[str, Any]:
                 "metadata": {"labels": labels()},
                 "spec": {
                     "serviceAccountName": RELEASE,
+                    **({"imagePullSecrets": values["imagePullSecrets"]} if values["imagePullSecrets"] else {}),
                     "securityContext": restricted_pod_security(UID),
                     "containers": [operator_container(values)],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],

@@ -23,6 +23,15 @@ ANN_REFRESH_NOW = f"{GROUP}/refresh-now"
 ANN_APPROVE_PLAN = f"{GROUP}/approve-plan"
 FINALIZER = f"{GROUP}/finalizer"
 
+# Opt-ins of the security model (README "Security model"): the operator reads only Secrets that
+# carry LABEL_CREDENTIALS=true, and patches probes only onto Deployments whose ANN_PROBED_BY
+# annotation names the MarketplaceDB (comma-separated names).
+LABEL_CREDENTIALS = f"{GROUP}/credentials"
+ANN_PROBED_BY = f"{GROUP}/probed-by"
+# On a probed Deployment, one annotation per container, `probes.marketplacedb.io/<container>`:
+# which MarketplaceDB sets that container's probes (a second one naming it is a Conflict).
+PROBE_CLAIM_PREFIX = f"probes.{GROUP}/"
+
 # Schema the operator owns inside the target database (refresh state table).
 STATE_SCHEMA = "marketplacedb"
 STATE_TABLE = "refresh_state"
@@ -42,6 +51,13 @@ def is_identifier(name: str) -> bool:
 def owner_key(namespace: str, name: str) -> str:
     """The owner marker written on database objects this resource created."""
     return f"{namespace}/{name}"
+
+
+def probe_field_manager(resource: str) -> str:
+    """One server-side-apply field manager per MarketplaceDB for the probe fields it owns, so two
+    resources never share (and so take over) each other's fields. At most 128 characters."""
+    manager = f"{FIELD_MANAGER}/probes/{resource}"
+    return manager if len(manager) <= 128 else f"{manager[:117]}-{short_hash(resource)}"
 
 
 def short_hash(*parts: str, length: int = 10) -> str:

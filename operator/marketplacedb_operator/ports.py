@@ -18,10 +18,19 @@ from .api.v1alpha1 import MaterializedViewSpec
 from .background import Background
 from .settings import Settings
 from .sql.catalog import Catalog
-from .sql.plan import ExecutionPolicy, Plan, StepOutcome
+from .sql.plan import Desired, ExecutionPolicy, Plan, StepOutcome
 from .sql.refresh import RefreshState
 
 APPLICATION_NAME = "marketplacedb-operator"
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSMaterial:
+    """PEM texts from spec.database.tls: libpq wants files, the gateway writes them per connection."""
+
+    ca: str | None = dataclasses.field(default=None, repr=False)
+    cert: str | None = dataclasses.field(default=None, repr=False)
+    key: str | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +45,14 @@ class ConnInfo:
     sslmode: str = "prefer"
     application_name: str = APPLICATION_NAME
     connect_timeout: int = 5
+    # File paths (a --dsn's sslrootcert=..., or "system" for the system CA store) ...
+    sslrootcert: str = ""
+    sslcert: str = ""
+    sslkey: str = ""
+    # ... or PEM texts from the cluster (the operator), written to private files at connect time.
+    tls: TLSMaterial | None = dataclasses.field(default=None, repr=False)
+    # libpq's require_auth (e.g. "!password": never send a cleartext password); empty: libpq's default.
+    require_auth: str = ""
 
     @classmethod
     def from_dsn(cls, dsn: str, **overrides: Any) -> ConnInfo:
@@ -48,12 +65,15 @@ class ConnInfo:
             "user": str(params.get("user", "postgres")),
             "password": str(params.get("password", "")),
             "sslmode": str(params.get("sslmode", "prefer")),
+            **{key: str(params[key]) for key in ("sslrootcert", "sslcert", "sslkey") if params.get(key)},
         }
         values.update(overrides)
         return cls(**values)
 
     def kwargs(self) -> dict[str, Any]:
-        return {
+        files = {key: getattr(self, key) for key in ("sslrootcert", "sslcert", "sslkey", "require_auth")
+                 if getattr(self, key)}
+        return files | {
             "host": self.host,
             "port": self.port,
             "dbname": self.dbname,
@@ -65,7 +85,8 @@ class ConnInfo:
         }
 
     def describe(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+        """Where, never as whom: the user name comes from a Secret and is not shown."""
+        return f"{self.host}:{self.port}/{self.dbname}"
 
 
 class RefreshResult(Protocol):
@@ -101,7 +122,7 @@ class Database(Protocol):
     (callable from another thread) terminates that session so a deleted resource's build stops.
     """
 
-    def observe(self) -> Catalog: ...
+    def observe(self, desired: Desired) -> Catalog: ...
     def execute(self, plan: Plan, policy: ExecutionPolicy) -> list[StepOutcome]: ...
     def server_limits(self) -> tuple[int, int]: ...  # max_connections, superuser_reserved_connections
     def scram_verifier(self, role: str) -> str | None: ...
@@ -118,11 +139,11 @@ class Kube(Protocol):
 
     writes: int
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]: ...
+    def apply(self, obj: dict[str, Any], *, field_manager: str = ..., force: bool = True) -> dict[str, Any]: ...
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]: ...
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]: ...
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None: ...
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
 
 

@@ -17,15 +17,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import credentials as creds
 from . import jobs, metrics, naming
 from .api.errors import format_errors
 from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
 from .background import Job
 from .durations import parse_duration
-from .owned import OWNED_KINDS, sync_owned
+from .owned import OWNED_KINDS, SyncResult, sync_owned
 from .ports import ConnInfo, Database, Deps
+from .probe_sync import release as release_probes
+from .probe_sync import sync_probes
+from .redact import UNREACHABLE, describe_db_error
 from .specs import cronjobs, pgbouncer, pooler_manifests, pooler_sizing
-from .specs import probes as probe_specs
 from .sql import plan as planning
 from .sql import report as schema_report
 from .sql.refresh import due, is_stale
@@ -230,36 +233,21 @@ def _comparable(status: Any) -> Any:
 
 
 def _credentials(ctx: Context) -> tuple[str, str]:
-    ref = ctx.spec.database.credentials_secret_ref
-    secret = ctx.deps.kube.read_secret(ctx.namespace, ref.name)
-    if secret is None:
-        raise DatabaseUnavailable(Problem("SecretNotFound", f"Secret {ctx.namespace}/{ref.name} not found"))
-    missing = [key for key in (ref.username_key, ref.password_key) if not secret.get(key)]
-    if missing:
-        raise DatabaseUnavailable(
-            Problem("SecretInvalid", f"Secret {ctx.namespace}/{ref.name} has no (or empty) key(s) {missing}")
-        )
-    return secret[ref.username_key], secret[ref.password_key]
+    """The opted-in Secret's user and password (credentials.py: the rule, and no value in messages)."""
+    info = _conn_info(ctx)
+    return info.user, info.password
 
 
 def _scrubbed(exc: BaseException, ctx: Context) -> str:
-    """One line about a database failure, with the password (if it ever appeared) masked."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
-    return text.replace(ctx.password, "***") if ctx.password else text
+    """A database failure as SQLSTATE and object names (redact.py): never server text or row values."""
+    return describe_db_error(exc)
 
 
 def _conn_info(ctx: Context) -> ConnInfo:
-    user, password = _credentials(ctx)
-    db = ctx.spec.database
-    return ConnInfo(
-        host=db.host,
-        port=db.port,
-        dbname=db.dbname,
-        user=user,
-        password=password,
-        sslmode=db.ssl_mode,
-        connect_timeout=int(ctx.deps.settings.connect_timeout_seconds),
-    )
+    try:
+        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings)
+    except creds.CredentialsRefused as exc:
+        raise DatabaseUnavailable(exc.problem) from None
 
 
 def _open_database(ctx: Context) -> Database:
@@ -267,15 +255,15 @@ def _open_database(ctx: Context) -> Database:
     ctx.password, ctx.info = info.password, info
     try:
         return ctx.deps.open_database(info)
-    except Exception as exc:  # the gateway raises DatabaseUnreachable with a scrubbed message
+    except Exception as exc:  # the gateway raises DatabaseUnreachable: a class, no server text
         message = str(exc).replace(info.password, "***") if info.password else str(exc)
-        raise DatabaseUnavailable(Problem("DatabaseUnreachable", message)) from None
+        raise DatabaseUnavailable(Problem(getattr(exc, "reason", UNREACHABLE), message)) from None
 
 
 def _schema(ctx: Context, database: Database, report: Report) -> None:
     previous_settings = ctx.previous.managed_settings if ctx.previous else []
     desired = planning.desired_state(ctx.spec, ctx.owner, previous_settings)
-    catalog = database.observe()
+    catalog = database.observe(desired)
     plan = planning.plan(desired, catalog)
     report.advice = schema_report.advice(desired, catalog) + list(plan.notes)
     outcomes: list[Any] = []
@@ -303,7 +291,7 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
             outcomes = database.execute(plan, policy)
             metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
-            catalog = database.observe()
+            catalog = database.observe(desired)
     report.indexes = schema_report.index_statuses(desired, catalog, outcomes)
     report.views = schema_report.view_statuses(desired, catalog, outcomes)
     report.blocking = schema_report.blocking_status(s for o in outcomes for s in o.blocking)
@@ -408,18 +396,35 @@ def _with_refresh(view: ViewStatus, state: Any, limit: float | None, now: dateti
 
 def _cronjobs(ctx: Context, report: Report) -> None:
     desired = cronjobs.build_cronjobs(ctx.body, ctx.spec, ctx.deps.settings)
+    refused = report.database_problem
+    if refused is not None and refused.reason in creds.REFUSALS:
+        # Pods reference the Secrets by name: a refused Secret or host gets no CronJob (pruned).
+        desired = []
+        report.refresh_problem = Problem(refused.reason, "no refresh CronJob until the database spec is accepted")
     try:
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired, [("batch/v1", "CronJob")])
+        synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired,
+                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx))
+        report.refresh_problem = _conflict(synced) or report.refresh_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.refresh_problem = Problem("CronJobApplyFailed", _scrubbed(exc, ctx))
         report.crashed.append("cronjobs")
+
+
+def _uid(ctx: Context) -> str | None:
+    uid = ctx.body["metadata"].get("uid")
+    return str(uid) if uid else None
+
+
+def _conflict(synced: SyncResult) -> Problem | None:
+    """Owned objects that exist but are not ours: a Conflict naming them (nothing was written)."""
+    return Problem("Conflict", "; ".join(synced.conflicts)) if synced.conflicts else None
 
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     component = pooler_manifests.COMPONENT
     if not ctx.spec.pooler.enabled:
         secrets = (naming.pooler_auth_secret_name(ctx.name),)
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets)
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx))
         return
     if database is None:
         # Sizing and auth need the database; keep whatever runs now and say why.
@@ -433,7 +438,9 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
     config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
     try:
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS)
+        synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS,
+                            owner_uid=_uid(ctx))
+        report.pooler_problem = _conflict(synced) or report.pooler_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.pooler_problem = Problem("PoolerApplyFailed", _scrubbed(exc, ctx))
         report.crashed.append("pooler")
@@ -459,29 +466,14 @@ def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> Pooler
 
 
 def _probes(ctx: Context, report: Report) -> None:
-    problems = []
-    applied = 0
+    """Probes on opted-in Deployments only (probe_sync.py); a claimed container is a Conflict."""
     kube = ctx.deps.kube
-    for target in ctx.spec.health_probes:
-        deployment = kube.get("apps/v1", "Deployment", ctx.namespace, target.deployment)
-        if deployment is None:
-            problems.append(f"Deployment {target.deployment} not found")
-            continue
-        try:
-            container = probe_specs.pick_container(deployment, target.container)
-        except probe_specs.ProbeTargetError as exc:
-            problems.append(f"Deployment {target.deployment}: {exc}")
-            continue
-        patch = probe_specs.probe_patch(ctx.namespace, target, container)
-        wanted = patch["spec"]["template"]["spec"]["containers"][0]
-        current = probe_specs.applied_probes(deployment, container)
-        if any(current.get(k) != v for k, v in wanted.items() if k != "name"):
-            kube.apply(patch)
-        applied += 1
+    result = sync_probes(kube, ctx.namespace, ctx.name, ctx.spec.health_probes)
     declared = {p.deployment for p in ctx.spec.health_probes}
-    for gone in sorted(set(ctx.previous.probed_deployments if ctx.previous else []) - declared):
-        if kube.get("apps/v1", "Deployment", ctx.namespace, gone) is not None:
-            kube.apply(probe_specs.release_patch(ctx.namespace, gone))
-    report.probes_applied = applied
-    if problems:
-        report.probes_problem = Problem("ProbeTargetMissing", "; ".join(problems))
+    release_probes(kube, ctx.namespace, ctx.name, sorted(set(ctx.previous.probed_deployments if ctx.previous else [])
+                                                         - declared))
+    report.probes_applied = result.applied
+    if result.conflicts or result.problems:
+        reason = "Conflict" if result.conflicts else result.reason
+        report.probes_problem = Problem(reason, "; ".join(result.conflicts + result.problems))
+

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
 PREFIX = "MARKETPLACEDB_"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+# A Secret's name (RFC 1123 subdomain); naming.py is a sibling layer, so the pattern is repeated here.
+_SECRET_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +19,10 @@ class Settings:
     operator_image: str = "ghcr.io/marketplacedb/marketplacedb-operator:0.1.0"
     pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.26.0"
     pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
+    # Applied to every pod the operator creates (refresh CronJobs, poolers), in the application's
+    # namespace: a private registry's pull Secret must exist there under these names. Comma-separated.
+    image_pull_secrets: tuple[str, ...] = ()
+    image_pull_policy: str = "IfNotPresent"
     # Watch scope: empty means all namespaces.
     namespaces: tuple[str, ...] = ()
     # Periodic drift detection; also the level-based safety net for missed events.
@@ -47,9 +55,27 @@ class Settings:
     max_background_jobs_per_database: int = 2
     # While background DDL runs, how often its progress is written to status.
     progress_seconds: float = 10.0
+    # Database hosts a MarketplaceDB may name: host-name patterns (fnmatch, e.g. `*.db.internal`)
+    # and IP networks (`10.20.0.0/16`). Empty: any host. A host outside the list is refused before
+    # any Secret is read or connection made (README "Security model").
+    allowed_database_hosts: tuple[str, ...] = ()
     metrics_port: int = 9090
     health_port: int = 8080
     log_format: str = "json"
+    # Validating admission webhook (webhook.py): off at port 0; the chart mounts the certificate.
+    webhook_port: int = 0
+    webhook_addr: str = "0.0.0.0"
+    webhook_certfile: str = "/etc/marketplacedb/webhook/tls.crt"
+    webhook_keyfile: str = "/etc/marketplacedb/webhook/tls.key"
+
+    def __post_init__(self) -> None:
+        # Checked here so a bad chart value stops the operator at start-up with the variable's name,
+        # not later as a Pod the API server rejects in some application namespace.
+        if self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"{PREFIX}IMAGE_PULL_POLICY={self.image_pull_policy!r}: one of {', '.join(PULL_POLICIES)}")
+        for name in self.image_pull_secrets:
+            if not re.fullmatch(_SECRET_NAME, name):
+                raise ValueError(f"{PREFIX}IMAGE_PULL_SECRETS: {name!r} not a Secret name (lower-case DNS subdomain)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -95,7 +95,7 @@ def _part(
 def _conditions(report: Report, now: datetime.datetime, gen: int | None) -> list[c.Condition]:
     upstream = report.spec_problem or report.database_problem
     schema_problem = upstream or report.schema_problem
-    valid = sum(1 for i in report.indexes if i.state == "Valid")
+    valid = sum(1 for i in report.indexes if i.state in ("Valid", "Adopted"))
     populated = sum(1 for v in report.views if v.populated)
     stale = sorted(v.name for v in report.views if v.stale)
     parts = [
@@ -196,7 +196,7 @@ def compute(
         progress=report.progress,
         advice=report.advice,
         summary=Summary(
-            indexes=f"{sum(1 for i in indexes if i.state == 'Valid')}/{len(indexes)}",
+            indexes=f"{sum(1 for i in indexes if i.state in ('Valid', 'Adopted'))}/{len(indexes)}",
             views=f"{sum(1 for v in views if v.populated)}/{len(views)}",
             pooler=_pooler_summary(report),
         ),

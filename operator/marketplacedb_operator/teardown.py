@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import metrics, naming
+from . import metrics
 from .api.v1alpha1 import MarketplaceDB
 from .ports import Deps
+from .probe_sync import release as release_probes
 from .reconcile import Context, DatabaseUnavailable, _close_quietly, _open_database, _previous_status, _scrubbed
-from .specs import probes as probe_specs
 from .sql import plan as planning
 
 
@@ -40,13 +40,9 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     released = set() if released is None else released
     previous = _previous_status(body)
-    for deployment in previous.probed_deployments if previous else []:
-        if deployment in released:
-            continue
-        live = deps.kube.get("apps/v1", "Deployment", namespace, deployment)
-        if live is not None and _has_our_fields(live):
-            deps.kube.apply(probe_specs.release_patch(namespace, deployment))
-        released.add(deployment)
+    pending = [d for d in (previous.probed_deployments if previous else []) if d not in released]
+    release_probes(deps.kube, namespace, name, pending)
+    released.update(pending)
     metrics.forget_resource(namespace, name)
     try:
         spec = MarketplaceDB.model_validate(body).spec
@@ -66,7 +62,7 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
         return Teardown(f"deletionPolicy Drop needs the database: {exc.problem.message}", retained)
     try:
         desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
-        plan = planning.teardown_plan(desired, database.observe())
+        plan = planning.teardown_plan(desired, database.observe(desired))
         policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
         failed = [o for o in database.execute(plan, policy) if not o.ok]
     except Exception as exc:  # a session cut mid-teardown: retried, then bounded by the timeout
@@ -77,11 +73,3 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
         return Teardown("; ".join(f"{o.object}: {o.message}" for o in failed), tuple(o.object for o in failed))
     return Teardown()
 
-
-def _has_our_fields(deployment: dict[str, Any]) -> bool:
-    """Whether our field manager still owns fields of this Deployment. A real API server lists the
-    managers in managedFields; without that record (an emulator) assume it does."""
-    managed = deployment.get("metadata", {}).get("managedFields")
-    if not managed:
-        return True
-    return any(entry.get("manager") == naming.FIELD_MANAGER for entry in managed)

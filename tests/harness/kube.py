@@ -33,6 +33,8 @@ import contextlib
 import contextvars
 import copy
 import datetime
+import io
+import os
 import secrets
 import signal
 import string
@@ -614,7 +616,7 @@ class KopfRun:
 async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
                       namespaces: Collection[str] = (), clusterwide: bool = False,
                       settings: kopf.OperatorSettings | None = None, memo: object | None = None,
-                      startup_timeout: float = 15, stop_timeout: float = 15) -> AsyncIterator[KopfRun]:
+                      startup_timeout: float = 60, stop_timeout: float = 120) -> AsyncIterator[KopfRun]:
     """Run kopf in this event loop against `api` until the block exits, then stop it cleanly.
 
     Namespaced mode: kopf serves only namespaces that exist as objects, so they are created here.
@@ -629,6 +631,7 @@ async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
         await objects.ensure_namespace(namespace)
     install_login(registry)
     stop_flag, ready_flag = asyncio.Event(), asyncio.Event()
+    existing = asyncio.all_tasks()  # kopf's own rule: tasks created from here on are kopf's or the test's
     token = _KUBE_URL.set(str(api.url).rstrip("/"))
     try:
         task = asyncio.create_task(kopf.operator(
@@ -642,7 +645,10 @@ async def kopf_runner(api: KubeEmulator, registry: kopf.OperatorRegistry, *,
         await _wait_ready(run, startup_timeout)
         yield run
     finally:
-        await _stop(run, stop_timeout)
+        try:
+            await _stop(run, stop_timeout)
+        finally:
+            await _reap_kopf_tasks(existing)
 
 
 async def _wait_ready(run: KopfRun, timeout: float) -> None:
@@ -668,6 +674,42 @@ async def _stop(run: KopfRun, timeout: float) -> None:
         raise
     finally:
         _remove_signal_handlers()
+
+
+def _is_kopf_task(task: asyncio.Task[Any]) -> bool:
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and f"{os.sep}kopf{os.sep}" in code.co_filename
+
+
+def kopf_tasks() -> list[asyncio.Task[Any]]:
+    """kopf's tasks still alive in this loop (none once a kopf_runner block has exited)."""
+    return [t for t in asyncio.all_tasks() if not t.done() and _is_kopf_task(t)]
+
+
+async def _reap_kopf_tasks(existing: Collection[asyncio.Task[Any]], timeout: float = 60) -> None:
+    """End every kopf task that outlived kopf's own task, or fail naming them (with their stacks).
+
+    Why: when kopf's task is cancelled while it stops (the stop timed out, or the test failed or
+    was cancelled), kopf cancels every task it started, including the helper tasks of its
+    schedulers. A watcher then sits in its `finally`, waiting for `Scheduler.close()`, which waits
+    for a notification that only the (cancelled) cleaner task would have sent; the watcher
+    suppresses every CancelledError until that close is done, so it never ends, and neither does
+    pytest-asyncio's loop close, with pytest-timeout already disarmed by the failure (CI sat there
+    until its limit). Likewise a timer runner whose handler is in a thread postpones its
+    cancellation until the thread returns. So: cancel every kopf task, including those created
+    while stopping (the `Scheduler.close()` task), again and again until all are done.
+    """
+    deadline = time.monotonic() + timeout
+    while pending := {t for t in kopf_tasks() if t not in existing}:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+        if time.monotonic() > deadline and any(not t.done() for t in pending):
+            stacks = io.StringIO()
+            for task in kopf_tasks():
+                stacks.write(f"--- {task.get_name()}\n")
+                task.print_stack(file=stacks)
+            raise RuntimeError(f"kopf tasks ignore cancellation for {timeout:.0f}s:\n{stacks.getvalue()}")
 
 
 def _remove_signal_handlers() -> None:

@@ -79,7 +79,8 @@ class OperatorProcess:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    async def start(self, timeout: float = 30) -> None:
+    async def start(self, timeout: float = 120) -> None:
+        # 120 s: importing kopf, kubernetes and pydantic takes seconds on a busy 2-core machine.
         if self.running:
             raise RuntimeError("the operator is already running")
         self.metrics_port, self.liveness_port = free_port(), free_port()

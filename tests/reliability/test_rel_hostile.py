@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from psycopg import sql
 from pydantic import ValidationError
 
-from conftest import ROOT, Rel
+from conftest import DEADLINE, ROOT, Rel
 from harness.kube import eventually
 from marketplacedb_operator import naming
 from marketplacedb_operator.api.errors import format_errors
@@ -117,7 +117,7 @@ async def test_hostile_resources_are_rejected_precisely_and_touch_nothing(rel: R
                        "where": f"query <> 'ünïcode ✓ {i}' AND search_count > {i}"} for i in range(200)]
     big["materializedViews"] = []
     await rel.create(big, name="big")
-    resource = await rel.wait_ready(name="big", timeout=120)
+    resource = await rel.wait_ready(name="big")
     assert len(json.dumps(resource["spec"])) > 30_000
     with psycopg.connect(rel.db.superuser_dsn, autocommit=True) as conn:
         definition = conn.execute("SELECT pg_get_indexdef('idx_big_7'::regclass)").fetchone()
@@ -128,7 +128,7 @@ async def test_hostile_resources_are_rejected_precisely_and_touch_nothing(rel: R
     for key in [*HOSTILE, "big"]:
         # kopf adds the finalizer after the event handler returns (the 200-index reconcile first).
         await eventually(lambda k=key: rel.resource(k)["metadata"].get("finalizers") == [naming.FINALIZER],
-                         timeout=30, message=f"{key}: finalizer")
+                         timeout=DEADLINE, message=f"{key}: finalizer")
         meta = rel.resource(key)["metadata"]
         annotations = meta.get("annotations") or {}
         extra = set(annotations) - {f"{naming.ANNOTATION_PREFIX}/seen"}

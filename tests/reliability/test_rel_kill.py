@@ -16,11 +16,11 @@ import psycopg
 import pytest
 import rel_db
 
-from conftest import SOAK, Rel
+from conftest import DEADLINE, SOAK, Rel
 from harness.kube import eventually
 
 
-async def _operator_waiting(rel: Rel, like: str, timeout: float = 30) -> list[int]:
+async def _operator_waiting(rel: Rel, like: str, timeout: float = DEADLINE) -> list[int]:
     async def check() -> list[int]:
         return await asyncio.to_thread(rel_db.statements_running, rel.db.superuser_dsn, rel.db.name, like,
                                        waiting=True)
@@ -29,7 +29,7 @@ async def _operator_waiting(rel: Rel, like: str, timeout: float = 30) -> list[in
     return pids
 
 
-async def _no_operator_session(rel: Rel, timeout: float = 10) -> None:
+async def _no_operator_session(rel: Rel, timeout: float = DEADLINE) -> None:
     """Once the process is dead, PostgreSQL must end its sessions, even one stuck in a lock wait
     (the server notices a vanished client only when it checks: client_connection_check_interval)."""
 
@@ -98,26 +98,28 @@ def _changed_view(rel: Rel) -> dict[str, Any]:
 
 async def _kill_in_request(rel: Rel, step: str) -> None:
     """Hold the operator's first CronJob apply (or status write) in the emulator, and kill it there."""
-    arrived = asyncio.Event()
+    arrived, killed = asyncio.Event(), asyncio.Event()
     holding = True
 
     def matches(request: Any) -> bool:
-        if not holding or request.method != "PATCH" or request.resource is None:
+        if not holding or request.method not in ("PATCH", "POST") or request.resource is None:
             return False
-        if step == "cronjob-apply":
+        if step == "cronjob-apply":  # a new CronJob is a create (POST): names are never taken over by apply
             return bool(request.resource.plural == "cronjobs")
-        return bool(request.resource.plural == "marketplacedbs" and request.subresource == "status")
+        return bool(request.method == "PATCH" and request.resource.plural == "marketplacedbs"
+                    and request.subresource == "status")
 
     async def hold(_: Any) -> int:
         arrived.set()
-        await asyncio.sleep(60)
+        await killed.wait()  # the client is gone by then: nobody reads this answer
         return 503
 
     rel.api[matches] << hold
     await rel.create()
-    await asyncio.wait_for(arrived.wait(), 60)
+    await asyncio.wait_for(arrived.wait(), DEADLINE)
     await rel.operator.kill()
     holding = False
+    killed.set()
 
 
 async def test_random_sigkills_converge(rel: Rel) -> None:

@@ -12,7 +12,7 @@ import psycopg
 import rel_db
 from psycopg import sql
 
-from conftest import NS, SECRET, SOAK, Rel
+from conftest import DEADLINE, NS, SECRET, SOAK, Rel
 from harness.kube import eventually
 from marketplacedb_operator import naming
 
@@ -52,7 +52,8 @@ async def _secret(rel: Rel, name: str, data: dict[str, str]) -> None:
     existing = rel.objects.get("v1", "Secret", name, NS)
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     if existing is None:
-        await rel.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+        await rel.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": name, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"}},
                                   "data": encoded})
     else:
         await rel.objects.patch(existing, {"data": {**{k: None for k in existing.get("data", {})}, **encoded},
@@ -70,7 +71,7 @@ async def test_secret_missing_then_malformed_then_fixed(rel: Rel) -> None:
     cond = await rel.wait_condition("DatabaseReachable", "False", "SecretInvalid")
     assert "password" in cond["message"] and rel.canary not in cond["message"]
     await _secret(rel, "late-secret", {"username": rel.db.owner, "password": "wrong-" + rel.canary})
-    cond = await rel.wait_condition("DatabaseReachable", "False", "DatabaseUnreachable")
+    cond = await rel.wait_condition("DatabaseReachable", "False", "AuthenticationFailed")
     assert rel.canary not in cond["message"]  # not even the wrong password, which contains it
     await _secret(rel, "late-secret", {"username": rel.db.owner, "password": rel.canary})
     await rel.assert_invariants()
@@ -82,7 +83,7 @@ async def test_secret_rotated_while_a_client_is_mid_transaction(rel: Rel) -> Non
     spec["pooler"].update(enabled=True, replicas=1)
     created = await rel.create(spec)
     pooler = naming.pooler_name("shop")
-    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=60,
+    deployment = await eventually(lambda: rel.objects.get("apps/v1", "Deployment", pooler, NS), timeout=DEADLINE,
                                   message="pooler Deployment")
     # Play the Deployment controller (KMock runs none).
     await rel.objects.patch(deployment, {"status": {"readyReplicas": 1}}, subresource="status")
@@ -105,7 +106,7 @@ async def test_secret_rotated_while_a_client_is_mid_transaction(rel: Rel) -> Non
         return current.get("data") != auth_before.get("data") or current.get("stringData") != auth_before.get(
             "stringData")
 
-    await eventually(auth_changed, timeout=30, message="the pooler's auth Secret follows the rotation")
+    await eventually(auth_changed, timeout=DEADLINE, message="the pooler's auth Secret follows the rotation")
     # The operator's own sessions follow: a spec change after the rotation needs a new login.
     spec = dict(created["spec"])
     spec["indexes"] = [*spec["indexes"], NEW_INDEX]

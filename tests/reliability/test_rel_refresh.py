@@ -16,7 +16,7 @@ from typing import Any
 import rel_db
 from rel_operator import all_cmdlines
 
-from conftest import NS, Rel
+from conftest import DEADLINE, NS, Rel
 from harness.kube import eventually
 from marketplacedb_operator import naming
 
@@ -48,7 +48,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(command, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-async def _finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[str, Any], str]:
+async def _finish(proc: subprocess.Popen[str], timeout: float = DEADLINE) -> tuple[int, dict[str, Any], str]:
     out, err = await asyncio.to_thread(proc.communicate, timeout=timeout)
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return proc.returncode, (lines[0] if lines else {}), err
@@ -66,19 +66,44 @@ async def _until_refresh_waits(rel: Rel) -> None:
     async def check() -> bool:
         return await asyncio.to_thread(waiting)
 
-    await eventually(check, timeout=30, interval=0.02, message="a refresh waiting on the held lock")
+    await eventually(check, timeout=DEADLINE, interval=0.02, message="a refresh waiting on the held lock")
+
+
+UPDATED = "SELECT pg_stat_get_tuples_updated('ai_accounts'::regclass)"
 
 
 async def _changed_base_tables(rel: Rel) -> None:
-    def change() -> None:
-        import psycopg
+    """Write to a base table, then wait until the write counters show it: they are flushed
+    asynchronously (README: Limits), about 1 s idle and longer under load, and skip-if-unchanged
+    reads them, so the refresh below would otherwise see "unchanged" on a busy machine."""
+    import psycopg
 
+    def updated() -> int:
+        with psycopg.connect(rel.db.superuser_dsn, autocommit=True) as conn:
+            row = conn.execute(UPDATED).fetchone()
+        return int(row[0]) if row else 0
+
+    def change() -> int:
+        before = updated()
         with psycopg.connect(rel.db.superuser_dsn, autocommit=True) as conn:
             conn.execute("UPDATE ai_accounts SET sold_count = sold_count + 1 WHERE id IN (SELECT id FROM ai_accounts "
                          "ORDER BY id LIMIT 5)")
-        time.sleep(1.0)  # the statistics counters are flushed asynchronously (README: Limits)
+        return before
 
-    await asyncio.to_thread(change)
+    before = await asyncio.to_thread(change)
+
+    async def flushed() -> bool:
+        return await asyncio.to_thread(updated) > before
+
+    await eventually(flushed, timeout=DEADLINE, interval=0.1, message="the update in the statistics counters")
+
+
+async def _operator_waits_on_a_lock(rel: Rel) -> None:
+    async def check() -> list[int]:
+        return await asyncio.to_thread(rel_db.statements_running, rel.db.superuser_dsn, rel.db.name, "%",
+                                       waiting=True)
+
+    await eventually(check, timeout=DEADLINE, interval=0.05, message="the operator waiting on the held table")
 
 
 async def test_cronjob_fired_twice_at_once(rel: Rel) -> None:
@@ -124,14 +149,14 @@ async def test_manual_refresh_during_a_scheduled_one(rel: Rel) -> None:
             await _until_refresh_waits(rel)
             request = str(time.time())
             await rel.objects.patch(rel.resource(), {"metadata": {"annotations": {naming.ANN_REFRESH_NOW: request}}})
-            await asyncio.sleep(1.5)  # the operator's reconcile now waits on the same table (its catalog read)
+            await _operator_waits_on_a_lock(rel)  # its reconcile now waits on the same table (catalog read)
         finally:
             blocker.release()
 
         def handled() -> bool:
             return rel.resource().get("status", {}).get("handledRefreshRequest") == request
 
-        await eventually(handled, timeout=30, message="the manual refresh handled")
+        await eventually(handled, timeout=DEADLINE, message="the manual refresh handled")
         code, out, err = await _finish(scheduled)
     assert code == 0 and out["outcome"] in ("refreshed", "refreshed-plain"), (out, err)
     assert sampler.max_concurrent_refresh <= 1

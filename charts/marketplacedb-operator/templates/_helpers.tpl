@@ -45,3 +45,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* The webhook's serving certificate: cert-manager's Secret, or the one given. */}}
+{{- define "marketplacedb-operator.webhookSecret" -}}
+{{- if .Values.webhook.secretName -}}
+{{ .Values.webhook.secretName }}
+{{- else -}}
+{{ include "marketplacedb-operator.fullname" . }}-webhook-tls
+{{- end -}}
+{{- end -}}

@@ -33,14 +33,24 @@ Status = Literal["True", "False", "Unknown"]
 
 
 class Condition(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    """One aspect of the resource's state (metav1.Condition)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_attribute_docstrings=True
+    )
 
     type: str = Field(pattern=r"^[A-Z][A-Za-z]*$", max_length=316)
+    """Ready, DatabaseReachable, SchemaApplied, RefreshScheduled, PoolerAvailable, ProbesApplied, Stale or Drifted."""
     status: Status
+    """True, False or Unknown."""
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", max_length=1024)
+    """Why, in one CamelCase word (e.g. InvalidSpec, DatabaseUnreachable)."""
     message: str = Field("", max_length=32768)
+    """Details for people (never a secret value or a row value)."""
     last_transition_time: datetime.datetime
+    """When status last changed."""
     observed_generation: int | None = None
+    """The metadata.generation this condition describes."""
 
 
 def set_condition(

@@ -10,6 +10,7 @@ import dataclasses
 import re
 from typing import Literal
 
+_INT_MAX = 2**31 - 1
 Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum"]
 
 
@@ -21,6 +22,9 @@ class Param:
     # PgBouncer: True when `RELOAD` applies it to a running process without a restart.
     reload_safe: bool = True
     choices: tuple[str, ...] = ()
+    # memory: the size of one unit of a unit-less value, in kB (PostgreSQL's GUC_UNIT_KB or
+    # GUC_UNIT_BLOCKS); minimum/maximum are in those units, as pg_settings reports them.
+    unit_kb: int = 1
 
 
 # https://www.pgbouncer.org/config.html (1.18 as shipped by Debian 12). pool_mode, max_client_conn
@@ -65,18 +69,20 @@ PGBOUNCER_PARAMETERS: dict[str, Param] = {
 
 # Per-database settings applied with ALTER DATABASE ... SET (https://www.postgresql.org/docs/15/runtime-config.html).
 DATABASE_SETTINGS: dict[str, Param] = {
-    "work_mem": Param("memory"),
-    "maintenance_work_mem": Param("memory"),
-    "temp_buffers": Param("memory"),
-    "effective_cache_size": Param("memory"),
+    # Bounds are PostgreSQL 15's (pg_settings.min_val/max_val on 64-bit Linux): the server refuses
+    # values outside them, so the spec does too, before anything is sent.
+    "work_mem": Param("memory", minimum=64, maximum=_INT_MAX),
+    "maintenance_work_mem": Param("memory", minimum=1024, maximum=_INT_MAX),
+    "temp_buffers": Param("memory", minimum=100, maximum=_INT_MAX // 2, unit_kb=8),
+    "effective_cache_size": Param("memory", minimum=1, maximum=_INT_MAX, unit_kb=8),
     "random_page_cost": Param("float"),
     "seq_page_cost": Param("float"),
     "cpu_tuple_cost": Param("float"),
     "effective_io_concurrency": Param("int", maximum=1000),
     "default_statistics_target": Param("int", minimum=1, maximum=10000),
-    "statement_timeout": Param("duration_ms"),
-    "lock_timeout": Param("duration_ms"),
-    "idle_in_transaction_session_timeout": Param("duration_ms"),
+    "statement_timeout": Param("duration_ms", maximum=_INT_MAX),
+    "lock_timeout": Param("duration_ms", maximum=_INT_MAX),
+    "idle_in_transaction_session_timeout": Param("duration_ms", maximum=_INT_MAX),
     "jit": Param("bool"),
     "enable_seqscan": Param("bool"),
     "enable_nestloop": Param("bool"),
@@ -88,10 +94,17 @@ DATABASE_SETTINGS: dict[str, Param] = {
 # Server-wide settings: reported as advice, never changed (they need a restart or superuser).
 SERVER_SETTINGS = ("max_connections", "shared_buffers", "max_wal_size", "wal_buffers", "max_worker_processes")
 
-_MEMORY = re.compile(r"^[0-9]+(kB|MB|GB|TB)?$")
-_DURATION_MS = re.compile(r"^[0-9]+(us|ms|s|min|h|d)?$")
-_FLOAT = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+_MEMORY = re.compile(r"^([0-9]{1,20}) ?(B|kB|MB|GB|TB)?$")
+_MEMORY_KB = {"B": 1 / 1024, "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
+_DURATION_MS = re.compile(r"^([0-9]{1,20}) ?(us|ms|s|min|h|d)?$")
+_DURATION_IN_MS = {"us": 0.001, "ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_FLOAT = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,20})?$")
 _BOOLS = {"0": "0", "1": "1", "true": "1", "false": "0", "on": "1", "off": "0"}
+
+
+def _in_range(param: Param, amount: float, text: str, unit: str) -> None:
+    if not param.minimum <= amount <= param.maximum:
+        raise ValueError(f"{text} is outside {param.minimum}..{param.maximum} {unit}")
 
 
 def check_value(param: Param, value: object) -> str:
@@ -102,15 +115,27 @@ def check_value(param: Param, value: object) -> str:
             return _BOOLS[text.lower()]
         raise ValueError(f"{value!r} is not a boolean (0/1, true/false)")
     if param.kind == "int":
-        if not re.fullmatch(r"[0-9]+", text):
+        if not re.fullmatch(r"[0-9]{1,20}", text):
             raise ValueError(f"{value!r} is not a whole number")
-        if not param.minimum <= int(text) <= param.maximum:
-            raise ValueError(f"{text} is outside {param.minimum}..{param.maximum}")
+        _in_range(param, int(text), text, "")
         return str(int(text))
-    pattern = {"memory": _MEMORY, "float": _FLOAT, "duration_ms": _DURATION_MS}.get(param.kind)
-    if pattern is not None:
-        if not pattern.fullmatch(text):
-            raise ValueError(f"{value!r} is not a valid {param.kind.replace('_ms', '')} value")
+    if param.kind == "memory":
+        match = _MEMORY.fullmatch(text)
+        if not match:
+            raise ValueError(f"{value!r} is not a memory size (a number with B, kB, MB, GB or TB)")
+        kilobytes = int(match[1]) * (_MEMORY_KB[match[2]] if match[2] else param.unit_kb)
+        # PostgreSQL rounds to its unit (rint), then checks the range.
+        _in_range(param, round(kilobytes / param.unit_kb), text, "kB" if param.unit_kb == 1 else f"x {param.unit_kb}kB")
+        return text
+    if param.kind == "duration_ms":
+        match = _DURATION_MS.fullmatch(text)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (a number with us, ms, s, min, h or d)")
+        _in_range(param, round(int(match[1]) * _DURATION_IN_MS[match[2] or "ms"]), text, "ms")
+        return text
+    if param.kind == "float":
+        if not _FLOAT.fullmatch(text):
+            raise ValueError(f"{value!r} is not a non-negative number")
         return text
     if text.lower() in param.choices:
         return text.lower()

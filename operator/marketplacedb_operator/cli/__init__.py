@@ -7,13 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, manifest, pooler, render, run
+from . import demo, doctor, manifest, pooler, render, run
 from . import install as install_cli
 from . import refresh as refresh_cli
 from . import schema as schema_cli
 
 # Each module registers its subcommands on the parser: (name, module.register).
-_MODULES = [demo, manifest, schema_cli, refresh_cli, render, run, pooler, install_cli]
+_MODULES = [demo, manifest, schema_cli, refresh_cli, render, run, pooler, install_cli, doctor]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,10 +61,21 @@ def _cluster() -> int:
     if kubectl is None:
         print("--cluster needs kubectl on PATH and a current kube context")
         return 2
-    for path in (ROOT / "crds" / "marketplacedbs.marketplacedb.io.yaml", ROOT / "examples" / "secret.yaml", EXAMPLE):
+    # The credentials are never a committed placeholder (examples/secret.yaml says `change-me`):
+    # the real Secret must exist first, and the demo says how to create it.
+    secret = "shop-db-owner"
+    if subprocess.run([kubectl, "-n", NS, "get", "secret", secret], capture_output=True, check=False).returncode:
+        print(f"--cluster needs the database owner's Secret first (see docs/install.md#3-the-database-role):\n"
+              f"  kubectl create namespace {NS}\n"
+              f"  kubectl -n {NS} create secret generic {secret} --from-literal=username=ROLE "
+              "--from-literal=password='...'\n"
+              f"  kubectl -n {NS} label secret {secret} {naming.LABEL_CREDENTIALS}=true\n"
+              f"and spec.database.host in {EXAMPLE.relative_to(ROOT)} pointing at your server.")
+        return 2
+    for path in (ROOT / "crds" / "marketplacedbs.marketplacedb.io.yaml", EXAMPLE):
         subprocess.run([kubectl, "apply", "--server-side", "-f", str(path)], check=True)
     subprocess.run([kubectl, "-n", NS, "get", "mdb", NAME, "-o", "wide"], check=False)
-    print("Install the operator to reconcile it: helm install marketplacedb-operator charts/marketplacedb-operator")
+    print("Install the operator to reconcile it: see docs/install.md (build and push the image, then helm install)")
     return 0
 
 
@@ -169,7 +180,7 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
             "stringData": {"username": "shop_owner", "password": "demo-owner-password"},
         }
     )
@@ -179,7 +190,8 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
             {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "metadata": {"name": name, "namespace": NS},
+                # The Deployment's owner lets this MarketplaceDB set its probes (README "Security model").
+                "metadata": {"name": name, "namespace": NS, "annotations": {naming.ANN_PROBED_BY: NAME}},
                 "spec": {
                     "selector": {"matchLabels": labels},
                     "template": {

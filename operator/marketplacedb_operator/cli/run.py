@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from kubernetes import client as k8s
@@ -62,7 +63,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(os.environ)
+    try:
+        settings = Settings.from_env(os.environ)
+    except ValueError as exc:  # names the variable: a bad chart value, not a crash loop of tracebacks
+        print(f"marketplacedb run: {exc}", file=sys.stderr)
+        return 2
     handler = logging.StreamHandler()
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -11,8 +11,9 @@ for the columns of each new view query with LIMIT 0 in a READ ONLY transaction).
 With `approval: Manual`, `apply` executes only when `--approve` carries the hash `plan` printed;
 an `--approve` that does not match the current plan is refused (the database changed since).
 
-Exit status: 0 success (or nothing to do), 1 a manifest error or a failed object, 2 usage,
-3 approval required.
+Exit status: 0 success (or nothing to do), 1 a manifest error, a failed object, a conflict (an
+object under a declared name that is not this resource's, left alone) or a lost session (the
+outcomes so far are printed, then one line), 2 usage, 3 approval required.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import json
 import os
 import sys
 from typing import Any
+
+import psycopg
 
 from ..api.v1alpha1 import MarketplaceDB
 from ..gateways.postgres import ConnInfo, DatabaseUnreachable, connect
@@ -91,7 +94,7 @@ def _view_problems(conn: Any, desired: Desired, the_plan: Plan) -> list[str]:
 def _plan_one(conn: Any, resource: MarketplaceDB) -> tuple[Desired, Catalog, Plan]:
     namespace, name = _resource_name(resource)
     desired = desired_state(resource.spec, owner_of(namespace, name))
-    observed = gateway.observe(conn)
+    observed = gateway.observe(conn, desired)
     return desired, observed, plan(desired, observed)
 
 
@@ -152,6 +155,10 @@ def _plan(args: argparse.Namespace) -> int:
     except DatabaseUnreachable as exc:
         print(exc, file=sys.stderr)
         return 1
+    except (psycopg.Error, gateway.StepFailed, gateway.ObservationFailed) as exc:
+        _emit(documents, args.output, _print_plan)
+        print(_lost(exc), file=sys.stderr)
+        return 1
     _emit(documents, args.output, _print_plan)
     return 1 if any(d["problems"] for d in documents) else 0
 
@@ -181,6 +188,8 @@ def _print_apply(doc: dict[str, Any]) -> None:
             print(f"         blocked by pid {session['pid']} ({session['state']}, {session['ageSeconds']}s)")
     for line in doc["plan"]["conflicts"]:
         print(f"  conflict: {line}")
+    for line in doc["plan"]["notes"]:
+        print(f"  note: {line}")
     for line in doc["advice"]:
         print(f"  advice: {line}")
 
@@ -199,27 +208,47 @@ def _apply(args: argparse.Namespace) -> int:
         return loaded
     resources, info = loaded
     settings = Settings.from_env(os.environ)
-    documents, code = [], 0
+    documents: list[dict[str, Any]] = []
+    code = 0
     try:
         with connect(info) as conn:
             for resource in resources:
                 desired, observed, the_plan = _plan_one(conn, resource)
                 doc = _document(resource, desired, observed, the_plan, [])
+                documents.append(doc)
                 if _approval_needed(resource, the_plan, args.approve):
                     doc.update(outcomes=[], approvalRequired=True)
                     code = max(code, EXIT_APPROVAL)
-                else:
-                    policy = ExecutionPolicy.from_spec(resource.spec.ddl, settings)
-                    outcomes = gateway.execute(conn, the_plan, policy, watch=lambda: connect(info))
-                    doc.update(outcomes=[_outcome_dict(o) for o in outcomes], approvalRequired=False)
-                    after = gateway.observe(conn)
-                    doc["indexes"] = [s.model_dump(by_alias=True)
-                                      for s in report.index_statuses(desired, after, outcomes)]
-                    if not all(o.ok for o in outcomes):
-                        code = max(code, 1)
-                documents.append(doc)
+                    continue
+                policy = ExecutionPolicy.from_spec(resource.spec.ddl, settings)
+                outcomes = gateway.execute(conn, the_plan, policy, watch=lambda: connect(info))
+                doc.update(outcomes=[_outcome_dict(o) for o in outcomes], approvalRequired=False)
+                if not all(o.ok for o in outcomes) or the_plan.conflicts:
+                    code = max(code, 1)  # a conflict leaves the declared state unreached
+                if conn.closed:
+                    raise psycopg.OperationalError("the connection was lost during apply")
+                after = gateway.observe(conn, desired)
+                doc["indexes"] = [s.model_dump(by_alias=True)
+                                  for s in report.index_statuses(desired, after, outcomes)]
+                doc["materializedViews"] = [s.model_dump(by_alias=True, exclude_none=True)
+                                            for s in report.view_statuses(desired, after, outcomes)]
     except DatabaseUnreachable as exc:
         print(exc, file=sys.stderr)
         return 1
+    except (psycopg.Error, gateway.StepFailed, gateway.ObservationFailed) as exc:
+        # Session lost, server stopped, catalog unreadable: what ran so far, then one line.
+        for doc in documents:
+            doc.setdefault("outcomes", [])
+            doc.setdefault("approvalRequired", False)
+        _emit(documents, args.output, _print_apply)
+        print(_lost(exc), file=sys.stderr)
+        return 1
     _emit(documents, args.output, _print_apply)
     return code
+
+
+def _lost(exc: BaseException) -> str:
+    """One line for a database error outside any object (never DETAIL, never the DSN)."""
+    if isinstance(exc, psycopg.OperationalError) and not exc.sqlstate:
+        return "database connection lost: the outcomes above are what ran; run apply again to converge"
+    return f"database error: {gateway.describe_error(exc)}; the outcomes above are what ran"

@@ -20,7 +20,7 @@ from ..ports import BuildProgress, ConnInfo, Deps
 from ..refresh import RefreshOutcome, run_refresh
 from ..settings import Settings
 from ..sql.catalog import Catalog
-from ..sql.plan import ExecutionPolicy, Plan, StepOutcome
+from ..sql.plan import Desired, ExecutionPolicy, Plan, StepOutcome
 from ..sql.refresh import RefreshState
 
 
@@ -35,8 +35,8 @@ class PostgresDatabase:
         self._info = info
         self._conn: psycopg.Connection[Any] = connect(info)
 
-    def observe(self) -> Catalog:
-        return schema.observe(self._conn)
+    def observe(self, desired: Desired) -> Catalog:
+        return schema.observe(self._conn, desired)
 
     def execute(self, plan: Plan, policy: ExecutionPolicy) -> list[StepOutcome]:
         watch: psycopg.Connection[Any] | None = None

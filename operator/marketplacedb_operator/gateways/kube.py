@@ -1,13 +1,14 @@
-"""The only user of the Kubernetes client: server-side apply, reads, deletes.
+"""The only user of the Kubernetes client: create, server-side apply, reads, deletes.
 
-Every write is a server-side apply with one field manager (`marketplacedb-operator`), so the
-operator owns exactly the fields it sets and GitOps tools own the rest
-(https://kubernetes.io/docs/reference/using-api/server-side-apply/).
+Owned objects are created with a plain create (which fails on an existing name: nothing is taken
+over by name) and updated by server-side apply with the field manager `marketplacedb-operator`;
+probe fields on application Deployments use one field manager per MarketplaceDB and no force, so
+a field someone else owns is a conflict, not a takeover
+(https://kubernetes.io/docs/reference/using-api/server-side-apply/#conflicts).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import urllib.parse
@@ -37,7 +38,8 @@ RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
 # tests/test_rbac.py checks the rendered rules grant exactly these. `apply` is a server-side apply
 # PATCH, which also needs `create` when the object does not exist yet
 # (https://kubernetes.io/docs/reference/using-api/server-side-apply/#using-server-side-apply-in-a-controller).
-# Secrets: `get` for the database credentials, `patch`/`create`/`delete` for the pooler's auth
+# Secrets: `get` for the database credentials (used only when labelled marketplacedb.io/credentials),
+# `patch`/`create`/`delete` for the pooler's auth
 # Secret (deleted when the pooler is disabled); no list or watch, so the operator cannot enumerate
 # Secrets (names are per resource and chosen by users, so resourceNames cannot narrow them: see
 # docs/rbac.md).
@@ -109,11 +111,14 @@ class KubeGateway:
         parsed: dict[str, Any] = json.loads(data) if data else {}
         return parsed
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply (force: the operator is the authority for the fields it sets)."""
+    def apply(
+        self, obj: dict[str, Any], *, field_manager: str = naming.FIELD_MANAGER, force: bool = True
+    ) -> dict[str, Any]:
+        """Server-side apply. force: the operator is the authority for its owned objects' fields
+        (callers checked the controller ownerReference first); probes apply without it."""
         meta = obj["metadata"]
         path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        query = [("fieldManager", naming.FIELD_MANAGER), ("force", "true")]
+        query = [("fieldManager", field_manager)] + ([("force", "true")] if force else [])
         result = self._call("PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
         if result is None:
             # A real API server creates on apply; API emulators answer 404 for a missing
@@ -121,13 +126,22 @@ class KubeGateway:
             created = self._call(
                 "POST",
                 _path(obj["apiVersion"], obj["kind"], meta["namespace"]),
-                query=[("fieldManager", naming.FIELD_MANAGER)],
+                query=[("fieldManager", field_manager)],
                 body=obj,
             )
             if created is None:
                 raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
             result = created
         return result
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create; KubeError 409 when the name is taken (never a takeover)."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"])
+        created = self._call("POST", path, query=[("fieldManager", naming.FIELD_MANAGER)], body=obj)
+        if created is None:
+            raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
+        return created
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the status (merge patch on the status subresource; lists are replaced whole)."""
@@ -147,15 +161,6 @@ class KubeGateway:
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
         """True when something was deleted; a missing object is not an error."""
         return self._call("DELETE", _path(api_version, kind, namespace, name)) is not None
-
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's decoded data, None when missing. Values are never logged."""
-        secret = self.get("v1", "Secret", namespace, name)
-        if secret is None:
-            return None
-        decoded = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-        decoded.update(secret.get("stringData") or {})
-        return decoded
 
 
 def _matches(obj: dict[str, Any], selector: dict[str, str]) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from .. import naming
+from ..api import bounds
 from ..api.v1alpha1 import MarketplaceDBSpec, MarketplaceDBStatus
 
 _DROP = {"title", "discriminator"}
@@ -29,13 +30,30 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return {k: _resolve(v, defs) for k, v in node.items() if k not in _DROP and k != "$defs"}
 
 
-def _structural(node: Any) -> Any:
+_SPEC_BOUNDS = (bounds.DEFAULT_MAX_LENGTH, bounds.DEFAULT_MAX_ITEMS, bounds.DEFAULT_MAX_PROPERTIES)
+_STATUS_BOUNDS = (bounds.STATUS_MAX_LENGTH, bounds.STATUS_MAX_ITEMS, bounds.STATUS_MAX_PROPERTIES)
+
+
+def _bounded(node: dict[str, Any], limits: tuple[int, int, int]) -> None:
+    """Every string, list and map gets a maximum size (the model's, else the default): the API
+    server estimates a CEL rule's cost from them, and refuses a CRD whose rules may cost too much."""
+    max_length, max_items, max_properties = limits
+    kind = node.get("type")
+    if (kind == "string" or node.get("x-kubernetes-int-or-string")) and "enum" not in node:
+        node.setdefault("maxLength", max_length)
+    elif kind == "array":
+        node.setdefault("maxItems", max_items)
+    elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        node.setdefault("maxProperties", max_properties)
+
+
+def _structural(node: Any, limits: tuple[int, int, int] = _SPEC_BOUNDS) -> Any:
     """Rewrite unions, consts and nulls into what the Kubernetes API server accepts."""
     if isinstance(node, list):
-        return [_structural(item) for item in node]
+        return [_structural(item, limits) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {k: _structural(v) for k, v in node.items()}
+    node = {k: (v if k == "x-kubernetes-validations" else _structural(v, limits)) for k, v in node.items()}
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         types = {o.get("type") for o in options}
@@ -60,13 +78,22 @@ def _structural(node: Any) -> Any:
         node["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
         node["x-kubernetes-preserve-unknown-fields"] = True
+    _bounded(node, limits)
     return node
 
 
-def model_schema(model: type[Any]) -> dict[str, Any]:
+def model_schema(model: type[Any], limits: tuple[int, int, int] = _SPEC_BOUNDS) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    schema: dict[str, Any] = _structural(_resolve(raw, raw.get("$defs", {})))
+    schema: dict[str, Any] = _structural(_resolve(raw, raw.get("$defs", {})), limits)
     return schema
+
+
+# metadata.name is the one metadata field CEL may read; it also becomes a label value and part of
+# object names, so it must be a DNS-1123 label (the models check the same: api/v1alpha1.py).
+NAME_RULE = {
+    "rule": f"self.metadata.name.matches('{naming.DNS_LABEL_PATTERN}')",
+    "message": "metadata.name must be a DNS-1123 label: at most 63 lower-case letters, digits and '-'",
+}
 
 
 def _condition_column(name: str, type_: str) -> dict[str, str]:
@@ -75,9 +102,7 @@ def _condition_column(name: str, type_: str) -> dict[str, str]:
 
 def build_crd() -> dict[str, Any]:
     spec = model_schema(MarketplaceDBSpec)
-    status = model_schema(MarketplaceDBStatus)
-    spec["description"] = "Desired state: database, DDL policy, indexes, materialized views, pooler, probes."
-    status["description"] = "Observed state, written by the operator."
+    status = model_schema(MarketplaceDBStatus, _STATUS_BOUNDS)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -115,10 +140,17 @@ def build_crd() -> dict[str, Any]:
                             "description": "MarketplaceDB: indexes, materialized views, refreshes, a "
                             "PgBouncer pooler and health probes for one existing PostgreSQL database.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [NAME_RULE],
                             "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "apiVersion": {
+                                    "type": "string",
+                                    "description": "marketplacedb.io/v1alpha1 (the API group and version).",
+                                },
+                                "kind": {"type": "string", "description": "MarketplaceDB."},
+                                "metadata": {
+                                    "type": "object",
+                                    "description": "Standard object metadata; the name must be a DNS-1123 label.",
+                                },
                                 "spec": spec,
                                 "status": status,
                             },

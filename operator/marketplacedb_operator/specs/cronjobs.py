@@ -20,7 +20,8 @@ from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec, MaterializedViewSpec, RefreshPolicy
 from ..durations import parse_duration
 from ..settings import Settings
-from .meta import object_meta, restricted_container_security, restricted_pod_security
+from . import db_tls
+from .meta import image_pull_secrets, object_meta, restricted_container_security, restricted_pod_security
 
 COMPONENT = "refresh"
 # Time for the pod to start, connect and take its lock on top of the refresh's statement_timeout.
@@ -59,6 +60,7 @@ def connection_env(spec: MarketplaceDBSpec) -> list[dict[str, Any]]:
         {"name": "PGCONNECT_TIMEOUT", "value": "10"},
         {"name": "PGUSER", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.username_key}}},
         {"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.password_key}}},
+        *db_tls.env(database),
     ]
 
 
@@ -79,21 +81,22 @@ def _pod_spec(view: MaterializedViewSpec, policy: RefreshPolicy, spec: Marketpla
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(),
+        **image_pull_secrets(settings),
         "containers": [
             {
                 "name": COMPONENT,
                 "image": settings.operator_image,
-                "imagePullPolicy": "IfNotPresent",
+                "imagePullPolicy": settings.image_pull_policy,
                 "command": ["marketplacedb"],
                 "args": refresh_args(view, policy),
                 "env": connection_env(spec),
                 "resources": RESOURCES,
                 "securityContext": restricted_container_security(),
                 # Read-only root filesystem: Python and libpq may still want a scratch /tmp.
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *db_tls.volume_mounts(spec.database)],
             }
         ],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}, *db_tls.volumes(spec.database)],
     }
 
 

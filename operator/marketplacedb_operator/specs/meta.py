@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from .. import naming
+from ..settings import Settings
 
 
 def owner_reference(resource: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +37,17 @@ def content_hash(value: Any) -> str:
     """A stable hash of JSON-able inputs: pods roll exactly when their inputs change."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def image_pull_secrets(settings: Settings) -> dict[str, Any]:
+    """The pod-spec entry for the operator's pull Secrets (nothing when none are configured).
+
+    Every pod the operator creates runs an image from the operator's settings (its own image for
+    refreshes and the pooler agent): a private registry must reach them all, not only the operator.
+    """
+    if not settings.image_pull_secrets:
+        return {}
+    return {"imagePullSecrets": [{"name": name} for name in settings.image_pull_secrets]}
 
 
 # https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted

@@ -22,7 +22,7 @@ from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from ..settings import Settings
 from . import pgbouncer as pgb
-from .meta import object_meta, restricted_container_security, restricted_pod_security
+from .meta import image_pull_secrets, object_meta, restricted_container_security, restricted_pod_security
 from .pooler_sizing import rollout_strategy
 
 COMPONENT = "pooler"
@@ -78,6 +78,7 @@ def _pgbouncer_container(image: str, settings: Settings, resources: dict[str, An
     return {
         "name": "pgbouncer",
         "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
         # The binary itself as PID 1: the default image's entrypoint is a shell script that does not
         # `exec`, so signals would stop at the shell. The drain happens in preStop, not by signal.
         "command": ["pgbouncer", pgb.INI_PATH],
@@ -118,6 +119,7 @@ def _agent_container(spec: MarketplaceDBSpec, settings: Settings) -> dict[str, A
     return {
         "name": "agent",
         "image": settings.operator_image,
+        "imagePullPolicy": settings.image_pull_policy,
         "command": ["marketplacedb"],
         "args": agent_args(spec, settings),
         "ports": [{"name": "agent", "containerPort": settings.health_port, "protocol": "TCP"}],
@@ -139,6 +141,7 @@ def _exporter_container(settings: Settings) -> dict[str, Any]:
     return {
         "name": "exporter",
         "image": settings.pgbouncer_exporter_image,
+        "imagePullPolicy": settings.image_pull_policy,
         "args": [f"--pgBouncer.connectionString={conn}", f"--web.listen-address=:{EXPORTER_PORT}"],
         "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
@@ -175,6 +178,7 @@ def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Sett
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": restricted_pod_security(POD_UID),
+        **image_pull_secrets(settings),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": containers,
         "volumes": [

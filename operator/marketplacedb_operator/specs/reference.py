@@ -27,6 +27,33 @@ def _type(schema: dict[str, Any]) -> str:
     return str(kind)
 
 
+def _range(low: Any, high: Any, unit: str) -> str | None:
+    if low is None and high is None:
+        return None
+    if low is None:
+        return f"at most {high}{unit}"
+    if high is None:
+        return f"at least {low}{unit}"
+    return f"{low}..{high}{unit}"
+
+
+def _constraints(schema: dict[str, Any]) -> str:
+    """What the API server checks for the field, in words (the CRD carries the same rules)."""
+    parts = [
+        _range(schema.get("minimum"), schema.get("maximum"), ""),
+        _range(schema.get("minLength"), schema.get("maxLength"), " chars"),
+        _range(schema.get("minItems"), schema.get("maxItems"), " items"),
+        _range(None, schema.get("maxProperties"), " entries"),
+    ]
+    pattern = schema.get("pattern")
+    if pattern:
+        parts.append(f"pattern `{pattern}`" if len(pattern) <= 48 else "format in the description")
+    if schema.get("x-kubernetes-list-type") == "map":
+        parts.append("unique " + ", ".join(schema["x-kubernetes-list-map-keys"]))
+    parts += [rule["message"] for rule in schema.get("x-kubernetes-validations", [])]
+    return "; ".join(p.replace("|", "\\|") for p in parts if p)
+
+
 def _rows(schema: dict[str, Any], prefix: str, rows: list[str]) -> None:
     required = set(schema.get("required", []))
     for name, field in schema.get("properties", {}).items():
@@ -37,6 +64,7 @@ def _rows(schema: dict[str, Any], prefix: str, rows: list[str]) -> None:
             _type(field),
             "yes" if name in required else "",
             "" if default is None else f"`{json.dumps(default)}`",
+            _constraints(field),
             (field.get("description") or "").replace("\n", " ").replace("|", "\\|"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -48,7 +76,10 @@ def _rows(schema: dict[str, Any], prefix: str, rows: list[str]) -> None:
 
 def reference_markdown(model: type[BaseModel] = MarketplaceDBSpec) -> str:
 
-    rows = ["| field | type | required | default | description |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| field | type | required | default | constraints | description |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     _rows(model_schema(model), "spec", rows)
     return "\n".join([START, *rows, END])
 

@@ -1,8 +1,10 @@
 """A snapshot of what the database holds, as frozen dataclasses, and the SQL that observes it.
 
-One statement (`OBSERVE`) returns everything as one JSON document: indexes with their validity,
-materialized views with their privileges and dependants, per-database settings, the server-wide
-settings we advise on and the sessions holding a transaction open. The gateway runs it in a READ
+One statement (`OBSERVE`) returns everything as one JSON document, scoped to the declared names,
+their temporaries and the objects this resource recorded as its own (ownership.py): indexes with
+their validity and ownership record, materialized views with their privileges, options, comments
+and dependants, per-database settings, the server-wide settings we advise on and the sessions
+holding a transaction open. The gateway runs it in a READ
 ONLY transaction with search_path pinned to pg_catalog (pipelined: one network round trip), so
 `pg_get_indexdef`/`pg_get_viewdef` are fully qualified and their hashes match the ones the marker
 DO block wrote (see ddl.mark).
@@ -17,114 +19,37 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from psycopg import sql
-
-from .. import naming
+from .catalog_sql import (
+    ADVISED_SETTINGS,
+    BLOCKERS,
+    BUILD_BLOCKERS,
+    OBSERVE,
+    OPEN_TRANSACTIONS,
+    RECORDS_TABLE_NAME,
+    observe_params,
+    observe_query,
+)
 from .ddl import Marker, parse_marker
 
-# Server-wide settings reported as advice (never changed), plus a few that explain them.
-ADVISED_SETTINGS = ("max_connections", "shared_buffers", "effective_cache_size", "work_mem",
-                    "maintenance_work_mem", "server_version_num")
-
-_EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", naming.STATE_SCHEMA)
-
-# Observation: one SELECT, one JSON row. Parameters: excluded schemas, advised settings.
-OBSERVE = sql.SQL("""\
-WITH rels AS (
-  SELECT c.oid, n.nspname, c.relname, c.relkind
-  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-  WHERE n.nspname <> ALL (%(excluded)s::text[]) AND n.nspname !~ '^pg_(toast|temp)'
-)
-SELECT pg_catalog.json_build_object(
-  'database', pg_catalog.current_database(),
-  'user', current_user,
-  'indexes', (SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.schema, x.name), '[]') FROM (
-      SELECT r.nspname AS schema, r.relname AS name, t.nspname AS table_schema, t.relname AS "table",
-             t.relkind::text AS table_kind,
-             pg_catalog.pg_get_indexdef(i.indexrelid) AS definition,
-             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-               pg_catalog.pg_get_indexdef(i.indexrelid), 'UTF8')), 'hex') AS def_hash,
-             i.indisvalid AS valid, i.indisready AS ready, i.indisunique AS "unique",
-             i.indisprimary AS "primary", i.indpred IS NOT NULL AS partial,
-             i.indexprs IS NOT NULL AS expressions,
-             pg_catalog.obj_description(i.indexrelid, 'pg_class') AS comment,
-             (SELECT coalesce(pg_catalog.json_agg(a.attname ORDER BY k.ord), '[]')
-                FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               WHERE k.ord <= i.indnkeyatts) AS key_columns
-      FROM pg_catalog.pg_index i
-      JOIN rels r ON r.oid = i.indexrelid
-      JOIN rels t ON t.oid = i.indrelid) x),
-  'views', (SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.schema, x.name), '[]') FROM (
-      SELECT r.nspname AS schema, r.relname AS name,
-             pg_catalog.pg_get_viewdef(r.oid) AS definition,
-             pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-               pg_catalog.pg_get_viewdef(r.oid), 'UTF8')), 'hex') AS def_hash,
-             m.ispopulated AS populated,
-             pg_catalog.pg_get_userbyid(c.relowner) AS owner,
-             pg_catalog.obj_description(r.oid, 'pg_class') AS comment,
-             (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(
-                        'grantee', CASE WHEN g.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(g.grantee) END,
-                        'privilege', g.privilege_type, 'grantable', g.is_grantable)
-                      ORDER BY g.grantee, g.privilege_type), '[]')
-                FROM pg_catalog.aclexplode(c.relacl) g WHERE g.grantee <> c.relowner) AS grants,
-             (SELECT coalesce(pg_catalog.json_agg(DISTINCT dn.nspname || '.' || dc.relname), '[]')
-                FROM pg_catalog.pg_depend d
-                JOIN pg_catalog.pg_rewrite w ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
-                                             AND w.oid = d.objid
-                JOIN pg_catalog.pg_class dc ON dc.oid = w.ev_class
-                JOIN pg_catalog.pg_namespace dn ON dn.oid = dc.relnamespace
-               WHERE d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = r.oid
-                 AND w.ev_class <> r.oid) AS dependents
-      FROM rels r
-      JOIN pg_catalog.pg_class c ON c.oid = r.oid
-      JOIN pg_catalog.pg_matviews m ON m.schemaname = r.nspname AND m.matviewname = r.relname
-      WHERE r.relkind = 'm') x),
-  'relations', (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_array(r.nspname, r.relname, r.relkind)
-                  ORDER BY r.nspname, r.relname), '[]')
-                FROM rels r WHERE r.relkind NOT IN ('i', 'I', 'm')),
-  'settings', (SELECT coalesce(pg_catalog.array_to_json(s.setconfig), '[]')
-                 FROM pg_catalog.pg_db_role_setting s
-                 JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
-                WHERE d.datname = pg_catalog.current_database() AND s.setrole = 0),
-  'server', (SELECT pg_catalog.json_object_agg(s.name, pg_catalog.current_setting(s.name))
-               FROM pg_catalog.pg_settings s WHERE s.name = ANY (%(advised)s::text[])),
-  'sessions', (SELECT coalesce(pg_catalog.json_agg(x ORDER BY x.age_seconds DESC, x.pid), '[]') FROM (
-      SELECT a.pid, a.state, a.usename AS "user", a.application_name,
-             pg_catalog.round(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start)::numeric, 3)
-               AS age_seconds,
-             pg_catalog.upper(pg_catalog.split_part(pg_catalog.ltrim(a.query), ' ', 1)) AS verb
-      FROM pg_catalog.pg_stat_activity a
-      WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
-        AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL) x)
-) AS catalog""")
+__all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
+           "Catalog", "Grant", "IndexInfo", "Record", "SessionInfo", "ViewInfo", "observe_params", "observe_query",
+           "parse_catalog", "session_from_row"]
 
 
-def observe_params() -> dict[str, Any]:
-    return {"excluded": list(_EXCLUDED_SCHEMAS), "advised": list(ADVISED_SETTINGS)}
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """The ownership record bound to a live object (its OID matched; see ownership.py)."""
+
+    owner: str
+    how: str  # created, adopted, building (an interrupted build of ours), replaced
+    spec_hash: str
+    def_hash: str
 
 
-# Sessions that block a given backend (the one running an index build), seen from another session.
-BLOCKERS = sql.SQL("""\
-SELECT a.pid, coalesce(a.state, 'unknown (grant pg_read_all_stats to see it)'), a.usename, a.application_name,
-       pg_catalog.round(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start)::numeric, 3),
-       CASE WHEN a.state IS NULL THEN '' ELSE
-         pg_catalog.upper(pg_catalog.split_part(pg_catalog.ltrim(a.query), ' ', 1)) END
-FROM pg_catalog.pg_stat_activity a
-WHERE a.pid = ANY (pg_catalog.pg_blocking_pids(%(pid)s))
-ORDER BY a.pid""")
-
-# Sessions with a transaction open longer than min_age: what a CONCURRENTLY build waits for.
-OPEN_TRANSACTIONS = sql.SQL("""\
-SELECT a.pid, coalesce(a.state, 'unknown (grant pg_read_all_stats to see it)'), a.usename, a.application_name,
-       pg_catalog.round(extract(epoch FROM pg_catalog.clock_timestamp() - a.xact_start)::numeric, 3),
-       CASE WHEN a.state IS NULL THEN '' ELSE
-         pg_catalog.upper(pg_catalog.split_part(pg_catalog.ltrim(a.query), ' ', 1)) END
-FROM pg_catalog.pg_stat_activity a
-WHERE a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid()
-  AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL
-  AND a.xact_start < pg_catalog.clock_timestamp() - pg_catalog.make_interval(secs => %(min_age)s)
-ORDER BY a.xact_start, a.pid""")
+def _record(value: Mapping[str, Any] | None) -> Record | None:
+    if not value:
+        return None
+    return Record(str(value["owner"]), str(value["how"]), str(value["spec_hash"] or ""), str(value["def_hash"] or ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +69,20 @@ class IndexInfo:
     expressions: bool
     comment: str | None
     key_columns: tuple[str, ...]
+    oid: int = 0
+    signature: str = ""  # [UNIQUE ]USING ...: the definition without names, compared for adoption
+    record: Record | None = None
+    building_pid: int | None = None  # another session's CREATE INDEX in progress
+    foreign_keys: tuple[str, ...] = ()  # foreign key constraints that depend on this (unique) index
+    constraint: str | None = None  # the primary key, unique or exclusion constraint it implements
 
     @property
     def marker(self) -> Marker | None:
+        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
         return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +90,7 @@ class Grant:
     grantee: str | None  # None is PUBLIC
     privilege: str
     grantable: bool
+    column: str | None = None  # a column privilege
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +104,18 @@ class ViewInfo:
     comment: str | None
     grants: tuple[Grant, ...]
     dependents: tuple[str, ...]
+    oid: int = 0
+    record: Record | None = None
+    column_grants: tuple[Grant, ...] = ()
+    reloptions: tuple[str, ...] = ()
+    column_comments: tuple[tuple[str, str], ...] = ()
 
     @property
     def marker(self) -> Marker | None:
         return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +144,11 @@ class Catalog:
     database_settings: tuple[tuple[str, str], ...] = ()
     server_settings: tuple[tuple[str, str], ...] = ()
     sessions: tuple[SessionInfo, ...] = ()
+    marked: tuple[tuple[str, str, str], ...] = ()  # (schema, name, relkind): our marker, not our record
+    records: bool = False  # the ownership table exists
+    # What the declared objects would look like, asked of the server (gateway.expected_signatures):
+    # {(schema, name): signature} for indexes, {(schema, name): sha256 of pg_get_viewdef} for views.
+    expected: tuple[tuple[tuple[str, str], str], ...] = ()
 
     def index(self, schema: str, name: str) -> IndexInfo | None:
         return next((i for i in self.indexes if i.schema == schema and i.name == name), None)
@@ -213,6 +162,9 @@ class Catalog:
 
     def indexes_on(self, schema: str, table: str) -> tuple[IndexInfo, ...]:
         return tuple(i for i in self.indexes if i.table_schema == schema and i.table == table)
+
+    def expected_of(self, schema: str, name: str) -> str | None:
+        return next((value for key, value in self.expected if key == (schema, name)), None)
 
     @property
     def settings(self) -> Mapping[str, str]:
@@ -237,7 +189,9 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             table_kind=i["table_kind"], definition=i["definition"], def_hash=i["def_hash"],
             valid=bool(i["valid"]), ready=bool(i["ready"]), unique=bool(i["unique"]), primary=bool(i["primary"]),
             partial=bool(i["partial"]), expressions=bool(i["expressions"]), comment=i["comment"],
-            key_columns=tuple(i["key_columns"] or ()),
+            key_columns=tuple(i["key_columns"] or ()), oid=int(i["oid"]), signature=str(i["signature"] or ""),
+            record=_record(i["record"]), building_pid=i["building_pid"],
+            foreign_keys=tuple(i["foreign_keys"] or ()), constraint=i.get("constraint"),
         )
         for i in document.get("indexes") or ()
     )
@@ -246,7 +200,11 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             schema=v["schema"], name=v["name"], definition=v["definition"], def_hash=v["def_hash"],
             populated=bool(v["populated"]), owner=v["owner"], comment=v["comment"],
             grants=tuple(Grant(g["grantee"], g["privilege"], bool(g["grantable"])) for g in v["grants"] or ()),
-            dependents=tuple(sorted(v["dependents"] or ())),
+            dependents=tuple(sorted(v["dependents"] or ())), oid=int(v["oid"]), record=_record(v["record"]),
+            column_grants=tuple(Grant(g["grantee"], g["privilege"], bool(g["grantable"]), g["column"])
+                                for g in v["column_grants"] or ()),
+            reloptions=tuple(str(o) for o in v["reloptions"] or ()),
+            column_comments=tuple((str(c), str(t)) for c, t in v["column_comments"] or ()),
         )
         for v in document.get("views") or ()
     )
@@ -269,4 +227,6 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
         database_settings=tuple(sorted(settings)),
         server_settings=tuple(sorted((str(k), str(v)) for k, v in (document.get("server") or {}).items())),
         sessions=sessions,
+        marked=tuple((str(s), str(n), str(k)) for s, n, k in document.get("marked") or ()),
+        records=bool(document.get("records")),
     )

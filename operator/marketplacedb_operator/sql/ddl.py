@@ -5,18 +5,14 @@ through `sql.Literal`; the only raw SQL text taken from a spec is a view query o
 predicate, and both are the deparsed output of PostgreSQL's own parser (`sqlcheck`), re-checked
 here so that a spec built without validation cannot smuggle a second statement in.
 
-Ownership and drift marker, written with `COMMENT ON` on every object the operator creates:
+Marker, written with `COMMENT ON` on every object the operator creates, for humans only:
 
     marketplacedb.io/owner=<namespace>/<name>;hash=<sha256 of desired definition>;def=<sha256 of live definition>
 
-* `hash` is computed from the *desired* definition (normalized spec), so PostgreSQL's own
-  reformatting of `pg_get_indexdef` never looks like a change of the resource.
-* `def` is the sha256 of `pg_get_indexdef` / `pg_get_viewdef` taken by the server right after the
-  build (search_path pinned to pg_catalog so the text is fully qualified and does not depend on the
-  session). Comparing it with the live definition detects a hand-made change (`ALTER INDEX ... SET
-  (fillfactor ...)`, a drop-and-recreate that copied the comment, a renamed column...) without ever
-  having to predict PostgreSQL's formatting. A hand-made object *without* the marker is not ours:
-  it is reported as a conflict and left alone.
+It proves nothing (a comment is copied by `LIKE ... INCLUDING ALL` and writable by any owner):
+ownership and drift are decided by the ownership record (ownership.py), which names the object's
+OID and keeps the same two hashes. `def` is the sha256 of `pg_get_indexdef` / `pg_get_viewdef`
+taken by the server (search_path pinned to pg_catalog so the text is fully qualified).
 """
 
 from __future__ import annotations
@@ -24,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -172,10 +169,11 @@ def _key_column(column: Any) -> sql.Composed:
     return sql.SQL(" ").join(parts)
 
 
-def create_index(spec: IndexSpec, name: str | None = None) -> sql.Composed:
-    """CREATE [UNIQUE] INDEX CONCURRENTLY: never blocks writes; cannot run in a transaction."""
-    query = sql.SQL("CREATE {unique}INDEX CONCURRENTLY {name} ON {table} USING btree ({columns})").format(
-        unique=sql.SQL("UNIQUE " if spec.unique else ""),
+def create_index(spec: IndexSpec, name: str | None = None, *, concurrently: bool = True) -> sql.Composed:
+    """CREATE [UNIQUE] INDEX CONCURRENTLY: never blocks writes; cannot run in a transaction.
+    (Not concurrently only for the adoption probe, on an empty temporary table.)"""
+    query = sql.SQL("CREATE {unique}INDEX {how}{name} ON {table} USING btree ({columns})").format(
+        unique=sql.SQL("UNIQUE " if spec.unique else ""), how=sql.SQL("CONCURRENTLY " if concurrently else ""),
         name=sql.Identifier(name or spec.name),
         table=qualified(spec.schema_name, spec.table),
         columns=sql.SQL(", ").join(_key_column(c) for c in spec.columns),
@@ -254,3 +252,50 @@ def set_database(database: str, name: str, value: str) -> sql.Composed:
 
 def reset_database(database: str, name: str) -> sql.Composed:
     return sql.SQL("ALTER DATABASE {} RESET {}").format(sql.Identifier(database), sql.Identifier(name))
+
+
+# --- carrying a replaced view's properties over (plan_views.py) -------------------------------------
+
+_RELOPTION = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?)=(.*)$", re.DOTALL)
+
+
+def index_like(schema: str, table: str, name: str, signature: str) -> sql.Composed:
+    """Re-create an index of a replaced view on its successor, from the server's own deparsed
+    definition (`[UNIQUE ]USING ...`, as catalog.OBSERVE reads it), inside the build transaction."""
+    unique, _, rest = signature.partition("USING ")
+    if not rest or unique.strip() not in ("", "UNIQUE"):
+        raise ValueError(f"unexpected index definition for {name}")
+    return sql.SQL("CREATE {unique}INDEX {name} ON {table} USING {rest}").format(
+        unique=sql.SQL("UNIQUE " if unique.strip() else ""), name=sql.Identifier(name),
+        table=qualified(schema, table), rest=sql.SQL(rest))
+
+
+def set_view_owner(schema: str, name: str, role: str) -> sql.Composed:
+    return sql.SQL("ALTER MATERIALIZED VIEW {} OWNER TO {}").format(qualified(schema, name), sql.Identifier(role))
+
+
+def grant_column(privilege: str, schema: str, name: str, column: str, grantee: str | None,
+                 grantable: bool) -> sql.Composed:
+    query = sql.SQL("GRANT {} ({}) ON {} TO {}").format(
+        PRIVILEGES[privilege], sql.Identifier(column), qualified(schema, name),
+        sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee))
+    return sql.SQL("{} WITH GRANT OPTION").format(query) if grantable else query
+
+
+def set_reloptions(schema: str, name: str, options: Sequence[str]) -> sql.Composed:
+    """ALTER MATERIALIZED VIEW ... SET (k = 'v', ...) from pg_class.reloptions ("k=v" items)."""
+    items = []
+    for option in options:
+        match = _RELOPTION.match(option)
+        if match is None:
+            raise ValueError(f"unexpected storage parameter on {name}")
+        items.append(sql.SQL("{} = {}").format(sql.SQL(match.group(1)), sql.Literal(match.group(2))))
+    return sql.SQL("ALTER MATERIALIZED VIEW {} SET ({})").format(qualified(schema, name), sql.SQL(", ").join(items))
+
+
+def comment_view(schema: str, name: str, text: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON MATERIALIZED VIEW {} IS {}").format(qualified(schema, name), sql.Literal(text))
+
+
+def comment_column(schema: str, name: str, column: str, text: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON COLUMN {} IS {}").format(sql.Identifier(schema, name, column), sql.Literal(text))

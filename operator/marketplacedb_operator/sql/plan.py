@@ -4,73 +4,54 @@ Pure: no connection, no clock, no environment. A Plan is an ordered tuple of Ste
 one object are contiguous and the executor (gateways/postgres/schema.py) stops an object at its
 first failed step, undoes what that object left behind, and goes on with the next object.
 
-Safety rules the planner encodes (DESIGN.md section 4):
-* indexes are built and dropped CONCURRENTLY, outside any transaction, under the index lock policy;
-* an INVALID index (failed or cancelled build) is dropped CONCURRENTLY and rebuilt;
+Safety rules the planner encodes (DESIGN.md sections 4 and 4a):
+* an object is this resource's only when the ownership record names its very OID (ownership.py);
+  a name pattern (`__new`, `__old`, `__key`) or a COMMENT marker proves nothing. Everything else
+  is never dropped, renamed or rebuilt, under any deletion policy: it is reported ("left alone");
+* an existing object under a declared name whose definition equals the declared one is adopted
+  (recorded, no DDL); one that differs is a Conflict until the object says `adopt: Replace`;
+* indexes are built and dropped CONCURRENTLY, outside any transaction; a build is preceded by an
+  intent record so that what an interrupted build leaves is provably ours;
 * a drifted index is rebuilt under a temporary name, swapped by two renames in one short
-  transaction (ShareUpdateExclusiveLock: writes go on), and the old one dropped CONCURRENTLY;
-* a view is created with its unique index and marker in one transaction (all or nothing); a changed
-  view is built under a temporary name, populated, indexed, given the old view's privileges, then
-  swapped in one short transaction under lockTimeout;
-* only objects carrying this resource's owner marker are ever dropped or replaced; anything else
-  with a declared name is a conflict and is left alone.
+  transaction, and the old one dropped CONCURRENTLY; never when a foreign key depends on it;
+* every drop and rename first checks the object still has the OID that was planned for;
+* views first, then indexes declared on views (they need the view); a changed view is rebuilt
+  and swapped with everything it had (plan_views.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
-
-from psycopg import sql
 
 from .. import naming
-from ..api.v1alpha1 import DDLPolicy, IndexSpec, MarketplaceDBSpec, MaterializedViewSpec
-from ..durations import parse_duration
-from ..settings import Settings
+from ..api.v1alpha1 import MarketplaceDBSpec
 from ..sqlcheck import normalize_predicate, normalize_select
-from . import ddl
-from .catalog import Catalog, IndexInfo, SessionInfo, ViewInfo
+from . import ddl, ownership
+from .catalog import Catalog, IndexInfo, ViewInfo
+from .plan_views import drop_view_step, view_steps
+from .steps import (
+    Desired,
+    DesiredIndex,
+    DesiredView,
+    ExecutionPolicy,
+    LockPolicy,
+    Plan,
+    Step,
+    StepOutcome,
+    ViewCheck,
+    foreign_reason,
+    index_drift,
+    relkind,
+    view_drift,
+)
 
-LockPolicy = Literal["ddl", "index"]
+__all__ = ["Desired", "DesiredIndex", "DesiredView", "ExecutionPolicy", "LockPolicy", "Plan", "Step", "StepOutcome",
+           "ViewCheck", "desired_state", "index_drift", "observed_names", "owner_of", "plan", "teardown_plan",
+           "view_drift"]
 
 
 # --- desired state ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DesiredIndex:
-    spec: IndexSpec
-    hash: str
-    field: str  # where it is declared, for messages: spec.indexes[0]
-
-    @property
-    def object(self) -> str:
-        return f"index/{self.spec.schema_name}.{self.spec.name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class DesiredView:
-    spec: MaterializedViewSpec
-    hash: str
-    field: str
-
-    @property
-    def object(self) -> str:
-        return f"view/{self.spec.schema_name}.{self.spec.name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Desired:
-    owner: str
-    indexes: tuple[DesiredIndex, ...]
-    views: tuple[DesiredView, ...]
-    settings: tuple[tuple[str, str], ...]
-    reset_settings: tuple[str, ...]
-    deletion_policy: str
-    approval: str
 
 
 def desired_state(spec: MarketplaceDBSpec, owner: str, previously_managed_settings: Iterable[str] = ()) -> Desired:
@@ -103,326 +84,152 @@ def desired_state(spec: MarketplaceDBSpec, owner: str, previously_managed_settin
     )
 
 
-# --- steps and plans ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ViewCheck:
-    """Before a view's DDL: run the query with LIMIT 0 (READ ONLY) and check the unique key."""
-
-    query: str
-    unique_key: tuple[str, ...]
-    field: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    kind: str
-    object: str
-    description: str
-    statements: tuple[sql.Composed, ...]
-    transactional: bool  # False: must run outside a transaction block (CONCURRENTLY)
-    lock_policy: LockPolicy = "ddl"
-    verify_index: tuple[str, str] | None = None  # (schema, name): indisvalid checked after the step
-    cleanup_index: tuple[str, str] | None = None  # an INVALID index a failure of this step may leave
-    cleanup: tuple[sql.Composed, ...] = ()  # undoes this step if a later step of the object fails
-    check_view: ViewCheck | None = None
-
-    @property
-    def sql(self) -> sql.Composed:
-        return sql.Composed([sql.SQL(";\n").join(self.statements), sql.SQL(";")])
-
-    @property
-    def sql_text(self) -> str:
-        return ddl.render(self.sql)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "object": self.object,
-            "description": self.description,
-            "sql": self.sql_text,
-            "transaction": self.transactional,
-            "lockPolicy": self.lock_policy,
-        }
+def observed_names(desired: Desired) -> list[tuple[str, str]]:
+    """The relations observation reads by name: declared objects, their temporaries, their tables."""
+    names = []
+    for d in desired.indexes:
+        s, n = d.spec.schema_name, d.spec.name
+        names += [(s, n), (s, ddl.temp_name(n)), (s, ddl.old_name(n)), (s, d.spec.table)]
+    for v in desired.views:
+        s, n = v.spec.schema_name, v.spec.name
+        names += [(s, n), (s, ddl.temp_name(n)), (s, ddl.view_key_name(n)), (s, ddl.view_key_name(ddl.temp_name(n)))]
+    return sorted(set(names))
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    steps: tuple[Step, ...] = ()
-    conflicts: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.steps
-
-    @property
-    def hash(self) -> str:
-        """sha256 of what would run (SQL and transaction mode), for `approval: Manual`."""
-        digest = hashlib.sha256()
-        for step in self.steps:
-            digest.update(f"{'tx' if step.transactional else 'autocommit'}\x1f{step.sql_text}\x1e".encode())
-        return digest.hexdigest()
-
-    @property
-    def objects(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(step.object for step in self.steps))
-
-    def descriptions(self) -> list[str]:
-        return [step.description for step in self.steps]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "hash": self.hash,
-            "steps": [step.to_dict() for step in self.steps],
-            "conflicts": list(self.conflicts),
-            "notes": list(self.notes),
-        }
-
-    def to_json(self) -> str:
-        """Stable text: same plan, byte-identical output."""
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+# --- ownership ---------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ExecutionPolicy:
-    """Timeouts and retries: short lock waits for ordinary DDL, a longer one for index builds."""
-
-    lock_timeout_seconds: float = 5.0
-    statement_timeout_seconds: float = 1800.0
-    index_lock_timeout_seconds: float = 60.0
-    retries: int = 3
-    retry_base_seconds: float = 0.5
-
-    @classmethod
-    def from_spec(cls, policy: DDLPolicy, settings: Settings) -> ExecutionPolicy:
-        return cls(
-            lock_timeout_seconds=parse_duration(policy.lock_timeout),
-            statement_timeout_seconds=parse_duration(policy.statement_timeout),
-            index_lock_timeout_seconds=settings.index_lock_timeout_seconds,
-            retries=settings.ddl_retries,
-            retry_base_seconds=settings.ddl_retry_base_seconds,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOutcome:
-    """What executing one object's steps did (the executor returns one per object of the plan)."""
-
-    object: str
-    ok: bool
-    executed: tuple[str, ...] = ()  # descriptions of the steps that completed
-    message: str = ""
-    blocking: tuple[SessionInfo, ...] = ()
-    seconds: float = 0.0
-    attempts: int = 0
-
-
-# --- planning --------------------------------------------------------------------------------------
-
-
-def _ours(marker: ddl.Marker | None, owner: str) -> bool:
-    return marker is not None and marker.owner == owner
-
-
-def _mine_or_unmarked(marker: ddl.Marker | None, owner: str) -> bool:
-    return marker is None or marker.owner == owner
-
-
-def _drop_index_step(obj: str, schema: str, name: str, why: str) -> Step:
+def _drop_index_step(obj: str, owner: str, info: IndexInfo, why: str) -> Step:
+    schema, name = info.schema, info.name
     return Step("drop-index", obj, f"drop index {schema}.{name} CONCURRENTLY: {why}",
-                (ddl.drop_index(schema, name),), transactional=False, lock_policy="index")
+                (ownership.assert_oid(schema, name, info.oid), ddl.drop_index(schema, name),
+                 ownership.forget(owner, schema, name)),
+                transactional=False, lock_policy="index")
 
 
-def _build_index_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list[Step]:
+# --- indexes ---------------------------------------------------------------------------------------
+
+
+def _build_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list[Step]:
+    """Intent record, then CREATE INDEX CONCURRENTLY under `name` (a temporary name)."""
     spec = d.spec
     schema = spec.schema_name
-    build = Step(
-        "create-index", d.object, f"build index {schema}.{name} on {spec.table} CONCURRENTLY: {why}",
-        (ddl.create_index(spec, name),), transactional=False, lock_policy="index",
-        verify_index=(schema, name), cleanup_index=(schema, name), cleanup=(ddl.drop_index(schema, name),),
-    )
-    return [build]
+    return [
+        Step("intent", d.object, f"record the intent to build {schema}.{name} (what a crash leaves is ours)",
+             (ownership.intent(owner, schema, name, schema, spec.table, d.hash),), transactional=True),
+        Step("create-index", d.object, f"build index {schema}.{name} on {spec.table} CONCURRENTLY: {why}",
+             (ddl.create_index(spec, name),), transactional=False, lock_policy="index",
+             verify_index=(schema, name), cleanup_index=(schema, name),
+             cleanup=(ddl.drop_index(schema, name), ownership.forget(owner, schema, name)),
+             build_table=(schema, spec.table)),
+    ]
 
 
 def _create_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
-    """Build under the temporary name, then rename and mark in one short transaction.
-
-    Building under the declared name and marking afterwards leaves, when the operator dies between
-    the two (or its orphaned backend finishes the build after a SIGKILL), a valid *unmarked* index
-    under the declared name: a permanent Conflict. A valid unmarked `__new` is a leftover the next
-    plan drops and rebuilds (found by tests/reliability/test_rel_kill.py).
-    """
+    """Build under the temporary name, then rename, mark and record in one short transaction."""
     schema, name = d.spec.schema_name, d.spec.name
     new = ddl.temp_name(name)
-    steps = _build_index_steps(d, owner, new, why)
-    steps.append(Step("mark", d.object, f"rename index {schema}.{new} to {name} and mark it as owned by {owner}",
+    steps = _build_steps(d, owner, new, why)
+    steps.append(Step("mark", d.object, f"rename index {schema}.{new} to {name}, record it as owned by {owner}",
                       (ddl.rename_index(schema, new, name),
-                       ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash))), transactional=True))
+                       ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
+                       *ownership.record(owner, "index", schema, name, d.hash, "created"),
+                       ownership.forget(owner, schema, new)), transactional=True))
     return steps
 
 
-def _replace_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
+def _replace_index_steps(d: DesiredIndex, owner: str, existing: IndexInfo, why: str) -> list[Step]:
     spec = d.spec
     schema, name = spec.schema_name, spec.name
     new, old = ddl.temp_name(name), ddl.old_name(name)
-    steps = _build_index_steps(d, owner, new, f"replacement for {name} ({why})")
+    steps = _build_steps(d, owner, new, f"replacement for {name} ({why})")
     steps.append(Step(
         "swap-index", d.object, f"swap {schema}.{new} in for {schema}.{name} (two renames, one short transaction)",
-        (ddl.rename_index(schema, name, old), ddl.rename_index(schema, new, name),
-         ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash))),
+        (ownership.assert_oid(schema, name, existing.oid),
+         ddl.rename_index(schema, name, old), ddl.rename_index(schema, new, name),
+         ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
+         *ownership.record(owner, "index", schema, old, "", "replaced"),
+         *ownership.record(owner, "index", schema, name, d.hash, "created"),
+         ownership.forget(owner, schema, new)),
         transactional=True,
     ))
-    steps.append(_drop_index_step(d.object, schema, old, f"replaced by the new {name}"))
+    renamed = dataclasses.replace(existing, name=old)  # same OID, under its new name
+    steps.append(_drop_index_step(d.object, owner, renamed, f"replaced by the new {name}"))
     return steps
 
 
-def _index_steps(d: DesiredIndex, owner: str, cat: Catalog, declared: set[tuple[str, str]]) -> tuple[list[Step], str]:
+def _fk_conflict(d: DesiredIndex, existing: IndexInfo, why: str) -> str:
+    return (f"{d.field}: index {existing.schema}.{existing.name} must be replaced ({why}) but foreign key "
+            f"constraint(s) {', '.join(existing.foreign_keys)} depend on it: left as it is. To change it, drop "
+            "and re-create those constraints by hand after declaring the new index under another name")
+
+
+def _adoptable(d: DesiredIndex, existing: IndexInfo, cat: Catalog) -> bool:
+    expected = cat.expected_of(d.spec.schema_name, d.spec.name)
+    return bool(expected) and existing.signature == expected and existing.valid and existing.ready \
+        and existing.building_pid is None and existing.table_schema == d.spec.schema_name \
+        and existing.table == d.spec.table
+
+
+def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
+                 declared: set[tuple[str, str]]) -> tuple[list[Step], list[str], list[str]]:
+    """(steps, conflicts, notes) for one declared index."""
     spec = d.spec
     schema, name = spec.schema_name, spec.name
     steps: list[Step] = []
+    notes: list[str] = []
+    temp_taken = False
     for leftover in (ddl.temp_name(name), ddl.old_name(name)):
         info = cat.index(schema, leftover)
-        if info and (schema, leftover) not in declared and _mine_or_unmarked(info.marker, owner):
-            steps.append(_drop_index_step(d.object, schema, leftover, "left over by an interrupted replacement"))
+        if info is None or (schema, leftover) in declared:
+            continue
+        if info.owned_by(owner) and info.building_pid is None:
+            steps.append(_drop_index_step(d.object, owner, info, "left over by an interrupted build or replacement"))
+        else:
+            notes.append(f"left alone: index {schema}.{leftover} ({foreign_reason(info, owner)}); never dropped")
+            temp_taken = temp_taken or leftover == ddl.temp_name(name)
     other = cat.other_relation(schema, name) or ("materialized view" if cat.view(schema, name) else None)
     if other:
-        return [], f"{d.field}: {schema}.{name} already exists as a {_relkind(other)}; left alone"
+        return [], [f"{d.field}: {schema}.{name} already exists as a {relkind(other)}; left alone"], notes
     existing = cat.index(schema, name)
+    needs_build = existing is None or not existing.owned_by(owner) and spec.adopt == "Replace" \
+        or existing.owned_by(owner) and (not existing.valid or bool(index_drift(d, existing)))
+    if needs_build and temp_taken:
+        return steps, [f"{d.field}: cannot build {schema}.{name}: the temporary name {ddl.temp_name(name)} is "
+                       "taken by an index that is not this operator's; left alone (drop or rename it by hand)"], notes
     if existing is None:
-        return steps + _create_index_steps(d, owner, "missing"), ""
-    if not _ours(existing.marker, owner):
-        if existing.marker is None and not existing.valid and not existing.primary:
-            # INVALID and unmarked: what an interrupted build of ours leaves behind. It is never used
-            # by queries yet slows every write, and the resource declares the name: rebuild it.
-            return steps + [_drop_index_step(d.object, schema, name, "INVALID (failed or cancelled build)"),
-                            *_create_index_steps(d, owner, "rebuild of an INVALID index")], ""
-        return [], _conflict(d.field, "index", schema, name, existing.marker)
+        return steps + _create_index_steps(d, owner, "missing"), [], notes
+    if not existing.owned_by(owner):
+        reason = foreign_reason(existing, owner)
+        if existing.record is not None or existing.building_pid is not None or existing.primary:
+            return steps, [f"{d.field}: index {schema}.{name} exists, {reason}; left alone"], notes
+        if existing.constraint is not None:  # dropping or renaming it would touch the constraint
+            return steps, [f"{d.field}: index {schema}.{name} implements constraint {existing.constraint}; "
+                           "left alone (never adopted nor replaced)"], notes
+        if _adoptable(d, existing, cat):
+            return steps + [Step("adopt", d.object,
+                                 f"adopt index {schema}.{name}: its definition equals the declared one "
+                                 "(recorded as owned, no rebuild)",
+                                 ownership.record(owner, "index", schema, name, d.hash, "adopted"),
+                                 transactional=True)], [], notes
+        if spec.adopt == "Replace":
+            if existing.foreign_keys:
+                return steps, [_fk_conflict(d, existing, "adopt: Replace")], notes
+            return steps + _replace_index_steps(d, owner, existing, "adopt: Replace"), [], notes
+        differs = "INVALID" if not existing.valid else "its definition differs from the declared one"
+        return steps, [f"{d.field}: index {schema}.{name} exists, {reason} ({differs}); left alone. "
+                       f"Set {d.field}.adopt: Replace to rebuild it"], notes
     if not existing.valid:
-        return steps + [_drop_index_step(d.object, schema, name, "INVALID (failed or cancelled build)"),
-                        *_create_index_steps(d, owner, "rebuild of an INVALID index")], ""
+        return steps + [_drop_index_step(d.object, owner, existing, "INVALID (failed or cancelled build)"),
+                        *_create_index_steps(d, owner, "rebuild of an INVALID index")], [], notes
     drift = index_drift(d, existing)
+    if drift and existing.foreign_keys:
+        return steps, [_fk_conflict(d, existing, drift)], notes
     if drift:
-        return steps + _replace_index_steps(d, owner, drift), ""
-    return steps, ""
-
-
-def index_drift(d: DesiredIndex, existing: IndexInfo) -> str:
-    """Why an index of ours no longer matches, or "" when it does."""
-    marker = existing.marker
-    if marker is None:
-        return "no owner marker"
-    if marker.spec_hash != d.hash:
-        return "definition changed in the resource"
-    if marker.def_hash != existing.def_hash:
-        return "changed by hand in the database"
-    return ""
-
-
-def view_drift(d: DesiredView, existing: ViewInfo) -> str:
-    marker = existing.marker
-    if marker is None:
-        return "no owner marker"
-    if marker.spec_hash != d.hash:
-        return "query or unique key changed in the resource"
-    if marker.def_hash != existing.def_hash:
-        return "changed by hand in the database"
-    return ""
-
-
-def _relkind(kind: str) -> str:
-    return {"r": "table", "p": "partitioned table", "v": "view", "S": "sequence", "f": "foreign table",
-            "c": "composite type"}.get(kind, kind)
-
-
-def _conflict(field: str, what: str, schema: str, name: str, marker: ddl.Marker | None) -> str:
-    who = f"owned by {marker.owner}" if marker else "not created by this operator (no owner marker)"
-    return f"{field}: {what} {schema}.{name} exists, {who}; left alone"
-
-
-def _view_key_ok(view: ViewInfo, cat: Catalog, key: Sequence[str]) -> IndexInfo | None:
-    """The view's unique index when it is usable by REFRESH ... CONCURRENTLY."""
-    info = cat.index(view.schema, ddl.view_key_name(view.name))
-    if info and info.table == view.name and info.valid and info.unique and not info.partial \
-            and not info.expressions and info.key_columns == tuple(key):
-        return info
-    return None
-
-
-def _create_view_statements(d: DesiredView, owner: str, name: str, grants: Iterable[Any]) -> tuple[sql.Composed, ...]:
-    spec = d.spec
-    schema = spec.schema_name
-    statements = [
-        ddl.create_view(schema, name, spec.query),
-        # Inside the creating transaction the view is invisible to everyone else: a plain
-        # CREATE INDEX is atomic with it (no INVALID leftover possible) and blocks nobody.
-        ddl.create_view_index(schema, name, ddl.view_key_name(name), spec.unique_key, concurrently=False),
-    ]
-    statements += [ddl.grant(g.privilege, schema, name, g.grantee, g.grantable) for g in grants
-                   if g.privilege in ddl.PRIVILEGES]
-    statements.append(ddl.mark("MATERIALIZED VIEW", schema, name, ddl.marker_prefix(owner, d.hash)))
-    return tuple(statements)
-
-
-def _view_steps(d: DesiredView, owner: str, cat: Catalog, declared: set[tuple[str, str]]) -> tuple[list[Step], str]:
-    spec = d.spec
-    schema, name = spec.schema_name, spec.name
-    check = ViewCheck(spec.query, tuple(spec.unique_key), d.field)
-    steps: list[Step] = []
-    tmp = ddl.temp_name(name)
-    leftover = cat.view(schema, tmp)
-    if leftover and (schema, tmp) not in declared and _mine_or_unmarked(leftover.marker, owner):
-        steps.append(Step("drop-view", d.object, f"drop {schema}.{tmp}: left over by an interrupted swap",
-                          (ddl.drop_view(schema, tmp),), transactional=True))
-    other = cat.other_relation(schema, name) or ("index" if cat.index(schema, name) else None)
-    if other:
-        return [], f"{d.field}: {schema}.{name} already exists as a{'n' if other == 'index' else ''} " \
-                   f"{_relkind(other)}; left alone"
-    existing = cat.view(schema, name)
-    if existing is None:
-        steps.append(Step(
-            "create-view", d.object,
-            f"create materialized view {schema}.{name} with its unique index ({', '.join(spec.unique_key)}), "
-            "populated, in one transaction",
-            _create_view_statements(d, owner, name, ()), transactional=True, check_view=check,
-        ))
-        return steps, ""
-    if not _ours(existing.marker, owner):
-        return [], _conflict(d.field, "materialized view", schema, name, existing.marker)
-    drift = view_drift(d, existing)
-    if drift:
-        if existing.dependents:
-            return steps, (f"{d.field}: {schema}.{name} must be rebuilt ({drift}) but "
-                           f"{', '.join(existing.dependents)} depend on it; left alone")
-        steps.append(Step(
-            "create-view", d.object,
-            f"build {schema}.{tmp} ({drift}): populated, indexed, with {len(existing.grants)} privilege(s) of "
-            f"{name} copied",
-            _create_view_statements(d, owner, tmp, existing.grants), transactional=True, check_view=check,
-            cleanup=(ddl.drop_view(schema, tmp),),
-        ))
-        steps.append(Step(
-            "swap-view", d.object, f"swap {schema}.{tmp} in for {schema}.{name} (one short transaction)",
-            (ddl.drop_view(schema, name), ddl.rename_view(schema, tmp, name),
-             ddl.rename_index(schema, ddl.view_key_name(tmp), ddl.view_key_name(name))),
-            transactional=True,
-        ))
-        return steps, ""
-    if not existing.populated:
-        steps.append(Step("refresh-view", d.object, f"populate {schema}.{name} (it holds no data)",
-                          (ddl.refresh_view(schema, name),), transactional=True))
-    if _view_key_ok(existing, cat, spec.unique_key) is None:
-        key_name = ddl.view_key_name(name)
-        if cat.index(schema, key_name):
-            steps.append(_drop_index_step(d.object, schema, key_name, "not the unique index the view needs"))
-        steps.append(Step(
-            "create-index", d.object, f"build unique index {schema}.{key_name} on {name} CONCURRENTLY",
-            (ddl.create_view_index(schema, name, key_name, spec.unique_key, concurrently=True),),
-            transactional=False, lock_policy="index", verify_index=(schema, key_name),
-            cleanup_index=(schema, key_name),
-        ))
-    return steps, ""
+        return steps + _replace_index_steps(d, owner, existing, drift), [], notes
+    return steps, [], notes
 
 
 def _setting_steps(desired: Desired, cat: Catalog) -> list[Step]:
@@ -446,31 +253,67 @@ def _declared(desired: Desired) -> set[tuple[str, str]]:
 
 
 def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo], list[ViewInfo]]:
-    """Objects carrying this resource's marker that the spec no longer declares (nor their temporaries)."""
+    """Objects recorded as this resource's that the spec no longer declares (nor their temporaries)."""
     keep = set()
     for schema, name in _declared(desired):
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
-    our_views = {(v.schema, v.name) for v in cat.views if _ours(v.marker, desired.owner)}
-    indexes = [i for i in cat.indexes if _ours(i.marker, desired.owner) and (i.schema, i.name) not in keep
-               and (i.table_schema, i.table) not in our_views]
+    our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
+    dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
+    indexes = [i for i in cat.indexes if _sweepable(i, desired.owner)
+               and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in cat.views if (v.schema, v.name) in our_views and (v.schema, v.name) not in keep]
     return indexes, views
 
 
-def _drop_owned_steps(indexes: Sequence[IndexInfo], views: Sequence[ViewInfo]) -> tuple[list[Step], list[str]]:
-    steps, conflicts = [], []
+def _adopted(info: IndexInfo | ViewInfo) -> bool:
+    return info.record is not None and info.record.how == "adopted"
+
+
+def _sweepable(info: IndexInfo, owner: str) -> bool:
+    """Recorded as ours and safe to sweep (undeclared or teardown): not being built by someone, and
+    not a *valid* index bound only by an intent record (a stale intent must never adopt a DBA's
+    index created later under that name; what an interrupted build of ours leaves is INVALID)."""
+    return info.owned_by(owner) and info.building_pid is None \
+        and not (info.record is not None and info.record.how == "building" and info.valid)
+
+
+def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[ViewInfo],
+                      why: str, cat: Catalog) -> tuple[list[Step], list[str]]:
+    """Drop what this resource created. What it adopted existed before it: kept (and reported)."""
+    steps, notes = [], []
+    everything: list[IndexInfo | ViewInfo] = [*indexes, *views]
+    for info in everything:
+        if _adopted(info):
+            kind = "index" if isinstance(info, IndexInfo) else "materialized view"
+            notes.append(f"kept: {kind} {info.schema}.{info.name} was adopted, not created, by this resource")
+    indexes = [i for i in indexes if not _adopted(i)]
+    views = [v for v in views if not _adopted(v)]
     for index in indexes:
-        steps.append(_drop_index_step(f"index/{index.schema}.{index.name}", index.schema, index.name,
-                                      "no longer declared (deletionPolicy: Drop)"))
-    for view in views:
-        if view.dependents:
-            conflicts.append(f"materialized view {view.schema}.{view.name}: not dropped, "
-                             f"{', '.join(view.dependents)} depend on it")
+        if index.foreign_keys:
+            notes.append(f"left in place: index {index.schema}.{index.name}: foreign key constraint(s) "
+                         f"{', '.join(index.foreign_keys)} depend on it; drop them first to remove it")
             continue
-        steps.append(Step("drop-view", f"view/{view.schema}.{view.name}",
-                          f"drop materialized view {view.schema}.{view.name} (deletionPolicy: Drop)",
-                          (ddl.drop_view(view.schema, view.name),), transactional=True))
-    return steps, conflicts
+        steps.append(_drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
+    for view in views:
+        foreign = [i.name for i in cat.indexes_on(view.schema, view.name) if not i.owned_by(owner)]
+        if view.dependents or foreign:
+            what = ", ".join([*view.dependents, *(f"index {name} (not this resource's)" for name in foreign)])
+            notes.append(f"left in place: materialized view {view.schema}.{view.name}: {what} depend on it")
+            continue
+        steps.append(drop_view_step(f"view/{view.schema}.{view.name}", owner, view, why))
+    return steps, notes
+
+
+def _left_alone_marked(desired: Desired, cat: Catalog) -> list[str]:
+    declared = _declared(desired)
+    return [f"left alone: {relkind(kind)} {schema}.{name} carries this resource's marker in its comment but no "
+            "ownership record names it (a copied or forged comment, or made before ownership records); "
+            "never dropped"
+            for schema, name, kind in cat.marked if (schema, name) not in declared]
+
+
+def _on_declared_view(d: DesiredIndex, desired: Desired) -> bool:
+    return any(v.spec.schema_name == d.spec.schema_name and v.spec.name == d.spec.table for v in desired.views)
 
 
 def plan(desired: Desired, observed: Catalog) -> Plan:
@@ -479,44 +322,57 @@ def plan(desired: Desired, observed: Catalog) -> Plan:
     conflicts: list[str] = []
     notes: list[str] = []
     declared = _declared(desired)
-    for index in desired.indexes:
-        found, conflict = _index_steps(index, desired.owner, observed, declared)
-        steps += found
-        conflicts += [conflict] if conflict else []
+    on_views = [d for d in desired.indexes if _on_declared_view(d, desired)]
+    on_tables = [d for d in desired.indexes if d not in on_views]
+    for index in on_tables:
+        found, conflict, note = _index_steps(index, desired.owner, observed, declared)
+        steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     for view in desired.views:
-        found, conflict = _view_steps(view, desired.owner, observed, declared)
-        steps += found
-        conflicts += [conflict] if conflict else []
+        found, conflict, note = view_steps(view, desired.owner, observed, declared)
+        steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
+    for index in on_views:  # after their view: it must exist first
+        found, conflict, note = _index_steps(index, desired.owner, observed, declared)
+        steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     steps += _setting_steps(desired, observed)
     indexes, views = _ours_not_declared(desired, observed)
     if desired.deletion_policy == "Drop":
-        dropped, blocked = _drop_owned_steps(indexes, views)
+        dropped, kept = _drop_owned_steps(desired.owner, indexes, views, "no longer declared (deletionPolicy: Drop)",
+                                        observed)
         steps += dropped
-        conflicts += blocked
+        notes += kept
     else:
-        kept = [f"index {i.schema}.{i.name}" for i in indexes]
-        kept += [f"materialized view {v.schema}.{v.name}" for v in views]
-        notes += [f"{what} is no longer declared; kept (deletionPolicy: Retain)" for what in kept]
-    return Plan(tuple(steps), tuple(conflicts), tuple(notes))
+        kept_names = [f"index {i.schema}.{i.name}" for i in indexes]
+        kept_names += [f"materialized view {v.schema}.{v.name}" for v in views]
+        notes += [f"{what} is no longer declared; kept (deletionPolicy: Retain)" for what in kept_names]
+    notes += _left_alone_marked(desired, observed)
+    return Plan(tuple(steps), tuple(conflicts), tuple(dict.fromkeys(notes)))
 
 
 def teardown_plan(desired: Desired, observed: Catalog) -> Plan:
-    """What deleting the resource does: with deletionPolicy Drop, drop every object carrying this
-    resource's marker and reset the settings it applied (when still at the applied value); with
-    Retain, nothing. Never touches the refresh state schema (it is not even observed)."""
+    """What deleting the resource does: with deletionPolicy Drop, drop every object recorded as this
+    resource's (OID checked) and reset the settings it applied (when still at the applied value);
+    with Retain, nothing. What cannot be dropped (a foreign key or a view depends on it) is reported
+    and left in place: teardown still finishes. Never touches the refresh state schema."""
     if desired.deletion_policy != "Drop":
         return Plan(notes=("deletionPolicy: Retain: database objects are kept",))
-    our_views = {(v.schema, v.name) for v in observed.views if _ours(v.marker, desired.owner)}
-    indexes = [i for i in observed.indexes
-               if _ours(i.marker, desired.owner) and (i.table_schema, i.table) not in our_views]
+    our_views = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner)}
+    # The indexes of a view we drop go with it; those we created on an adopted (kept) view do not.
+    dropped_with = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner) and not _adopted(v)}
+    indexes = [i for i in observed.indexes if _sweepable(i, desired.owner)
+               and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in observed.views if (v.schema, v.name) in our_views]
-    steps, conflicts = _drop_owned_steps(indexes, views)
+    steps, notes = _drop_owned_steps(desired.owner, indexes, views, "resource deleted (deletionPolicy: Drop)", observed)
     current = observed.settings
     for name, value in desired.settings:
         if current.get(name) == value:
             steps.append(Step("reset-setting", f"setting/{name}", f"reset {name} on database {observed.database}",
                               (ddl.reset_database(observed.database, name),), transactional=True))
-    return Plan(tuple(steps), tuple(conflicts))
+    if observed.records:
+        steps.append(Step("forget", f"records/{desired.owner}",
+                          f"forget the ownership records of {desired.owner} whose objects are gone",
+                          (ownership.forget_stale(desired.owner),), transactional=True))
+    notes += _left_alone_marked(desired, observed)
+    return Plan(tuple(steps), (), tuple(dict.fromkeys(notes)))
 
 
 def owner_of(namespace: str | None, name: str) -> str:

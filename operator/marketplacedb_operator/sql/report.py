@@ -10,9 +10,9 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..api.v1alpha1 import BlockingSession, IndexStatus, ViewStatus
-from . import ddl
 from .catalog import Catalog, SessionInfo
-from .plan import Desired, StepOutcome, index_drift, view_drift
+from .plan_views import view_key
+from .steps import Desired, StepOutcome, foreign_reason, index_drift, view_drift
 
 
 def _failures(outcomes: Iterable[StepOutcome]) -> Mapping[str, StepOutcome]:
@@ -31,14 +31,23 @@ def index_statuses(desired: Desired, observed: Catalog, outcomes: Iterable[StepO
             result.append(IndexStatus(name=name, state="Conflict", message=f"{schema}.{name} is not an index"))
         elif info is None:
             result.append(IndexStatus(name=name, state="Missing", message="will be built CONCURRENTLY"))
-        elif info.marker is None and info.valid or (info.marker and info.marker.owner != desired.owner):
-            who = f"owned by {info.marker.owner}" if info.marker else "not created by this operator"
-            result.append(IndexStatus(name=name, state="Conflict", message=f"an index of this name exists, {who}"))
+        elif not info.owned_by(desired.owner):
+            reason = foreign_reason(info, desired.owner)
+            expected = observed.expected_of(schema, name)
+            if info.record is None and info.building_pid is None and info.valid and expected \
+                    and info.signature == expected and (info.table_schema, info.table) == (schema, d.spec.table):
+                result.append(IndexStatus(name=name, state="Pending",
+                                          message=f"{reason}; its definition equals the declared one: will be adopted"))
+            else:
+                result.append(IndexStatus(name=name, state="Conflict",
+                                          message=f"an index of this name exists, {reason}; left alone"))
         elif not info.valid:
             result.append(IndexStatus(name=name, state="Invalid",
                                       message="INVALID (failed or cancelled build): will be dropped and rebuilt"))
         elif drift := index_drift(d, info):
             result.append(IndexStatus(name=name, state="Drifted", message=f"{drift}: will be replaced"))
+        elif info.record is not None and info.record.how == "adopted":
+            result.append(IndexStatus(name=name, state="Adopted", message="existed before; adopted, never rebuilt"))
         else:
             result.append(IndexStatus(name=name, state="Valid"))
     return result
@@ -55,15 +64,20 @@ def view_statuses(desired: Desired, observed: Catalog, outcomes: Iterable[StepOu
             message = f"Failed: {failed[d.object].message}"
         elif info is None:
             message = "Conflict: name taken" if observed.other_relation(schema, name) else "Missing: will be created"
-        elif info.marker is None or info.marker.owner != desired.owner:
-            message = "Conflict: not created by this operator" if info.marker is None \
-                else f"Conflict: owned by {info.marker.owner}"
+        elif not info.owned_by(desired.owner):
+            expected = observed.expected_of(schema, name)
+            if info.record is None and expected and expected == info.def_hash:
+                message = "Pending: its query equals the declared one: will be adopted"
+            else:
+                message = f"Conflict: {foreign_reason(info, desired.owner)}"
         elif drift := view_drift(d, info):
             message = f"Drifted: {drift}: will be rebuilt and swapped"
-        elif observed.index(schema, ddl.view_key_name(name)) is None:
+        elif view_key(info, observed, d.spec.unique_key) is None:
             message = "no unique index: will be built"
+        elif not populated:
+            message = "not populated: will be refreshed"
         else:
-            message = "Ready" if populated else "not populated: will be refreshed"
+            message = "Ready" if info.record is None or info.record.how != "adopted" else "Ready (adopted)"
         result.append(ViewStatus(name=name, populated=populated, message=message))
     return result
 

@@ -1,13 +1,17 @@
 """Observe the catalog and execute a Plan on a direct, autocommit connection.
 
-Execution rules (DESIGN.md section 4):
+Execution rules (DESIGN.md sections 4 and 4a):
+* the ownership table exists before the first step (ownership.ENSURE); nothing runs otherwise;
 * every step runs with `lock_timeout` and `statement_timeout` set for the session: the resource's
-  lockTimeout for ordinary DDL, the operator's index policy for CONCURRENTLY builds and drops;
-  a lock timeout or deadlock is retried with jittered exponential backoff;
+  lockTimeout (index steps too, capped by the operator's index policy); a lock timeout or deadlock
+  of ordinary DDL is retried with jittered exponential backoff;
+* a CONCURRENTLY build first waits (backoff, within lockTimeout) for sessions that would stall its
+  wait phases, and reports them instead of building in vain; a build is never retried in one
+  apply (a retry is a whole new build);
 * after every index build `pg_index.indisvalid` is checked; a build that failed or came out
   INVALID is dropped CONCURRENTLY (https://www.postgresql.org/docs/15/sql-createindex.html#SQL-CREATEINDEX-CONCURRENTLY);
 * the steps of one object stop at its first failure, undo what they left behind, and the next
-  object goes on: one outcome per object;
+  object goes on: one outcome per object; a lost session ends the run with the outcomes so far;
 * error messages carry PostgreSQL's primary message and SQLSTATE only (never DETAIL, which can
   quote row data), and no connection parameters.
 """
@@ -24,19 +28,19 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from ...sql import ownership
 from ...sql.catalog import (
     BLOCKERS,
-    OBSERVE,
+    BUILD_BLOCKERS,
     OPEN_TRANSACTIONS,
-    Catalog,
+    RECORDS_TABLE_NAME,
     SessionInfo,
-    observe_params,
-    parse_catalog,
     session_from_row,
 )
 from ...sql.ddl import drop_index, qualified, render
 from ...sql.plan import ExecutionPolicy, Plan, Step, StepOutcome, ViewCheck
 from ...sqlcheck import normalize_select
+from .observe import ObservationFailed, expected_signatures, observe
 
 Connection = psycopg.Connection[Any]
 Connect = Callable[[], Connection]
@@ -47,23 +51,11 @@ class StepFailed(Exception):
     """A step could not complete; the message is safe for status and events."""
 
 
+__all__ = ["ObservationFailed", "StepFailed", "blocking_sessions", "check_view_columns", "describe_error",
+           "ensure_records", "execute", "expected_signatures", "observe", "sessions_blocking"]
+
+
 # --- observation ---------------------------------------------------------------------------------
-
-
-def observe(conn: Connection) -> Catalog:
-    """One READ ONLY snapshot of the catalog (pipelined: a single network round trip)."""
-    with conn.pipeline(), conn.transaction():
-        conn.execute("SET TRANSACTION READ ONLY")
-        # Never wait long: pg_get_indexdef/pg_get_viewdef lock relations, so a table held under
-        # ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) would hang the reconcile with no status.
-        conn.execute("SET LOCAL lock_timeout = '5s'")
-        # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
-        conn.execute("SET LOCAL search_path = pg_catalog")
-        cur = conn.execute(OBSERVE, observe_params())
-        row = cur.fetchone()
-    if row is None:  # pragma: no cover - the statement always returns one row
-        raise StepFailed("catalog observation returned nothing")
-    return parse_catalog(row[0])
 
 
 def blocking_sessions(conn: Connection, min_age_seconds: float = 0.0) -> tuple[SessionInfo, ...]:
@@ -116,7 +108,15 @@ def _backoff(policy: ExecutionPolicy, attempt: int, rng: random.Random) -> float
 
 
 def _lock_seconds(policy: ExecutionPolicy, step_policy: str) -> float:
-    return policy.index_lock_timeout_seconds if step_policy == "index" else policy.lock_timeout_seconds
+    """Index steps honour the resource's lockTimeout too, capped by the operator's index policy."""
+    if step_policy == "index":
+        return min(policy.index_lock_timeout_seconds, policy.lock_timeout_seconds)
+    return policy.lock_timeout_seconds
+
+
+# A transaction open at least this long when a build would start is waited for (it would stall the
+# build's wait phases); shorter ones come and go during the build.
+BUILD_BLOCKER_MIN_AGE_SECONDS = 1.0
 
 
 def _index_state(conn: Connection, schema: str, name: str) -> bool | None:
@@ -137,9 +137,11 @@ class _Runner:
         self.cleanup_problem = ""  # an INVALID index that could not be dropped yet
 
     def statements(self, statements: Sequence[sql.Composed], transactional: bool, lock_policy: str,
-                   cleanup_index: tuple[str, str] | None = None) -> None:
-        """Run with timeouts; retry lock timeouts and deadlocks with jittered backoff."""
-        for attempt in range(self.policy.retries + 1):
+                   cleanup_index: tuple[str, str] | None = None, retry: bool = True) -> None:
+        """Run with timeouts; retry lock timeouts and deadlocks with jittered backoff (never a
+        CONCURRENTLY build: a retry would build the whole index again; the next reconcile waits
+        for its blockers first, see wait_for_build)."""
+        for attempt in range(self.policy.retries + 1 if retry else 1):
             self.attempts += 1
             _set_timeouts(self.conn, _lock_seconds(self.policy, lock_policy), self.policy.statement_timeout_seconds)
             try:
@@ -159,9 +161,38 @@ class _Runner:
                     if problem:  # the same blocker holds the drop: retrying the build cannot succeed
                         self.cleanup_problem = problem
                         raise StepFailed(describe_error(exc)) from exc
-                if attempt >= self.policy.retries:
+                if not retry or attempt >= self.policy.retries:
                     raise
                 self.sleep(_backoff(self.policy, attempt, self.rng))
+
+    def wait_for_build(self, schema: str, table: str) -> None:
+        """Before a CONCURRENTLY build: while sessions that would stall its wait phases are open
+        (BUILD_BLOCKERS), wait with backoff, within the index lock timeout, instead of building;
+        StepFailed (nothing built, nothing left behind) when they outlast it."""
+        budget = _lock_seconds(self.policy, "index")
+        waited, delay, seen = 0.0, 0.2, [""]
+        min_age = min(BUILD_BLOCKER_MIN_AGE_SECONDS, budget / 2)
+        while True:
+            rows = self.conn.execute(BUILD_BLOCKERS, {"table": render(qualified(schema, table)),
+                                                       "min_age": min_age, "seen": seen}).fetchall()
+            blocking = [session_from_row(row[:6]) for row in rows if row[7]]
+            unknown = [str(row[6]) for row in rows if not row[7] and str(row[1]).startswith("unknown")]
+            for session in blocking:
+                self.blockers[session.pid] = session
+            if not blocking and not (unknown and seen == [""]):
+                return
+            if waited >= budget:
+                raise StepFailed(
+                    f"not built: {len(blocking)} session(s) would stall CREATE INDEX CONCURRENTLY on "
+                    f"{schema}.{table} ({'; '.join(s.describe() for s in blocking)}); waited {waited:.1f}s "
+                    "(lockTimeout, SQLSTATE 55P03), retried on the next reconcile")
+            # Another role's transaction age is hidden without pg_read_all_stats: the same virtual
+            # transaction still open one sample later counts as a blocker.
+            seen = unknown or [""]
+            pause = max(min(delay, budget - waited), min_age if unknown else 0.0)
+            self.sleep(pause)
+            waited += pause
+            delay = min(delay * 2, 2.0)
 
     def drop_if_invalid(self, schema: str, name: str) -> str:
         """Drop the index CONCURRENTLY when it exists and is INVALID; '' or why it could not."""
@@ -211,7 +242,10 @@ def _run_object(runner: _Runner, obj: str, steps: Sequence[Step]) -> StepOutcome
         for current in steps:
             if current.check_view is not None:
                 _check_view(runner.conn, current.check_view, runner.policy)
-            runner.statements(current.statements, current.transactional, current.lock_policy, current.cleanup_index)
+            if current.build_table is not None:
+                runner.wait_for_build(*current.build_table)
+            runner.statements(current.statements, current.transactional, current.lock_policy, current.cleanup_index,
+                              retry=current.build_table is None)
             if current.verify_index is not None and _index_state(runner.conn, *current.verify_index) is not True:
                 raise StepFailed(f"index {'.'.join(current.verify_index)} is not valid after the build")
             done.append(current)
@@ -270,10 +304,11 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
         raise ValueError("execute() needs an autocommit connection (CONCURRENTLY cannot run in a transaction)")
     original = conn.execute("SELECT pg_catalog.current_setting('lock_timeout'), "
                             "pg_catalog.current_setting('statement_timeout')").fetchone()
-    outcomes = []
+    outcomes: list[StepOutcome] = []
     jitter = rng or random.Random()
     try:
-        for obj in plan.objects:
+        problem = ensure_records(conn, policy) if plan.steps else ""
+        for obj in plan.objects if not problem else ():
             steps = [s for s in plan.steps if s.object == obj]
             if conn.closed:
                 outcomes.append(StepOutcome(obj, ok=False, message="connection lost before this object"))
@@ -284,4 +319,18 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, false), "
                              "pg_catalog.set_config('statement_timeout', %s, false)", list(original))
+    if problem:
+        return [StepOutcome(obj, ok=False, message=problem) for obj in plan.objects]
     return outcomes
+
+
+def ensure_records(conn: Connection, policy: ExecutionPolicy) -> str:
+    """Create the ownership table (ownership.ENSURE) if missing; '' or why it could not be."""
+    try:
+        _set_timeouts(conn, policy.lock_timeout_seconds, policy.statement_timeout_seconds)
+        with conn.transaction():
+            for statement in ownership.ENSURE:
+                conn.execute(statement)
+    except psycopg.Error as exc:
+        return f"the ownership table {RECORDS_TABLE_NAME} cannot be created ({describe_error(exc)}): nothing was run"
+    return ""

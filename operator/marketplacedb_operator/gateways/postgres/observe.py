@@ -1,0 +1,107 @@
+"""Observe the catalog for one resource (READ ONLY), and ask the server what declared objects would
+look like (adoption probes, rolled back). See sql/catalog_sql.py for what is read and why."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ...sql.catalog import RECORDS_TABLE_NAME, Catalog, observe_params, observe_query, parse_catalog
+from ...sql.ddl import create_index, qualified
+from ...sql.plan import Desired, observed_names
+from ...sqlcheck import normalize_select
+
+Connection = psycopg.Connection[Any]
+
+
+class ObservationFailed(Exception):
+    """The catalog could not be read; the message is safe for status and events."""
+
+
+# The operator's own sessions never inherit a database- or role-level statement_timeout or
+# lock_timeout (ALTER DATABASE ... SET statement_timeout = 1 would otherwise lock it out of its
+# own catalog reads): every transaction it runs sets both, locally.
+OBSERVE_LOCK_TIMEOUT_MS = 5000
+OBSERVE_STATEMENT_TIMEOUT_MS = 60000
+
+
+def _pin_session(conn: Connection, lock_ms: int = OBSERVE_LOCK_TIMEOUT_MS,
+                 statement_ms: int = OBSERVE_STATEMENT_TIMEOUT_MS) -> None:
+    conn.execute("SELECT pg_catalog.set_config('lock_timeout', %s, true), "
+                 "pg_catalog.set_config('statement_timeout', %s, true), "
+                 "pg_catalog.set_config('idle_in_transaction_session_timeout', '0', true)",
+                 [str(lock_ms), str(statement_ms)])
+
+
+def observe(conn: Connection, desired: Desired) -> Catalog:
+    """One READ ONLY snapshot of what `desired` needs to know (catalog.OBSERVE: declared names,
+    their temporaries, this resource's recorded objects; nothing of anyone else's), plus the
+    definitions the declared objects would have, for adoption (expected_signatures)."""
+    with conn.transaction():
+        # Never wait long: pg_get_viewdef locks the relations a view reads, so a declared table
+        # held under ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) fails fast with a clear error.
+        _pin_session(conn)
+        conn.execute("SET TRANSACTION READ ONLY")
+        # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
+        conn.execute("SET LOCAL search_path = pg_catalog")
+        exists = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [RECORDS_TABLE_NAME]).fetchone()
+        cur = conn.execute(observe_query(bool(exists and exists[0])),
+                           observe_params(desired.owner, observed_names(desired)))
+        row = cur.fetchone()
+    if row is None:  # pragma: no cover - the statement always returns one row
+        raise ObservationFailed("catalog observation returned nothing")
+    catalog = parse_catalog(row[0])
+    return dataclasses.replace(catalog, expected=expected_signatures(conn, desired, catalog))
+
+
+def expected_signatures(conn: Connection, desired: Desired,
+                        catalog: Catalog) -> tuple[tuple[tuple[str, str], str], ...]:
+    """What each declared object found under its name but not ours would look like if the operator
+    had made it, deparsed by this server: the index built on an empty temporary copy of its table's
+    columns, the query as a temporary view. Rolled back: nothing is left, no data is read. An object
+    the probe cannot reproduce (no TEMP privilege, a missing column) gets no signature and is never
+    adopted."""
+    indexes = [d for d in desired.indexes if (found_index := catalog.index(d.spec.schema_name, d.spec.name))
+               is not None and not found_index.owned_by(desired.owner)]
+    views = [d for d in desired.views if (found_view := catalog.view(d.spec.schema_name, d.spec.name))
+             is not None and not found_view.owned_by(desired.owner)]
+    found: list[tuple[tuple[str, str], str]] = []
+    if not indexes and not views:
+        return ()
+    with conn.transaction():
+        _pin_session(conn)
+        saved = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+        path = str(saved[0]) if saved else "\"$user\", public"
+        for number, d in enumerate(indexes):
+            table, name = f"mdb_probe_table_{number}", f"mdb_probe_index_{number}"
+            with contextlib.suppress(psycopg.Error), conn.transaction():
+                conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
+                    sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
+                probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
+                conn.execute(create_index(probe, name, concurrently=False))  # an empty temporary table
+                row = conn.execute("SELECT CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || "
+                                   "pg_catalog.substring(pg_catalog.pg_get_indexdef(i.indexrelid), ' USING .*$') "
+                                   "FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
+                                   [f"pg_temp.{name}"]).fetchone()
+                if row and row[0]:
+                    found.append(((d.spec.schema_name, d.spec.name), str(row[0])))
+        for number, view in enumerate(views):
+            name = f"mdb_probe_view_{number}"
+            with contextlib.suppress(psycopg.Error), conn.transaction():
+                conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
+                    sql.Identifier(name), sql.SQL(normalize_select(view.spec.query))))
+                # Fully qualified, as OBSERVE reads the live view; the path is put back for the next
+                # probe (a SET LOCAL would outlive this savepoint).
+                row = conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true), "
+                                   "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to("
+                                   "pg_catalog.pg_get_viewdef(pg_catalog.to_regclass(%s)), 'UTF8')), 'hex'), "
+                                   "pg_catalog.set_config('search_path', %s, true)",
+                                   [f"pg_temp.{name}", path]).fetchone()
+                if row and row[1]:
+                    found.append(((view.spec.schema_name, view.spec.name), str(row[1])))
+        raise psycopg.Rollback()
+    return tuple(sorted(found))

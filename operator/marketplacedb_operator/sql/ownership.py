@@ -1,0 +1,122 @@
+"""The ownership record: which database objects are this operator's, by identity (pure builders).
+
+A row of `marketplacedb.owned_objects` (the operator's own schema, naming.STATE_SCHEMA) says that
+the object `schema.name` of `kind`, whose OID is `oid`, was created (or adopted) by the resource
+`owner`. An object is a resource's only while the live object at that name has the recorded OID:
+a comment can be copied (`CREATE TABLE ... (LIKE ... INCLUDING ALL)`) or written by anyone owning
+the object, an OID cannot. The COMMENT marker (ddl.mark) stays, for humans only.
+
+Rows are written in the same transaction as the rename or creation they describe, so a crash
+leaves either the old truth or the new one. The one step that cannot be transactional, CREATE
+INDEX CONCURRENTLY, is preceded by an *intent* row (`how = 'building'`, no OID yet): an index at
+that temporary name, on the recorded table, whose catalog row is younger than the intent row
+(`age(pg_class.xmin) <= age(intent.xmin)`) was made by that build: it is ours to drop. Anything
+older (someone's `__new` made before we planned) is not.
+
+Every statement qualifies the table and the functions it calls, and the definition hash is taken
+with search_path pinned to pg_catalog (transaction-local), as catalog.OBSERVE does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from psycopg import sql
+
+from .. import naming
+from .ddl import qualified, render
+
+TABLE = "owned_objects"
+RECORDS = sql.Identifier(naming.STATE_SCHEMA, TABLE)
+Kind = Literal["index", "view"]
+How = Literal["created", "adopted", "building", "replaced"]
+
+ENSURE: tuple[sql.Composed, ...] = (
+    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(naming.STATE_SCHEMA)),
+    sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} ("
+        "schema_name text NOT NULL, name text NOT NULL, "
+        "kind text NOT NULL CHECK (kind IN ('index', 'view')), "
+        "owner text NOT NULL, oid oid, table_oid oid, "
+        "spec_hash text NOT NULL DEFAULT '', def_hash text NOT NULL DEFAULT '', "
+        "how text NOT NULL CHECK (how IN ('created', 'adopted', 'building', 'replaced')), "
+        "recorded_at timestamptz NOT NULL DEFAULT pg_catalog.now(), "
+        "PRIMARY KEY (schema_name, name))"
+    ).format(RECORDS),
+)
+
+
+def _regclass(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("pg_catalog.to_regclass({})").format(sql.Literal(render(qualified(schema, name))))
+
+
+_PIN_PATH = sql.Composed([sql.SQL("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")])
+
+# A row may be overwritten when it is ours, an intent, or stale (its OID no longer names a live
+# object of that name): never another resource's record of a live object.
+_OVERWRITE = sql.SQL(
+    "WHERE r.owner = excluded.owner OR r.oid IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name)"
+)
+
+
+def record(owner: str, kind: Kind, schema: str, name: str, spec_hash: str, how: How) -> tuple[sql.Composed, ...]:
+    """Record the live object `schema.name` (its OID and definition hash) as `owner`'s.
+
+    Two statements; run them last in a transaction (the first pins search_path until commit).
+    """
+    getter = sql.SQL("pg_catalog.pg_get_indexdef" if kind == "index" else "pg_catalog.pg_get_viewdef")
+    table = sql.SQL("(SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid = c.oid)") \
+        if kind == "index" else sql.SQL("NULL::oid")
+    insert = sql.SQL(
+        "INSERT INTO {records} AS r (schema_name, name, kind, owner, oid, table_oid, spec_hash, def_hash, how) "
+        "SELECT {schema}, {name}, {kind}, {owner}, c.oid, {table}, {spec_hash}, "
+        "pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to({getter}(c.oid), 'UTF8')), 'hex'), {how} "
+        "FROM pg_catalog.pg_class c WHERE c.oid = {regclass} "
+        "ON CONFLICT (schema_name, name) DO UPDATE SET kind = excluded.kind, owner = excluded.owner, "
+        "oid = excluded.oid, table_oid = excluded.table_oid, spec_hash = excluded.spec_hash, "
+        "def_hash = excluded.def_hash, how = excluded.how, recorded_at = pg_catalog.now() {overwrite}"
+    ).format(records=RECORDS, schema=sql.Literal(schema), name=sql.Literal(name), kind=sql.Literal(kind),
+             owner=sql.Literal(owner), table=table, spec_hash=sql.Literal(spec_hash), getter=getter,
+             how=sql.Literal(how), regclass=_regclass(schema, name), overwrite=_OVERWRITE)
+    return (_PIN_PATH, insert)
+
+
+def intent(owner: str, schema: str, name: str, table_schema: str, table: str, spec_hash: str) -> sql.Composed:
+    """Before CREATE INDEX CONCURRENTLY builds `schema.name`: what an interrupted build leaves is ours."""
+    return sql.SQL(
+        "INSERT INTO {records} AS r (schema_name, name, kind, owner, oid, table_oid, spec_hash, how) "
+        "VALUES ({schema}, {name}, 'index', {owner}, NULL, {table}::pg_catalog.oid, {spec_hash}, 'building') "
+        "ON CONFLICT (schema_name, name) DO UPDATE SET owner = excluded.owner, oid = NULL, "
+        "table_oid = excluded.table_oid, spec_hash = excluded.spec_hash, def_hash = '', how = 'building', "
+        "recorded_at = pg_catalog.now() {overwrite}"
+    ).format(records=RECORDS, schema=sql.Literal(schema), name=sql.Literal(name), owner=sql.Literal(owner),
+             table=_regclass(table_schema, table), spec_hash=sql.Literal(spec_hash), overwrite=_OVERWRITE)
+
+
+def forget(owner: str, schema: str, name: str) -> sql.Composed:
+    """Delete `owner`'s row for `schema.name` (after the object was dropped, or a build undone)."""
+    return sql.SQL("DELETE FROM {} WHERE schema_name = {} AND name = {} AND owner = {}").format(
+        RECORDS, sql.Literal(schema), sql.Literal(name), sql.Literal(owner))
+
+
+def forget_stale(owner: str) -> sql.Composed:
+    """End of a teardown: delete `owner`'s rows of adopted objects (kept, released) and those that
+    no longer name a live object; a created object that could not be dropped stays recorded."""
+    return sql.SQL(
+        "DELETE FROM {} AS r WHERE r.owner = {} AND (r.how = 'adopted' OR NOT EXISTS ("
+        "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name))"
+    ).format(RECORDS, sql.Literal(owner))
+
+
+def assert_oid(schema: str, name: str, oid: int) -> sql.Composed:
+    """Fail unless `schema.name` is still the object with `oid`: a drop or rename planned against
+    one object never lands on another that took its name since the plan."""
+    body = sql.SQL(
+        "BEGIN IF pg_catalog.to_regclass({reg}) IS DISTINCT FROM {oid}::pg_catalog.oid::pg_catalog.regclass THEN "
+        "RAISE EXCEPTION 'object % is not the one planned for (changed since the plan): left alone', {reg} "
+        "USING ERRCODE = 'object_not_in_prerequisite_state'; END IF; END"
+    ).format(reg=sql.Literal(render(qualified(schema, name))), oid=sql.Literal(oid))
+    return sql.SQL("DO {}").format(sql.Literal(render(body)))
