@@ -24,6 +24,7 @@ import pytest
 from rel_operator import OperatorProcess, write_kubeconfig
 
 from harness.kube import KubeObjects, eventually
+from marketplacedb_operator import naming
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # bench/ is a top-level package
 from bench.kube_server import BenchEmulator
@@ -41,11 +42,22 @@ async def bench_api() -> AsyncIterator[BenchEmulator]:
 
 
 def _resource(i: int, db: Any) -> dict[str, Any]:
-    return {"apiVersion": API, "kind": "MarketplaceDB", "metadata": {"name": f"shop-{i:03d}", "namespace": NS},
-            "spec": {"database": {"host": db.server.host, "port": db.server.port, "dbname": db.name,
-                                  "sslMode": "disable", "credentialsSecretRef": {"name": "owner"}},
-                     "indexes": [{"name": f"idx_items_{i:03d}", "table": "items", "columns": [{"name": "sku"}]}],
-                     "pooler": {"enabled": False}}}
+    return {
+        "apiVersion": API,
+        "kind": "MarketplaceDB",
+        "metadata": {"name": f"shop-{i:03d}", "namespace": NS},
+        "spec": {
+            "database": {
+                "host": db.server.host,
+                "port": db.server.port,
+                "dbname": db.name,
+                "sslMode": "disable",
+                "credentialsSecretRef": {"name": "owner"},
+            },
+            "indexes": [{"name": f"idx_items_{i:03d}", "table": "items", "columns": [{"name": "sku"}]}],
+            "pooler": {"enabled": False},
+        },
+    }
 
 
 def _writes(api: BenchEmulator) -> int:
@@ -65,8 +77,14 @@ async def test_a_restart_with_nothing_changed_writes_nothing(bench_api: BenchEmu
         conn.execute("INSERT INTO items SELECT g, 'sku-' || g FROM generate_series(1, 2000) g")
     objects = KubeObjects(bench_api)
     await objects.ensure_namespace(NS)
-    await objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "owner", "namespace": NS},
-                          "stringData": {"username": fresh_db.owner, "password": fresh_db.owner_password}})
+    await objects.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+            "stringData": {"username": fresh_db.owner, "password": fresh_db.owner_password},
+        }
+    )
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mdb-loop-restart-"))
     kubeconfig = write_kubeconfig(workdir / "kubeconfig", str(bench_api.url).rstrip("/"))
     operator = OperatorProcess(workdir, kubeconfig, NS, env={"MARKETPLACEDB_RESYNC_SECONDS": "5"})
@@ -85,8 +103,9 @@ async def test_a_restart_with_nothing_changed_writes_nothing(bench_api: BenchEmu
 
         await eventually(everyone, timeout=300, interval=0.5, message="every resource reconciled after the restart")
         await asyncio.sleep(2)  # what a reconcile would still write arrives now
-        changed = {k: v - by_resource.get(k, 0) for k, v in bench_api.writes_by_resource.items()
-                   if v != by_resource.get(k, 0)}
+        changed = {
+            k: v - by_resource.get(k, 0) for k, v in bench_api.writes_by_resource.items() if v != by_resource.get(k, 0)
+        }
         print(f"writes after the restart of {N} resources: {_writes(bench_api) - before} {changed}")
         assert _writes(bench_api) - before == 0, changed
     finally:
