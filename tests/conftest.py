@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL 15, real pgbouncer processes, and a KMock Kubernetes API.
 
-Every server is started by the tests themselves on free loopback ports (DESIGN.md section 5);
+Every server is started by the tests themselves on free loopback ports (docs/architecture.md#testing-with-real-parts);
 nothing here needs a cluster, a container engine or a pre-started service.
 """
 
@@ -58,7 +58,7 @@ def fresh_db(pg: PostgresServer) -> Iterator[FreshDatabase]:
 
 @pytest.fixture
 def workload_db(pg: PostgresServer) -> Iterator[FreshDatabase]:
-    """Like fresh_db, loaded with the reference marketplace workload (DESIGN.md section 6).
+    """Like fresh_db, loaded with the reference marketplace workload (docs/architecture.md#reference-workload).
 
     Loaded as the owner, so the owner owns the tables (on PostgreSQL 15 only the owner may
     REFRESH a materialized view or build an index on them, as in production).

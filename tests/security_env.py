@@ -195,10 +195,13 @@ async def sec_env(kube_api: Any, kube_objects: Any, kube_client: Any, settings: 
         root.setLevel(level)
 
 
-def secret(name: str, data: dict[str, str], *, opted_in: bool) -> dict[str, Any]:
+def secret(name: str, data: dict[str, str], *, opted_in: bool, bound: str = "shop",
+           annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Secret; opted in: labelled and bound (annotation credentials-for) to the MarketplaceDBs `bound`."""
     labels = {"marketplacedb.io/credentials": "true"} if opted_in else {"app": "other-team"}
+    notes = ({"marketplacedb.io/credentials-for": bound} if opted_in else {}) | (annotations or {})
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "metadata": {"name": name, "namespace": NS, "labels": labels, "annotations": notes},
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
 
 

@@ -120,7 +120,7 @@ def test_args_carry_names_and_policy_and_parse_as_the_cli() -> None:
     assert container["command"] == ["marketplacedb"]
     args = container["args"]
     assert args == ["refresh", "--view", "mv_hot_products", "--schema", "public", "--max-staleness", "1h",
-                    "--timeout", "5m", "--skip-if-unchanged", "-o", "json"]
+                    "--timeout", "5m", "--skip-if-unchanged", "--history-limit", "20", "-o", "json"]
     parsed = build_parser().parse_args(args)
     assert (parsed.view, parsed.schema, parsed.max_staleness, parsed.timeout) == (["mv_hot_products"], "public",
                                                                                    3600, 300)

@@ -53,6 +53,11 @@ def test_the_docs_have_commands_of_every_kind() -> None:
     counts = collections.Counter(c.argv[0] for c in COMMANDS)
     assert all(counts[p] >= 3 for p in ("kubectl", "helm", "make", "marketplacedb", "docker")), counts
     assert any(c.argv[:3] == ("kubectl", "-n", EX_NS) and "annotate" in c.argv for c in COMMANDS)
+    # The credentials Secret is bound to the example's MarketplaceDB wherever it is labelled.
+    labelled = [c for c in COMMANDS if "label" in c.argv and "secret" in c.argv]
+    bound = [c for c in COMMANDS if "annotate" in c.argv and "secret" in c.argv
+             and f"{naming.ANN_CREDENTIALS_FOR}={EX_NAME}" in c.argv]
+    assert labelled and len(bound) >= len(labelled), (labelled, bound)
 
 
 # ---------------------------------------------------------------- kubectl
@@ -117,6 +122,10 @@ def _kubectl_problems(command: Command) -> list[str]:  # one rule per documented
         if pairs != {naming.ANN_PROBED_BY: EX_NAME} or name not in probed or ns != EX_NS:
             problems.append(f"a probed Deployment opts in with {naming.ANN_PROBED_BY}={EX_NAME} in {EX_NS} "
                             f"(one of {sorted(probed)})")
+    elif verb == "annotate" and target[:2] == ["secret", EX_SECRET["name"]]:
+        if pairs != {naming.ANN_CREDENTIALS_FOR: EX_NAME} or ns != EX_NS:
+            problems.append(f"the credentials Secret names its MarketplaceDB with {naming.ANN_CREDENTIALS_FOR}="
+                            f"{EX_NAME} in {EX_NS}")
     elif verb == "annotate":
         problems.append(f"annotate {target[0]}: not an object the operator reads annotations from")
     if verb == "label" and target[:2] == ["secret", EX_SECRET["name"]]:
@@ -182,6 +191,7 @@ def test_kubectl_commands_match_the_code(command: Command) -> None:
     ("kubectl", "-n", "marketplacedb-system", "set", "image", "deployment/marketplacedb-operator", "manager=x:1"),
     ("kubectl", "-n", "prod", "label", "secret", "shop-db-owner", "marketplacedb.io/credential=true"),
     ("kubectl", "-n", "prod", "annotate", "deployment", "bff-marketplace-home", "marketplacedb.io/probed-by=other"),
+    ("kubectl", "-n", "prod", "annotate", "secret", "shop-db-owner", "marketplacedb.io/credentials-for=other"),
 ])
 def test_the_kubectl_checks_catch_the_mismatches_the_docs_had(argv: tuple[str, ...]) -> None:
     assert _kubectl_problems(Command("example", argv)), argv
@@ -399,7 +409,10 @@ def _sql_blocks(name: str) -> list[str]:
 
 
 def test_every_sql_block_is_run_by_a_test() -> None:
-    assert {b.path.name for b in all_blocks() if b.lang == "sql"} == {"install.md", "architecture.md"}
+    # README.md's one block (the pooler's authQuery lookup function) is compared with what the
+    # operator composes in tests/test_pgbouncer_pod.py and run as a DBA would in
+    # tests/test_pgbouncer_production.py.
+    assert {b.path.name for b in all_blocks() if b.lang == "sql"} == {"install.md", "architecture.md", "README.md"}
 
 
 @pytest.fixture

@@ -114,7 +114,8 @@ async def env(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                         "annotations": {naming.ANN_CREDENTIALS_FOR: "shop"}},
             "stringData": {"username": workload_db.owner, "password": CANARY},
         }
     )
@@ -331,7 +332,8 @@ async def test_missing_secret_then_created(env: Env) -> None:
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": "late-secret", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+                "metadata": {"name": "late-secret", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                         "annotations": {naming.ANN_CREDENTIALS_FOR: "shop"}},
                 "stringData": {"username": env.db.owner, "password": CANARY},
             }
         )

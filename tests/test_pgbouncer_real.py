@@ -28,6 +28,7 @@ from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from marketplacedb_operator.gateways.postgres import server
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.specs import pgbouncer as pgb
+from marketplacedb_operator.specs.pooler_manifests import AGENT_ADMIN_PORT, PRESTOP_DRAIN
 from marketplacedb_operator.specs.pooler_sizing import compute_budget
 
 SETTINGS = Settings()
@@ -186,13 +187,16 @@ def _agent_command() -> tuple[list[str], dict[str, str]]:
 
 
 class Agent:
-    def __init__(self, bouncer: PgBouncerProcess, database: str, drain_delay: float = 0.2) -> None:
+    def __init__(self, bouncer: PgBouncerProcess, database: str, drain_delay: float = 0.2,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.admin_port = free_port()
         command, env = _agent_command()
         args = ["--socket-dir", str(bouncer.workdir), "--port", str(bouncer.port),
                 "--config", str(bouncer.ini_path), "--auth-file", str(bouncer.userlist_path),
                 "--database", database, "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-                "--interval", "0.1", "--drain-delay", str(drain_delay), "--drain-timeout", "20"]
+                "--admin-port", str(self.admin_port),
+                "--interval", "0.1", "--drain-delay", str(drain_delay), "--drain-timeout", "20", *extra]
         self.log = bouncer.workdir / "agent.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(command + args, env=env, cwd="/tmp", stdout=out, stderr=out,
@@ -203,14 +207,21 @@ class Agent:
             assert time.monotonic() < deadline, "agent did not start:\n" + self.log.read_text()
             time.sleep(0.1)
 
-    def get(self, path: str, timeout: float = 5) -> tuple[int, dict[str, Any]]:
+    def get(self, path: str, timeout: float = 5, *, method: str = "GET", port: int | None = None
+            ) -> tuple[int, dict[str, Any]]:
+        url = f"http://127.0.0.1:{port or self.port}{path}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as reply:
+            with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
         except OSError:
             return 0, {}
+
+    def prestop(self, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The pgbouncer container's rendered preStop hook, run as is (bash), aimed at this agent."""
+        script = PRESTOP_DRAIN.replace(f"/{AGENT_ADMIN_PORT} ", f"/{self.admin_port} ")
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -241,6 +252,9 @@ async def _loop_transactions(dsn: str, stop: asyncio.Event, failures: list[str])
                 done += 1
             except psycopg.Error as exc:
                 failures.append(str(exc).strip()[:200])
+                if conn.closed or conn.broken:
+                    break  # a lost connection would fail at once forever, starving the event loop
+                await asyncio.sleep(0.01)
     return done
 
 
@@ -298,11 +312,13 @@ async def test_drain_lets_the_running_transaction_finish_then_stops(
         await conn.execute("CREATE TABLE drained (id int)")
         await conn.commit()
         await conn.execute("INSERT INTO drained VALUES (1)")
-        drain = asyncio.create_task(asyncio.to_thread(agent.get, "/drain", 30))
+        drain = asyncio.create_task(asyncio.to_thread(agent.prestop))
         await _wait_for(lambda: agent.get("/readyz")[1].get("reason") == "draining", timeout=5)
         await conn.execute("SELECT pg_sleep(1.0)")  # still inside the transaction when PAUSE comes
         await conn.commit()
-    assert await drain == (200, {"ok": True, "reason": "drained", "reloads": 0})
+    hook = await drain
+    assert hook.returncode == 0 and "200 OK" in hook.stdout.splitlines()[0]
+    assert json.loads(hook.stdout.split("\n\n", 1)[1]) == {"ok": True, "reason": "drained", "reloads": 0}
     assert bouncer.proc is not None and bouncer.proc.wait(10) == 0
     with fresh_db.connect() as direct:
         assert direct.execute("SELECT count(*) FROM drained").fetchone() == (1,)

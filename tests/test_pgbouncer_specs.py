@@ -186,7 +186,7 @@ def test_restart_required_change() -> None:
     new = config(make_spec(parameters={"pkt_buf": "8192"}))
     assert pgb.classify_change(old, new) == "restart"
     assert pgb.restart_hash(old) != pgb.restart_hash(new)
-    image = config(make_spec(image="example.org/pgbouncer:1.24.1"))
+    image = config(make_spec(image="ghcr.io/cloudnative-pg/pgbouncer:1.24.1"))
     assert pgb.classify_change(old, image) == "restart"
 
 
@@ -260,7 +260,9 @@ def test_deployment_mounts_reload_drains_and_is_restricted() -> None:
     assert bouncer["command"] == ["pgbouncer", pgb.INI_PATH]
     assert bouncer["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert bouncer["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert bouncer["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain"
+    # The drain is an exec over loopback (the agent's admin listener), not an httpGet on the pod IP.
+    assert "httpGet" not in bouncer["lifecycle"]["preStop"]
+    assert "/dev/tcp/127.0.0.1/" in bouncer["lifecycle"]["preStop"]["exec"]["command"][-1]
     assert agent["args"][0] == "pooler-agent" and "--database" in agent["args"]
     assert pod["terminationGracePeriodSeconds"] >= 50
     assert pod["securityContext"]["runAsNonRoot"] is True

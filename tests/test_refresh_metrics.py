@@ -97,3 +97,24 @@ def test_metrics_from_the_real_state_table(workload_db: Any) -> None:
     assert (sample("marketplacedb_refresh_last_duration_seconds", "mv_cats", "real") or 0) > 0
     metrics.set_refresh_metrics("real", "shop", rows, now + datetime.timedelta(seconds=601))
     assert sample("marketplacedb_refresh_stale", "mv_cats", "real") == 1
+
+
+def test_declared_views_only_never_refreshed_counted_from_first_sight() -> None:
+    from marketplacedb_operator.sql.refresh_truth import ViewSeries
+
+    two_hours_ago = NOW - datetime.timedelta(hours=2)
+    metrics.set_view_metrics("decl", "shop", [
+        ViewSeries("mv_scheduled", 3600.0, two_hours_ago, None),
+        ViewSeries("mv_on_demand", None, two_hours_ago, None),
+        ViewSeries("mv_fresh", 3600.0, two_hours_ago, state("mv_fresh", 60)),
+    ], NOW)
+    assert sample("marketplacedb_refresh_stale", "mv_scheduled", "decl") == 1
+    assert sample("marketplacedb_refresh_staleness_seconds", "mv_scheduled", "decl") == 7200
+    assert sample("marketplacedb_refresh_never_refreshed", "mv_scheduled", "decl") == 1
+    assert sample("marketplacedb_refresh_stale", "mv_on_demand", "decl") == 0  # no maxStaleness: as in status
+    assert sample("marketplacedb_refresh_stale", "mv_fresh", "decl") == 0
+    assert sample("marketplacedb_refresh_never_refreshed", "mv_fresh", "decl") == 0
+    metrics.set_view_metrics("decl", "shop", [ViewSeries("mv_fresh", 3600.0, two_hours_ago, state("mv_fresh", 60))],
+                             NOW)
+    assert sample("marketplacedb_refresh_stale", "mv_scheduled", "decl") is None  # left the spec
+    assert sample("marketplacedb_refresh_never_refreshed", "mv_scheduled", "decl") is None

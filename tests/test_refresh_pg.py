@@ -8,13 +8,11 @@ the writing backend asynchronously: writers here call `pg_stat_force_next_flush(
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import threading
 import time
 from collections.abc import Iterator
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -22,17 +20,19 @@ import pytest
 from psycopg import sql
 
 from marketplacedb_operator import workload
-from marketplacedb_operator.api.v1alpha1 import MaterializedViewSpec
 from marketplacedb_operator.cli import main
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh, read_refresh_states
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view, run_refresh
-from marketplacedb_operator.sql.refresh import Observation, RefreshState, decide, lock_key
+from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
+from marketplacedb_operator.sql.refresh import lock_key
 
 HOT = ViewTarget("public", "mv_hot_products")
 COUNTS = ViewTarget("public", "mv_category_counts")
 SLOW = ViewTarget("public", "mv_slow")
 SLOW_SECONDS = 1.5
 OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
+# mv_slow sleeps through pg_sleep(), a volatile function: it has to opt in, as in a spec.
+SLOW_OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5,
+                              allow_volatile=True)
 
 
 def utcnow() -> datetime.datetime:
@@ -68,6 +68,11 @@ def settle_stats(conn: psycopg.Connection[Any], timeout: float = 15.0) -> None:
 
 @pytest.fixture
 def views_db(workload_db: Any) -> Iterator[Any]:
+    yield prepare_views(workload_db)
+
+
+def prepare_views(workload_db: Any) -> Any:
+    """The workload database with its two views and mv_slow, statistics settled."""
     with workload_db.connect() as conn:
         create_views(conn)
         # A view whose refresh takes SLOW_SECONDS, for overlap and reader tests.
@@ -78,7 +83,7 @@ def views_db(workload_db: Any) -> Iterator[Any]:
         ).format(sql.Literal(SLOW_SECONDS)))
         conn.execute("CREATE UNIQUE INDEX mv_slow_key ON mv_slow (id)")
         settle_stats(conn)
-    yield workload_db
+    return workload_db
 
 
 def connect(db: Any, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -144,13 +149,9 @@ def test_unchanged_base_tables_skip_with_one_catalog_round_trip(views_db: Any) -
         outcome = refresh_view(PostgresRefresh(conn), HOT, OPTIONS, start + datetime.timedelta(minutes=5))
     assert outcome.outcome == "skipped-unchanged", outcome
     assert "no writes" in outcome.reason
-    # lock, the check, the record, unlock: four round trips, of which one reads the catalog
-    # (pg_stat_clear_snapshot() travels in the same message as the catalog query).
-    assert len(log) == 4, log
-    assert "pg_try_advisory_lock" in log[0] and "pg_advisory_unlock" in log[3]
-    catalog = [q for q in log if "pg_catalog.pg_class" in q or "pg_stat_get" in q]
-    assert catalog == [log[1]]
-    assert "pg_stat_clear_snapshot" in log[1]
+    # Lock, catalog check, skip record and unlock: one round trip (the server-side check function).
+    assert len(log) == 1, log
+    assert "refresh_check_v1" in log[0]
     state = state_of(views_db, HOT)
     assert state.result == "skipped-unchanged" and state.outcomes == {"refreshed": 1, "skipped-unchanged": 1}
     assert state.last_success == start  # a skip does not pretend the data is newer
@@ -250,7 +251,7 @@ def test_two_refreshes_at_the_same_moment_one_runs(views_db: Any) -> None:
             with connect(views_db) as conn:
                 db = PostgresRefresh(conn)
                 barrier.wait()
-                outcomes.append(refresh_view(db, SLOW, OPTIONS, utcnow(), force=True))
+                outcomes.append(refresh_view(db, SLOW, SLOW_OPTIONS, utcnow(), force=True))
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
@@ -296,7 +297,7 @@ def read_during_refresh(db: Any, target: ViewTarget, options: RefreshOptions) ->
 
 
 def test_reader_is_never_blocked_by_a_concurrent_refresh(views_db: Any) -> None:
-    outcome, during = read_during_refresh(views_db, SLOW, OPTIONS)
+    outcome, during = read_during_refresh(views_db, SLOW, SLOW_OPTIONS)
     assert outcome.outcome == "refreshed", outcome
     assert outcome.refresh_seconds >= SLOW_SECONDS
     assert len(during) > 10  # reads kept completing throughout the refresh
@@ -304,7 +305,7 @@ def test_reader_is_never_blocked_by_a_concurrent_refresh(views_db: Any) -> None:
     # The contrast: a plain refresh (no usable unique index) locks readers out for its duration.
     with connect(views_db) as conn:
         conn.execute("DROP INDEX mv_slow_key")
-    plain, blocked = read_during_refresh(views_db, SLOW, OPTIONS)
+    plain, blocked = read_during_refresh(views_db, SLOW, SLOW_OPTIONS)
     assert plain.outcome == "refreshed-plain"
     assert max(blocked) >= SLOW_SECONDS / 2
     print(f"\n[measured] longest read during CONCURRENTLY refresh ({outcome.refresh_seconds:.2f}s): "
@@ -376,7 +377,7 @@ def test_failed_refresh_keeps_rows_records_error_and_recovers(views_db: Any, mon
 
 def test_timeout_fails_and_keeps_rows(views_db: Any) -> None:
     before = rows_of(views_db, "mv_slow")
-    outcome = refresh(views_db, SLOW, RefreshOptions(timeout=0.3, lock_timeout=0.3), force=True)
+    outcome = refresh(views_db, SLOW, RefreshOptions(timeout=0.3, lock_timeout=0.3, allow_volatile=True), force=True)
     assert outcome.outcome == "failed" and outcome.error.startswith("57014"), outcome  # query_canceled
     assert rows_of(views_db, "mv_slow") == before
 
@@ -384,20 +385,6 @@ def test_timeout_fails_and_keeps_rows(views_db: Any) -> None:
 def test_missing_view_fails_cleanly(views_db: Any) -> None:
     outcome = refresh(views_db, ViewTarget("public", "mv_nope"))
     assert outcome.outcome == "failed" and "does not exist" in outcome.reason
-
-
-def test_run_refresh_from_a_spec(views_db: Any) -> None:
-    spec = MaterializedViewSpec.model_validate({
-        "name": "mv_category_counts", "query": workload.VIEW_QUERIES["mv_category_counts"], "uniqueKey": ["id"],
-        "refresh": {"schedule": "*/5 * * * *", "maxStaleness": "10m", "timeout": "1m"},
-    })
-    with connect(views_db) as conn:
-        outcome = run_refresh(PostgresRefresh(conn), spec, utcnow(), force=False)
-    assert outcome.outcome == "refreshed" and outcome.rows == 45
-    assert state_of(views_db, COUNTS).max_staleness == 600
-
-
-# --- the CLI ----------------------------------------------------------------------------------
 
 
 def run_cli(argv: list[str]) -> tuple[int, list[dict[str, Any]]]:
@@ -408,89 +395,3 @@ def run_cli(argv: list[str]) -> tuple[int, list[dict[str, Any]]]:
     with contextlib.redirect_stdout(out):
         code = main(argv)
     return code, [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
-
-
-def test_cli_cronjob_style_uses_the_environment(views_db: Any, monkeypatch: Any) -> None:
-    server = views_db.server
-    for key, value in {"PGHOST": server.host, "PGPORT": str(server.port), "PGDATABASE": views_db.name,
-                       "PGUSER": views_db.owner, "PGPASSWORD": views_db.owner_password,
-                       "PGSSLMODE": "disable"}.items():
-        monkeypatch.setenv(key, value)
-    args = ["refresh", "--view", "mv_hot_products", "--schema", "public", "--max-staleness", "1h",
-            "--timeout", "5m", "--skip-if-unchanged", "-o", "json"]
-    code, lines = run_cli(args)
-    assert code == 0
-    assert [line["outcome"] for line in lines] == ["refreshed"]
-    assert set(lines[0]) >= {"view", "outcome", "reason", "seconds"}
-    code, lines = run_cli(args)
-    assert code == 0 and lines[0]["outcome"] == "skipped-unchanged"
-
-
-def test_cli_all_views_of_a_manifest(views_db: Any, monkeypatch: Any, tmp_path: Any) -> None:
-    import yaml
-
-    server = views_db.server
-    views = [{"name": n, "query": q, "uniqueKey": list(workload.VIEW_UNIQUE_KEYS[n]),
-              "refresh": {"schedule": "*/5 * * * *"}} for n, q in workload.VIEW_QUERIES.items()]
-    manifest = {
-        "apiVersion": "marketplacedb.io/v1alpha1", "kind": "MarketplaceDB",
-        "metadata": {"name": "shop", "namespace": "prod"},
-        "spec": {"database": {"host": server.host, "port": server.port, "dbname": views_db.name,
-                              "sslMode": "disable", "credentialsSecretRef": {"name": "shop-db"}},
-                 "materializedViews": views},
-    }
-    path = tmp_path / "shop.yaml"
-    path.write_text(yaml.safe_dump(manifest))
-    monkeypatch.setenv("PGUSER", views_db.owner)
-    monkeypatch.setenv("PGPASSWORD", views_db.owner_password)
-    code, lines = run_cli(["refresh", "-f", str(path), "--all", "-o", "json"])
-    assert code == 0
-    assert {(line["view"], line["outcome"]) for line in lines} == {
-        ("mv_hot_products", "refreshed"), ("mv_category_counts", "refreshed")}
-    monkeypatch.setenv("PGPASSWORD", "wrong")
-    code, lines = run_cli(["refresh", "-f", str(path), "--view", "mv_hot_products", "-o", "json"])
-    assert code == 1 and lines[0]["outcome"] == "failed" and "wrong" not in json.dumps(lines)
-
-
-# --- the decision, without a server -----------------------------------------------------------
-
-
-def observed(**fields: Any) -> Any:
-    last = utcnow() - datetime.timedelta(minutes=1)
-    state = RefreshState("public", "mv", last_attempt=last, last_success=last, counters=Decimal(10),
-                         signature="sig", result="refreshed")
-    values: dict[str, Any] = {"exists": True, "populated": True, "owned": True, "unique_index": "mv_key",
-                              "base_tables": 2, "counters": Decimal(10), "signature": "sig", "state": state}
-    values.update(fields)
-    return Observation(**values)
-
-
-def test_decide_covers_every_rule() -> None:
-    now = utcnow()
-    assert decide(observed(), OPTIONS, now).action == "skip"
-    assert decide(observed(exists=False), OPTIONS, now).action == "fail"
-    assert "owner" in decide(observed(owned=False), OPTIONS, now).reason
-    foreign = decide(observed(untracked=1), OPTIONS, now)
-    assert foreign.action == "refresh" and "cannot be tracked" in foreign.reason
-    assert decide(observed(base_tables=0), OPTIONS, now).action == "refresh"
-    failed_state = dataclasses_replace(observed().state, result="failed")
-    assert "failed" in decide(observed(state=failed_state), OPTIONS, now).reason
-    # Counters can reset (pg_stat_reset, crash): any difference refreshes, not only an increase.
-    assert decide(observed(counters=Decimal(3)), OPTIONS, now).action == "refresh"
-    assert "rewritten" in decide(observed(signature="other"), OPTIONS, now).reason
-    plain = decide(observed(unique_index=None), OPTIONS, now, force=True)
-    assert (plain.action, plain.concurrently) == ("refresh", False) and "no usable unique index" in plain.plain_reason
-    assert decide(observed(), OPTIONS, now, force=True).concurrently
-
-
-def dataclasses_replace(obj: Any, **changes: Any) -> Any:
-    return dataclasses.replace(obj, **changes)
-
-
-def test_lock_key_is_stable_and_two_int4() -> None:
-    key = lock_key(HOT)
-    assert key == lock_key(ViewTarget("public", "mv_hot_products"))
-    assert key != lock_key(COUNTS) and key != lock_key(ViewTarget("other", "mv_hot_products"))
-    assert all(-(2**31) <= part < 2**31 for part in key)
-    # Pinned: a CronJob pod of one release and the operator of the next must take the same lock.
-    assert key == (1296319025, -1997257334)

@@ -44,7 +44,7 @@ INDEXES: list[dict[str, Any]] = [
 
 def reference_document(**spec_overrides: Any) -> dict[str, Any]:
     """examples/marketplacedb.yaml when it exists (the DSN overrides its connection), else the same
-    resource built from DESIGN.md section 6 and marketplacedb_operator.workload."""
+    resource built from docs/architecture.md#reference-workload and marketplacedb_operator.workload."""
     if EXAMPLE.exists() and not spec_overrides:
         docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d and d.get("kind") == "MarketplaceDB"]
         return dict(docs[0])

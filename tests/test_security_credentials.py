@@ -18,7 +18,12 @@ import pytest
 from chart_render import render_chart
 from marketplacedb_operator.credentials import host_allowed
 from marketplacedb_operator.gateways.postgres import ConnInfo, DatabaseUnreachable, connect
-from marketplacedb_operator.redact import EXPLANATIONS, classify_connect_error, describe_db_error
+from marketplacedb_operator.redact import (
+    EXPLANATIONS,
+    METHOD_REFUSED_EXPLANATION,
+    classify_connect_error,
+    describe_db_error,
+)
 from marketplacedb_operator.settings import Settings
 from security_env import NS, FakePostgres, Sec, resource, sec_env, secret
 
@@ -66,7 +71,8 @@ async def test_no_refresh_cronjob_references_a_refused_secret(sec: Sec, fake: Fa
     """A CronJob's pod reads the Secret by reference (secretKeyRef) and would send its values to the
     spec's host: a refused Secret gets no CronJob, and one made while it was accepted is pruned."""
     crt, key = _cert_like()
-    await sec.objects.create(secret("other-team-tls", {"tls.crt": crt, "tls.key": key}, opted_in=True))
+    await sec.objects.create(secret("other-team-tls", {"tls.crt": crt, "tls.key": key}, opted_in=True, annotations={
+        "marketplacedb.io/username-key": "tls.crt", "marketplacedb.io/password-key": "tls.key"}))
     view = {"name": "mv_x", "query": "SELECT id FROM t", "uniqueKey": ["id"], "refresh": {"schedule": "@hourly"}}
     await sec.objects.create(resource({
         "host": "127.0.0.1", "port": fake.port, "dbname": "x", "sslMode": "disable",
@@ -75,7 +81,7 @@ async def test_no_refresh_cronjob_references_a_refused_secret(sec: Sec, fake: Fa
     await sec.reconcile()
     (cronjob,) = sec.objects.list_objects("batch/v1", "CronJob", NS)  # accepted: the owner's choice
     env = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "PGREQUIREAUTH", "value": "!password"} in env  # the pod, too, never sends it in clear
+    assert {"name": "PGREQUIREAUTH", "value": "scram-sha-256,none"} in env  # the pod, too: SCRAM only
     tls_secret = sec.objects.get("v1", "Secret", "other-team-tls", NS)
     await sec.objects.patch(tls_secret, {"metadata": {"labels": {"marketplacedb.io/credentials": None}}})
     await sec.reconcile()
@@ -93,10 +99,11 @@ async def test_the_user_name_never_reaches_status_events_or_logs(sec: Sec, fake:
                                        "credentialsSecretRef": {"name": "own"}}))
     await sec.reconcile()
     assert fake.connections >= 1 and b"MIIuser" in fake.received  # the login happened (the witness)
-    assert b"MIIkey" not in fake.received  # require_auth=!password: no cleartext password to this server
+    assert b"MIIkey" not in fake.received  # require_auth: no cleartext password to this server
     cond = sec.condition("DatabaseReachable")
     assert (cond["status"], cond["reason"]) == ("False", "AuthenticationFailed")
-    assert cond["message"] == f"cannot connect to 127.0.0.1:{fake.port}/x: {EXPLANATIONS['AuthenticationFailed']}"
+    # The server asked for a cleartext password: refused by require_auth, the message says to use SCRAM.
+    assert cond["message"] == f"cannot connect to 127.0.0.1:{fake.port}/x: {METHOD_REFUSED_EXPLANATION}"
     everything = sec.everything()
     assert sec.events
     for value in ("MIIuser", "MIIkey", "BEGIN CERTIFICATE", "BEGIN PRIVATE KEY", "for user"):
@@ -113,7 +120,7 @@ async def test_what_listens_on_a_port_is_not_told(sec: Sec, reply: bytes) -> Non
     closed_port = closed.port
     await closed.stop()
     try:
-        await sec.objects.create(secret("own", {"username": "u", "password": "p"}, opted_in=True))
+        await sec.objects.create(secret("own", {"username": "u", "password": "p"}, opted_in=True, bound="a,b"))
         for name, port in (("a", other.port), ("b", closed_port)):
             await sec.objects.create(resource({"host": "127.0.0.1", "port": port, "dbname": "x", "sslMode": "prefer",
                                                "credentialsSecretRef": {"name": "own"}}, name=name))
@@ -220,3 +227,18 @@ async def test_a_server_that_never_answers_is_a_timeout() -> None:
         await silent.stop()
     assert caught.value.reason == "DatabaseTimeout"
     assert str(caught.value) == f"cannot connect to 127.0.0.1:{silent.port}/x: {EXPLANATIONS['DatabaseTimeout']}"
+
+
+def test_host_allow_list_refuses_separators_and_keeps_ip_globs_for_addresses() -> None:
+    """Red-team follow-up: the check holds by itself (not only behind the model's host regex), and an
+    IP-looking glob admits addresses only, never DNS names that start like one."""
+    allowed = ("10.20.*", "*.db.internal", "192.168.0.0/16", "fd00:*")
+    assert host_allowed("10.20.1.2", allowed) and host_allowed("[fd00::1]", allowed)
+    assert host_allowed("pg.db.internal", allowed) and host_allowed("192.168.4.5", allowed)
+    for host in ("10.20.evil.com", "10.20.1.evil.com", "pg.db.internal,evil.com", "evil.com,pg.db.internal",
+                 "/tmp", "/var/run/postgresql", "u@pg.db.internal", "pg.db.internal ", "pg .db.internal",
+                 "pg.db.internal\n", "", "127.1", "10.20.1", "2130706433", "0x7f.0x1"):
+        assert not host_allowed(host, allowed), host
+    # A name glob never admits an IP literal; "*" is names only (0.0.0.0/0 admits every IPv4 address).
+    assert not host_allowed("127.0.0.1", ("*",)) and host_allowed("x.example", ("*",))
+    assert host_allowed("127.0.0.1", ("0.0.0.0/0",))

@@ -29,7 +29,7 @@ async def sec(kube_api: Any, kube_objects: Any, kube_client: Any, fresh_db: Any)
         conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
     async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
         await env.objects.create(secret("own", {"username": fresh_db.owner, "password": fresh_db.owner_password},
-                                        opted_in=True))
+                                        opted_in=True, bound="shop,rival"))
         env.db = fresh_db  # type: ignore[attr-defined]
         yield env
 
@@ -76,7 +76,7 @@ async def test_objects_named_like_ours_are_not_taken_over(sec: Sec) -> None:
 
     pooler_cond, refresh_cond = sec.condition("PoolerAvailable"), sec.condition("RefreshScheduled")
     assert (pooler_cond["status"], pooler_cond["reason"]) == ("False", "Conflict")
-    assert f"ConfigMap {NS}/{pooler} exists and is not controlled by this MarketplaceDB" in pooler_cond["message"]
+    assert f"ConfigMap {NS}/{pooler} exists and was not created by this MarketplaceDB" in pooler_cond["message"]
     assert (refresh_cond["status"], refresh_cond["reason"]) == ("False", "Conflict")
     assert f"CronJob {NS}/{cronjob}" in refresh_cond["message"]
     # Nothing was written: the foreign objects are untouched and no other pooler part exists.

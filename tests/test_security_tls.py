@@ -77,9 +77,10 @@ def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
 @pytest.fixture
 async def sec(kube_api: Any, kube_objects: Any, kube_client: Any, tls_pg: TLSServer) -> AsyncIterator[Sec]:
     async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
-        await env.objects.create(secret("owner", {"username": ROLE, "password": PASSWORD}, opted_in=True))
+        await env.objects.create(secret("owner", {"username": ROLE, "password": PASSWORD}, opted_in=True,
+                                        bound="shop,nocert,noca"))
         await env.objects.create(secret("client-cert", {"tls.crt": tls_pg.client_cert, "tls.key": tls_pg.client_key},
-                                        opted_in=True))
+                                        opted_in=True, bound="shop,nocert,noca"))
         await env.objects.create({"apiVersion": "v1", "kind": "ConfigMap",
                                   "metadata": {"name": "db-ca", "namespace": NS}, "data": {"ca.crt": tls_pg.ca}})
         yield env
@@ -157,7 +158,8 @@ def test_refresh_cronjob_pods_mount_the_tls_material_and_libpq_uses_it(tls_pg: T
     container = pod["containers"][0]
     assert {"name": db_tls.VOLUME, "mountPath": db_tls.MOUNT_PATH, "readOnly": True} in container["volumeMounts"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["PGSSLMODE"] == "verify-full" and "PGREQUIREAUTH" not in env  # TLS proved the server
+    assert env["PGSSLMODE"] == "verify-full"
+    assert env["PGREQUIREAUTH"] == "scram-sha-256,none"  # TLS proves the host, not that it deserves the password
     assert env["PGSSLROOTCERT"] == f"{db_tls.MOUNT_PATH}/ca.crt"
     assert (env["PGSSLCERT"], env["PGSSLKEY"]) == (f"{db_tls.MOUNT_PATH}/tls.crt", f"{db_tls.MOUNT_PATH}/tls.key")
 

@@ -165,7 +165,8 @@ def _objects(fleet: Fleet, tenants: list[Tenant]) -> tuple[list[dict[str, Any]],
         b64 = base64.b64encode
         setup.append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                       "metadata": {"name": f"{tenant.name}-owner", "namespace": NAMESPACE,
-                                   "labels": {"marketplacedb.io/credentials": "true"}},
+                                   "labels": {"marketplacedb.io/credentials": "true"},
+                                   "annotations": {"marketplacedb.io/credentials-for": tenant.name}},
                       "data": {"username": b64(tenant.role.encode()).decode(),
                                "password": b64(tenant.password.encode()).decode()}})
         body = pointed_at(template, fleet.pg.host, fleet.pg.port, tenant.db)

@@ -12,6 +12,7 @@ Structure: module-level metric objects, plus pure-ish functions that set them fr
 from __future__ import annotations
 
 import datetime
+import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
@@ -63,7 +64,13 @@ REFRESH_ROWS = Gauge(
 )
 REFRESH_STALENESS = Gauge(
     "marketplacedb_refresh_staleness_seconds",
-    "Seconds since the last successful refresh (+Inf when never refreshed).",
+    "Seconds since the last successful refresh; never refreshed: since the view was first seen declared "
+    "(+Inf when unknown).",
+    VIEW_LABELS, registry=REGISTRY,
+)
+REFRESH_NEVER = Gauge(
+    "marketplacedb_refresh_never_refreshed",
+    "1 when no successful refresh of a declared view was ever recorded (whatever the scheduler).",
     VIEW_LABELS, registry=REGISTRY,
 )
 REFRESH_STALE = Gauge(
@@ -79,7 +86,7 @@ REFRESH_FAILURES = Gauge(
     VIEW_LABELS, registry=REGISTRY,
 )
 _GAUGES = (REFRESH_LAST_SUCCESS, REFRESH_LAST_DURATION, REFRESH_ROWS, REFRESH_STALENESS, REFRESH_STALE,
-           REFRESH_MAX_STALENESS, REFRESH_FAILURES)
+           REFRESH_MAX_STALENESS, REFRESH_FAILURES, REFRESH_NEVER)
 
 
 class OutcomeCounters(Collector):
@@ -139,30 +146,79 @@ def stale(last_success: datetime.datetime | None, now: datetime.datetime, max_st
     return max_staleness is not None and staleness_seconds(last_success, now) > max_staleness
 
 
+class DeclaredView(Protocol):
+    """One declared view of a resource and its state row, if any (sql.refresh_truth.ViewSeries)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_staleness(self) -> float | None: ...
+    @property
+    def first_seen(self) -> datetime.datetime | None: ...
+    @property
+    def state(self) -> RefreshRow | None: ...
+
+
+def set_view_metrics(namespace: str, resource: str, views: Iterable[DeclaredView], now: datetime.datetime) -> None:
+    """Set the refresh series of a resource's *declared* views (and remove every other view's).
+
+    A declared view with no recorded success is exported as never refreshed, its staleness
+    counted from when it was first seen declared, so `marketplacedb_refresh_stale` turns 1 after
+    maxStaleness even when no refresh could ever record anything.
+    """
+    seen: set[str] = set()
+    for view in views:
+        labels = (namespace, resource, view.name)
+        seen.add(view.name)
+        row = view.state
+        if row is not None:  # the spec's maxStaleness; none (refreshed on demand only): never stale, as in status
+            _set_row(labels, row, now, view.max_staleness)
+        if row is None or row.last_success is None:
+            if row is None:
+                REFRESH_FAILURES.labels(*labels).set(0)
+            age = math.inf if view.first_seen is None else max(0.0, (now - view.first_seen).total_seconds())
+            REFRESH_STALENESS.labels(*labels).set(age)
+            limit = view.max_staleness
+            if limit is not None:
+                REFRESH_MAX_STALENESS.labels(*labels).set(limit)
+            REFRESH_STALE.labels(*labels).set(1 if limit is not None and age > limit else 0)
+        REFRESH_NEVER.labels(*labels).set(1 if row is None or row.last_success is None else 0)
+    _forget_others(namespace, resource, seen)
+
+
+def _set_row(labels: tuple[str, str, str], row: RefreshRow, now: datetime.datetime, limit: float | None) -> None:
+    if row.last_success is not None:
+        REFRESH_LAST_SUCCESS.labels(*labels).set(row.last_success.timestamp())
+    if row.last_seconds is not None:
+        REFRESH_LAST_DURATION.labels(*labels).set(row.last_seconds)
+    if row.rows is not None:
+        REFRESH_ROWS.labels(*labels).set(row.rows)
+    if limit is not None:
+        REFRESH_MAX_STALENESS.labels(*labels).set(limit)
+    REFRESH_STALENESS.labels(*labels).set(staleness_seconds(row.last_success, now))
+    REFRESH_STALE.labels(*labels).set(1 if stale(row.last_success, now, limit) else 0)
+    REFRESH_FAILURES.labels(*labels).set(row.consecutive_failures)
+    REFRESH_OUTCOMES.set(labels[0], labels[1], labels[2], row.outcomes)
+
+
 def set_refresh_metrics(namespace: str, resource: str, rows: Iterable[RefreshRow], now: datetime.datetime,
                         max_staleness: Mapping[str, float] | None = None) -> None:
-    """Set every refresh series of one resource from its views' state rows.
+    """Set every refresh series of one resource from state rows (every row passed is exported).
 
     `max_staleness` (view name -> seconds, from the spec) overrides the policy recorded in the
     row. Views no longer passed are removed, so deleted views leave no stale series behind.
+    The operator uses set_view_metrics (declared views only); this is for rows read directly.
     """
     seen: set[str] = set()
     for row in rows:
         labels = (namespace, resource, row.name)
         seen.add(row.name)
-        limit = (max_staleness or {}).get(row.name, row.max_staleness)
-        if row.last_success is not None:
-            REFRESH_LAST_SUCCESS.labels(*labels).set(row.last_success.timestamp())
-        if row.last_seconds is not None:
-            REFRESH_LAST_DURATION.labels(*labels).set(row.last_seconds)
-        if row.rows is not None:
-            REFRESH_ROWS.labels(*labels).set(row.rows)
-        if limit is not None:
-            REFRESH_MAX_STALENESS.labels(*labels).set(limit)
-        REFRESH_STALENESS.labels(*labels).set(staleness_seconds(row.last_success, now))
-        REFRESH_STALE.labels(*labels).set(1 if stale(row.last_success, now, limit) else 0)
-        REFRESH_FAILURES.labels(*labels).set(row.consecutive_failures)
-        REFRESH_OUTCOMES.set(namespace, resource, row.name, row.outcomes)
+        _set_row(labels, row, now, (max_staleness or {}).get(row.name, row.max_staleness))
+        REFRESH_NEVER.labels(*labels).set(1 if row.last_success is None else 0)
+    _forget_others(namespace, resource, seen)
+
+
+def _forget_others(namespace: str, resource: str, seen: set[str]) -> None:
     with _lock:
         gone = _views.get((namespace, resource), set()) - seen
         _views[(namespace, resource)] = seen

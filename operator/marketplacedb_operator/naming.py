@@ -27,6 +27,12 @@ FINALIZER = f"{GROUP}/finalizer"
 # carry LABEL_CREDENTIALS=true, and patches probes only onto Deployments whose ANN_PROBED_BY
 # annotation names the MarketplaceDB (comma-separated names).
 LABEL_CREDENTIALS = f"{GROUP}/credentials"
+# ... and whose ANN_CREDENTIALS_FOR annotation names the MarketplaceDB (comma-separated names); a
+# credentials Secret's user name and password are read only from the keys it declares (default
+# `username` / `password`), so no other key (a token) can be sent as a user name.
+ANN_CREDENTIALS_FOR = f"{GROUP}/credentials-for"
+ANN_USERNAME_KEY = f"{GROUP}/username-key"
+ANN_PASSWORD_KEY = f"{GROUP}/password-key"
 ANN_PROBED_BY = f"{GROUP}/probed-by"
 # On a probed Deployment, one annotation per container, `probes.marketplacedb.io/<container>`:
 # which MarketplaceDB sets that container's probes (a second one naming it is a Conflict).

@@ -13,10 +13,18 @@ the console needs no credentials and is unreachable over TCP.
   `SELECT 1` through the pool: a database outage would then empty the Service of every pooler pod
   at once (clients get "connection refused" instead of PgBouncer's queueing and clear errors), and
   every probe would take a server connection from the pool.
-- Drain (/drain, the pgbouncer container's preStop hook): become unready, wait for the endpoints
-  to drop the pod, then let running transactions finish and stop: `PAUSE` + `SHUTDOWN` before
-  1.23 (what SIGINT does there; SIGTERM would be an immediate shutdown), `SHUTDOWN
-  WAIT_FOR_SERVERS` from 1.23 on. It returns when PgBouncer has exited or the timeout passed.
+- Drain (POST /drain on the loopback-only admin listener, the pgbouncer container's preStop
+  exec): become unready, wait for the endpoints to drop the pod, then let running transactions
+  finish and stop: `PAUSE` + `SHUTDOWN` before 1.23 (what SIGINT does there; SIGTERM would be an
+  immediate shutdown), `SHUTDOWN WAIT_FOR_SERVERS` from 1.23 on. It returns when PgBouncer has
+  exited or the timeout passed. The probe listener (pod IP) serves only read-only GETs. A drain
+  is not final: when a new PgBouncer process answers (its socket is a new file: kubelet restarted
+  the container after a liveness failure, whose preStop also drains), the agent serves again.
+- Pause (`paused` file of the ConfigMap, from spec.pooler.paused): `PAUSE <db>` (returns once
+  running transactions have finished; new ones wait in PgBouncer) and `RESUME <db>`. An intended
+  pause keeps the pod ready, so clients queue instead of being refused.
+- Version: SHOW VERSION, and the [pgbouncer] keys of the file that SHOW CONFIG does not list
+  (PgBouncer ignores unknown keys with a log line): reported on /readyz and /status.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import hashlib
 import http.server
 import json
 import logging
-import re
+import os
 import signal
 import threading
 import time
@@ -34,66 +42,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
+from prometheus_client import start_http_server
 
-from .specs.pgbouncer import parse_ini
+from .pooler_console import AdminConsole, AdminError, config_mismatches, quote_name, unknown_keys
+from .pooler_metrics import registry
 
 log = logging.getLogger("marketplacedb.pooler_agent")
-
-# SHOW CONFIG prints some values differently from the file; everything else must match exactly.
-_OCTAL_KEYS = {"unix_socket_mode"}
-
-
-class AdminError(Exception):
-    """The admin console did not answer or refused a command."""
-
-
-@dataclasses.dataclass
-class AdminConsole:
-    """PgBouncer's admin console over its Unix socket (simple query protocol, autocommit)."""
-
-    socket_dir: str
-    port: int
-    timeout: int = 3
-
-    def query(self, command: str) -> list[dict[str, Any]]:
-        try:
-            with psycopg.connect(host=self.socket_dir, port=self.port, dbname="pgbouncer", user="pgbouncer",
-                                 autocommit=True, connect_timeout=self.timeout,
-                                 cursor_factory=psycopg.ClientCursor) as conn:
-                cur = conn.execute(command)
-                if cur.description is None:
-                    return []
-                names = [column.name for column in cur.description]
-                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        except psycopg.Error as exc:
-            raise AdminError(f"{command}: {str(exc).strip() or type(exc).__name__}") from None
-
-    def version(self) -> tuple[int, int]:
-        rows = self.query("SHOW VERSION")
-        match = re.search(r"([0-9]+)\.([0-9]+)", str(rows[0]["version"])) if rows else None
-        if match is None:
-            raise AdminError("SHOW VERSION: no version")
-        return int(match.group(1)), int(match.group(2))
-
-
-def _normalize(key: str, value: str) -> str:
-    value = value.strip()
-    if key in _OCTAL_KEYS and re.fullmatch(r"0[0-7]+", value):
-        return str(int(value, 8))
-    return value
-
-
-def config_mismatches(ini_text: str, shown: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    """{key: (in the file, running)} for every [pgbouncer] key PgBouncer runs with another value."""
-    running = {str(row["key"]): "" if row["value"] is None else str(row["value"]) for row in shown}
-    wanted = parse_ini(ini_text).get("pgbouncer", {})
-    return {
-        key: (value, running[key])
-        for key, value in sorted(wanted.items())
-        if key in running and _normalize(key, value) != _normalize(key, running[key])
-    }
-
 
 @dataclasses.dataclass
 class AgentOptions:
@@ -107,6 +61,11 @@ class AgentOptions:
     interval: float = 2.0
     drain_delay: float = 10.0
     drain_timeout: float = 40.0
+    admin_port: int = 8081
+    admin_host: str = "127.0.0.1"
+    paused_file: str | None = None
+    watch: tuple[str, ...] = ()
+    metrics_port: int | None = None  # PgBouncer's metrics (pooler_metrics.py), on listen_host
 
 
 class PoolerAgent:
@@ -119,6 +78,10 @@ class PoolerAgent:
         self.reloads = 0
         self.mismatches: dict[str, tuple[str, str]] = {}
         self.last_error = ""
+        self.version = ""
+        self.unsupported: list[str] = []
+        self.pausing = threading.Lock()  # one PAUSE/RESUME at a time (PAUSE may wait for transactions)
+        self._drain_socket: tuple[int, int] | None = None
         self._digest = self._files_digest()
         self._lock = threading.Lock()
 
@@ -126,7 +89,7 @@ class PoolerAgent:
 
     def _files_digest(self) -> str:
         digest = hashlib.sha256()
-        for path in (self.options.config, self.options.auth_file):
+        for path in (self.options.config, self.options.auth_file, *self.options.watch):
             try:
                 digest.update(Path(path).read_bytes())
             except OSError:
@@ -136,7 +99,14 @@ class PoolerAgent:
 
     def verify(self) -> dict[str, tuple[str, str]]:
         ini = Path(self.options.config).read_text()
-        self.mismatches = config_mismatches(ini, self.console.query("SHOW CONFIG"))
+        shown = self.console.query("SHOW CONFIG")
+        self.mismatches = config_mismatches(ini, shown)
+        unsupported = unknown_keys(ini, shown)
+        if unsupported != self.unsupported or not self.version:
+            self.version = str((self.console.query("SHOW VERSION") or [{}])[0].get("version", ""))
+            if unsupported:
+                log.warning("%s ignores parameters it does not know: %s", self.version, ", ".join(unsupported))
+        self.unsupported = unsupported
         return self.mismatches
 
     def reload(self) -> dict[str, tuple[str, str]]:
@@ -185,13 +155,70 @@ class PoolerAgent:
         row = rows.get(self.options.database)
         if row is None:
             return False, f"database {self.options.database!r} is not configured"
-        if int(row.get("paused") or 0) or int(row.get("disabled") or 0):
-            return False, f"database {self.options.database!r} is paused or disabled"
+        if int(row.get("disabled") or 0):
+            return False, f"database {self.options.database!r} is disabled"
+        if int(row.get("paused") or 0) and not self.want_paused():
+            return False, f"database {self.options.database!r} is paused"
         if self.mismatches:
             return False, "running config differs from the files: " + ", ".join(sorted(self.mismatches))
         return True, "serving"
 
+    # -- pause -----------------------------------------------------------------------------------
+
+    def want_paused(self) -> bool:
+        if not self.options.paused_file:
+            return False
+        try:
+            return Path(self.options.paused_file).read_text().strip().lower() == "true"
+        except OSError:
+            return False
+
+    def is_paused(self) -> bool:
+        rows = {str(r["name"]): r for r in self.console.query("SHOW DATABASES")}
+        return bool(int((rows.get(self.options.database) or {}).get("paused") or 0))
+
+    def sync_pause(self) -> None:
+        """PAUSE or RESUME the database to match the file; PAUSE runs in a thread (it waits for the
+        running transactions), so reloads and probes go on meanwhile."""
+        if not self.options.paused_file or self.draining or self.pausing.locked():
+            return
+        want, paused = self.want_paused(), self.is_paused()
+        if want == paused:
+            return
+        command = ("PAUSE " if want else "RESUME ") + quote_name(self.options.database)
+
+        def run() -> None:
+            with self.pausing:
+                try:
+                    self.console.query(command)
+                    log.info("%s done", command.split()[0])
+                except AdminError as exc:
+                    log.warning("%s failed: %s", command.split()[0], exc)
+
+        threading.Thread(target=run, name="pooler-agent-pause", daemon=True).start()
+
     # -- drain -----------------------------------------------------------------------------------
+
+    def _socket_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(Path(self.options.socket_dir) / f".s.PGSQL.{self.options.port}")
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def recover(self) -> bool:
+        """After a finished drain: serve again once a *new* PgBouncer answers (True when it does)."""
+        if not (self.draining and self.drained.is_set()):
+            return False
+        identity = self._socket_identity()
+        if identity is None or identity == self._drain_socket or not self.alive()[0]:
+            return False
+        with self._lock:
+            self.draining = False
+            self.drained.clear()
+            self._drain_socket = None
+        log.info("PgBouncer is back after a drain: serving again")
+        return True
 
     def drain(self) -> bool:
         """Stop taking clients, let transactions finish, stop PgBouncer; True when it has exited."""
@@ -199,6 +226,7 @@ class PoolerAgent:
             if self.draining:
                 return self.drained.wait(self.options.drain_delay + self.options.drain_timeout + 5)
             self.draining = True
+            self._drain_socket = self._socket_identity()
         try:
             time.sleep(self.options.drain_delay)  # endpoints controllers drop the unready pod
             self._shutdown()
@@ -214,33 +242,60 @@ class PoolerAgent:
     def _shutdown(self) -> None:
         try:
             major, minor = self.console.version()
-            if (major, minor) >= (1, 23):
-                commands = ["SHUTDOWN WAIT_FOR_SERVERS"]
-            else:
-                commands = ["PAUSE", "SHUTDOWN"]  # PAUSE returns once every server is released
-            for command in commands:
-                self.console.query(command)
         except AdminError as exc:
-            # SHUTDOWN closes our own connection too: an error here is the expected outcome.
             log.info("shutdown: %s", exc)
+            return
+        # PAUSE returns once every server is released; an error there must not skip SHUTDOWN.
+        # SHUTDOWN closes our own connection too, so its error is the expected outcome.
+        commands = ["SHUTDOWN WAIT_FOR_SERVERS"] if (major, minor) >= (1, 23) else ["PAUSE", "SHUTDOWN"]
+        for command in commands:
+            try:
+                self.console.query(command)
+            except AdminError as exc:
+                log.info("%s: %s", command, exc)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     agent: PoolerAgent
+    admin: bool = False  # the loopback listener: POST /drain and /reload
+
+    def _status(self) -> tuple[bool, str]:
+        return True, "status"
 
     def do_GET(self) -> None:
         checks: dict[str, Callable[[], tuple[bool, str]]] = {
             "/livez": lambda: (True, "agent running"),
             "/healthz": self.agent.alive,
             "/readyz": self.agent.ready,
-            "/drain": lambda: (self.agent.drain(), "drained"),
+            "/status": self._status,
         }
+        self._answer(checks)
+
+    def do_POST(self) -> None:
+        if not self.admin:
+            self._reply(404, {"ok": False, "reason": "not found"})
+            return
+        self._answer({
+            "/drain": lambda: (self.agent.drain(), "drained"),
+            "/reload": lambda: (not self.agent.reload(), "reloaded"),
+        })
+
+    def _answer(self, checks: dict[str, Callable[[], tuple[bool, str]]]) -> None:
         check = checks.get(self.path.split("?")[0])
         if check is None:
             self._reply(404, {"ok": False, "reason": "not found"})
             return
-        ok, reason = check()
-        self._reply(200 if ok else 503, {"ok": ok, "reason": reason, "reloads": self.agent.reloads})
+        try:
+            ok, reason = check()
+        except AdminError as exc:
+            ok, reason = False, str(exc)
+        body: dict[str, Any] = {"ok": ok, "reason": reason, "reloads": self.agent.reloads}
+        if self.agent.unsupported:
+            body["unsupported"] = self.agent.unsupported
+        if self.path.startswith("/status"):
+            body.update(version=self.agent.version, paused=self.agent.want_paused(), draining=self.agent.draining,
+                        unsupported=self.agent.unsupported)
+        self._reply(200 if ok else 503, body)
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -254,12 +309,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
-def serve(agent: PoolerAgent) -> http.server.ThreadingHTTPServer:
-    handler = type("Handler", (_Handler,), {"agent": agent})
-    server = http.server.ThreadingHTTPServer((agent.options.listen_host, agent.options.listen_port), handler)
+def _listen(agent: PoolerAgent, host: str, port: int, admin: bool) -> http.server.ThreadingHTTPServer:
+    handler = type("AdminHandler" if admin else "ProbeHandler", (_Handler,), {"agent": agent, "admin": admin})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="pooler-agent-http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name=f"pooler-agent-http-{port}", daemon=True).start()
     return server
+
+
+def serve(agent: PoolerAgent) -> list[http.server.ThreadingHTTPServer]:
+    """The probe listener (pod network, read-only) and the admin listener (loopback only)."""
+    if agent.options.admin_host not in ("127.0.0.1", "::1", "localhost"):
+        raise ValueError("--admin-host must be a loopback address: drain and reload are not for the pod network")
+    return [
+        _listen(agent, agent.options.listen_host, agent.options.listen_port, admin=False),
+        _listen(agent, agent.options.admin_host, agent.options.admin_port, admin=True),
+    ]
 
 
 def run(options: AgentOptions) -> int:
@@ -267,7 +332,9 @@ def run(options: AgentOptions) -> int:
     gone (kubelet sends SIGTERM to every container at once, while the pgbouncer container's preStop
     hook is still waiting on our /drain); SIGINT stops at once."""
     agent = PoolerAgent(options)
-    server = serve(agent)
+    servers = serve(agent)
+    if options.metrics_port is not None:
+        start_http_server(options.metrics_port, options.listen_host, registry(agent.console))
 
     def on_term(signum: int, frame: Any) -> None:
         agent.stopping.set()
@@ -291,6 +358,16 @@ def run(options: AgentOptions) -> int:
                 break
         else:
             agent.check_once()
+            agent.recover()
+            _quietly(agent.sync_pause)
         time.sleep(options.interval)
-    server.shutdown()
+    for server in servers:
+        server.shutdown()
     return 0
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except AdminError as exc:
+        log.debug("admin console: %s", exc)

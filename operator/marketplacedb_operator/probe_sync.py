@@ -5,6 +5,7 @@ service account may patch every Deployment in the namespace; so a Deployment is 
 when it opts in (annotation `marketplacedb.io/probed-by` listing the MarketplaceDB's name, set
 by whoever owns the Deployment). Each MarketplaceDB applies with its own field manager and no
 force; a container already claimed by another MarketplaceDB is a Conflict and nothing is written.
+Removing the invitation releases this MarketplaceDB's probe fields, as removing the target does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def sync_probes(kube: Kube, namespace: str, resource: str, targets: Iterable[Hea
             result.problems.append(f"Deployment {target.deployment} not found")
             continue
         if not specs.opted_in(deployment, resource):
+            # An invitation withdrawn (the annotation removed) takes our probes with it: the empty
+            # apply under our own field manager removes exactly the fields it owned, nothing else.
+            result.writes += release(kube, namespace, resource, [target.deployment])
             result.problems.append(
                 f"Deployment {target.deployment} does not opt in: only Deployments annotated "
                 f"{naming.ANN_PROBED_BY} with this MarketplaceDB's name ({resource}) are patched"

@@ -18,20 +18,26 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import credentials as creds
-from . import jobs, metrics, naming
+from . import jobs, metrics, naming, pooler_logins
 from .api.errors import format_errors
-from .api.v1alpha1 import MarketplaceDB, MarketplaceDBSpec, MarketplaceDBStatus, PlanStatus, PoolerStatus, ViewStatus
+from .api.v1alpha1 import (
+    MarketplaceDB,
+    MarketplaceDBSpec,
+    MarketplaceDBStatus,
+    OwnedObject,
+    PlanStatus,
+    PoolerStatus,
+)
 from .background import Job
-from .durations import parse_duration
-from .owned import OWNED_KINDS, SyncResult, sync_owned
+from .owned import OWNED_KINDS, Record, SyncResult, sync_owned
 from .ports import ConnInfo, Database, Deps
 from .probe_sync import release as release_probes
 from .probe_sync import sync_probes
 from .redact import UNREACHABLE, describe_db_error
 from .specs import cronjobs, pgbouncer, pooler_manifests, pooler_sizing
 from .sql import plan as planning
+from .sql import refresh_truth
 from .sql import report as schema_report
-from .sql.refresh import due, is_stale
 from .status import Event, Problem, Report, compute
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,8 @@ class Context:
     now: datetime.datetime
     password: str = ""  # kept only to mask it in messages
     info: ConnInfo | None = None  # how this reconcile connected (background jobs connect alike)
+    # status.ownedObjects: what proves a Kubernetes object is ours (owned.py); updated by sync_owned.
+    owned: Record = dataclasses.field(default_factory=dict)
 
     @property
     def namespace(self) -> str:
@@ -96,7 +104,7 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
     except ValidationError as exc:
         report.spec_problem = Problem("InvalidSpec", _validation_message(exc))
         return _finish(body, deps, previous, report, started, temporary=False)
-    ctx = Context(body, spec, previous, deps, deps.now())
+    ctx = Context(body, spec, previous, deps, deps.now(), owned=_owned_record(previous))
     report.pooler_enabled, report.pooler_replicas = spec.pooler.enabled, spec.pooler.replicas
     database: Database | None = None
     try:
@@ -202,6 +210,7 @@ def _finish(
     status.handled_refresh_request = report.handled_refresh_request or (
         previous.handled_refresh_request if previous else None
     )
+    status.owned_objects = _owned_list(ctx.owned) if ctx is not None else (previous.owned_objects if previous else [])
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     live = _comparable(body.get("status"))
     if rendered != live:
@@ -211,11 +220,21 @@ def _finish(
         gone = {key: None for key in (live if isinstance(live, dict) else {}) if key not in rendered}
         deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], {**rendered, **gone})
     requeue = deps.settings.resync_seconds
+    if report.refresh_due_seconds is not None:  # mode Operator: wake up when the next refresh is due
+        requeue = min(requeue, max(1.0, report.refresh_due_seconds))
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
     if report.progress is not None:  # background DDL: report its progress (its end wakes us anyway)
         requeue = min(requeue, deps.settings.progress_seconds)
     return Outcome(events=events, temporary=temporary, requeue_after=requeue, status=rendered)
+
+
+def _owned_record(previous: MarketplaceDBStatus | None) -> Record:
+    return {(o.api_version, o.kind, o.name): o.uid for o in (previous.owned_objects if previous else [])}
+
+
+def _owned_list(record: Record) -> list[OwnedObject]:
+    return [OwnedObject(api_version=a, kind=k, name=n, uid=u) for (a, k, n), u in sorted(record.items())]
 
 
 def _comparable(status: Any) -> Any:
@@ -238,6 +257,15 @@ def _credentials(ctx: Context) -> tuple[str, str]:
     return info.user, info.password
 
 
+def _pooler_login(ctx: Context, ref: Any, field: str) -> tuple[str, str]:
+    """A pooler login's Secret (spec.pooler.users[], authQuery), read under the owner's opt-in rule."""
+    try:
+        found = creds.read_ref(ctx.deps.kube, ctx.namespace, ref, field, ctx.name)
+    except creds.CredentialsRefused as exc:
+        raise DatabaseUnavailable(exc.problem) from None
+    return found.user, found.password
+
+
 def _scrubbed(exc: BaseException, ctx: Context) -> str:
     """A database failure as SQLSTATE and object names (redact.py): never server text or row values."""
     return describe_db_error(exc)
@@ -245,7 +273,7 @@ def _scrubbed(exc: BaseException, ctx: Context) -> str:
 
 def _conn_info(ctx: Context) -> ConnInfo:
     try:
-        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings)
+        return creds.conn_info(ctx.deps.kube, ctx.namespace, ctx.spec.database, ctx.deps.settings, ctx.name)
     except creds.CredentialsRefused as exc:
         raise DatabaseUnavailable(exc.problem) from None
 
@@ -332,14 +360,29 @@ def _job(ctx: Context, kind: str) -> tuple[Job | None, Job | None]:
 
 
 def _refreshes(ctx: Context, database: Database, report: Report) -> None:
-    """Operator-mode refreshes that are due, on-demand refreshes, then status from the state table."""
-    states = {s.name: s for s in database.refresh_states() if s.schema}
+    """Operator-mode refreshes that are due, on-demand refreshes, then status from the state table.
+
+    The truth (failures from any scheduler, never-refreshed views, next due time) is computed by
+    sql/refresh_truth.py from the rows of this resource's declared views, keyed by (schema, view).
+    A resource without views never touches the operator's schema.
+    """
+    views = ctx.spec.materialized_views
+    if not views:
+        metrics.set_view_metrics(ctx.namespace, ctx.name, [], ctx.now)
+        return
+    unreadable: Problem | None = None
+    try:
+        states = refresh_truth.by_key(database.refresh_states())
+    except Exception as exc:  # e.g. no privilege on the operator's schema: say so, views go stale
+        states, unreadable = {}, Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
     failures: list[str] = []
+    attempted: set[str] = set()
     running, finished = _job(ctx, jobs.REFRESH)
     if finished is not None:  # background refreshes ended: their outcome, once
         results = list(finished.result or [])
+        attempted |= {r.view for r in results}
         failures += [f"{r.view}: {r.error or r.reason}" for r in results if not r.ok]
         if finished.error or any(r.outcome == "skipped-busy" for r in results):
             report.retry_soon = True  # unreachable, or another refresh held a lock: not handled
@@ -349,11 +392,9 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
             failures.append(finished.error.replace(ctx.password or "\0", "***"))
     requested = requested and report.handled_refresh_request != request and not report.retry_soon
     wanted = []
-    for view in ctx.spec.materialized_views:
-        policy = view.refresh
-        state = states.get(view.name)
-        scheduled = policy is not None and policy.mode == "Operator" and not policy.suspend
-        if requested or (scheduled and policy and due(policy.schedule, state.last_attempt if state else None, ctx.now)):
+    for view in views:
+        due_in = refresh_truth.operator_due_in(view, states.get((view.schema_name, view.name)), ctx.now)
+        if requested or (due_in is not None and due_in <= 0):
             wanted.append(view)
     # Not while this resource's DDL runs in the background: a view may be created or swapped.
     if wanted and running is None and finished is None and report.progress is None:
@@ -362,33 +403,29 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
             jobs.submit_refresh(ctx.deps, job_key, ctx.info, wanted, requested, request if requested else "")
         else:  # no background pool (the CLI): inline
             outcomes = [database.refresh(view, ctx.now, requested) for view in wanted]
+            attempted |= {view.name for view in wanted}
             failures += [f"{r.view}: {r.error or r.reason}" for r in outcomes if not r.ok]
             if requested and all(r.outcome != "skipped-busy" for r in outcomes):
                 report.handled_refresh_request = request
             elif requested:
                 report.retry_soon = True  # another refresh holds a view's lock: ask again after a backoff
-    if failures or requested or any(v.refresh and v.refresh.mode == "Operator" for v in ctx.spec.materialized_views):
-        states = {s.name: s for s in database.refresh_states()}
-    limits = {v.name: parse_duration(v.refresh.max_staleness) for v in ctx.spec.materialized_views if v.refresh}
-    report.views = [_with_refresh(v, states.get(v.name), limits.get(v.name), ctx.now) for v in report.views]
-    metrics.set_refresh_metrics(ctx.namespace, ctx.name, list(states.values()), ctx.now, limits)
-    report.refresh_scheduled = sum(1 for v in ctx.spec.materialized_views if v.refresh and not v.refresh.suspend)
-    if failures:
-        report.refresh_problem = Problem("RefreshFailed", "; ".join(failures))
-
-
-def _with_refresh(view: ViewStatus, state: Any, limit: float | None, now: datetime.datetime) -> ViewStatus:
-    if state is None:
-        return view.model_copy(update={"stale": limit is not None and view.populated is False})
-    return view.model_copy(
-        update={
-            "last_refresh_time": state.last_success,
-            "last_refresh_seconds": state.last_seconds,
-            "last_result": state.result,
-            "stale": limit is not None and is_stale(state, now, limit),
-            "message": view.message if not state.error else f"{view.message}; last refresh failed: {state.error}",
-        }
-    )
+    if attempted and unreadable is None:
+        try:
+            states = refresh_truth.by_key(database.refresh_states())
+        except Exception as exc:
+            unreadable = Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
+    previous = {v.name: v for v in ctx.previous.materialized_views} if ctx.previous else {}
+    truth = refresh_truth.assess(views, report.views, states, previous, ctx.now, frozenset(attempted))
+    report.views = truth.views
+    report.refresh_due_seconds = truth.due_in
+    metrics.set_view_metrics(ctx.namespace, ctx.name, truth.series, ctx.now)
+    report.refresh_scheduled = sum(1 for v in views if v.refresh and not v.refresh.suspend)
+    recorded = {f.split(":", 1)[0] for f in truth.failing}
+    failing = truth.failing + [f for f in failures if f.split(":", 1)[0] not in recorded]
+    if failing:
+        report.refresh_problem = Problem("RefreshFailed", "; ".join(failing))
+    elif unreadable is not None:
+        report.refresh_problem = unreadable
 
 
 # --- Kubernetes objects -----------------------------------------------------------------------
@@ -403,7 +440,7 @@ def _cronjobs(ctx: Context, report: Report) -> None:
         report.refresh_problem = Problem(refused.reason, "no refresh CronJob until the database spec is accepted")
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, cronjobs.COMPONENT, desired,
-                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx))
+                            [("batch/v1", "CronJob")], owner_uid=_uid(ctx), record=ctx.owned)
         report.refresh_problem = _conflict(synced) or report.refresh_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.refresh_problem = Problem("CronJobApplyFailed", _scrubbed(exc, ctx))
@@ -422,9 +459,15 @@ def _conflict(synced: SyncResult) -> Problem | None:
 
 def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
     component = pooler_manifests.COMPONENT
-    if not ctx.spec.pooler.enabled:
+    refused = report.database_problem is not None and report.database_problem.reason in creds.REFUSALS
+    if ctx.spec.pooler.enabled and refused and report.database_problem is not None:
+        # The auth Secret holds the refused Secret's password and the Deployment serves it: pruned
+        # like the CronJobs, until the Secret or host is accepted again.
+        report.pooler_problem = Problem(report.database_problem.reason, "no pooler until the database spec is accepted")
+    if not ctx.spec.pooler.enabled or refused:
         secrets = (naming.pooler_auth_secret_name(ctx.name),)
-        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx))
+        sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, [], OWNED_KINDS, secrets, owner_uid=_uid(ctx),
+                   record=ctx.owned)
         return
     if database is None:
         # Sizing and auth need the database; keep whatever runs now and say why.
@@ -433,13 +476,18 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
         return
     max_connections, reserved = database.server_limits()
     budget = pooler_sizing.compute_budget(ctx.spec.pooler, ctx.deps.settings, max_connections, reserved)
-    user, password = _credentials(ctx)
-    credentials = pgbouncer.choose_credentials(user, password, database.scram_verifier(user))
-    objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials)
-    config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials)
+    try:  # app roles and authQuery (pooler_logins.py): their Secrets, verifiers, lookup function
+        credentials, auth_user = pooler_logins.entries(ctx.spec, database, lambda r, f: _pooler_login(ctx, r, f))
+        objects = pooler_manifests.build_pooler(ctx.body, ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+        config = pooler_manifests.pooler_config(ctx.spec, ctx.deps.settings, budget, credentials, auth_user)
+    except (DatabaseUnavailable, pgbouncer.PoolerConfigError, pooler_logins.LookupFunctionMissing) as exc:
+        problem = exc.problem if isinstance(exc, DatabaseUnavailable) else Problem(
+            getattr(exc, "reason", "PoolerConfigInvalid"), str(exc))
+        report.pooler_problem, report.pooler = problem, _pooler_status(ctx, budget, None)
+        return
     try:
         synced = sync_owned(ctx.deps.kube, ctx.namespace, ctx.name, component, objects, OWNED_KINDS,
-                            owner_uid=_uid(ctx))
+                            owner_uid=_uid(ctx), record=ctx.owned)
         report.pooler_problem = _conflict(synced) or report.pooler_problem
     except Exception as exc:  # reported per part; the other parts go on
         report.pooler_problem = Problem("PoolerApplyFailed", _scrubbed(exc, ctx))
@@ -457,11 +505,17 @@ def _pooler_status(ctx: Context, budget: Any, config_hash: str | None) -> Pooler
     name = naming.pooler_name(ctx.name)
     deployment = ctx.deps.kube.get("apps/v1", "Deployment", ctx.namespace, name) or {}
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    image = ctx.spec.pooler.image or ctx.deps.settings.pgbouncer_image
+    version = pgbouncer.image_version(image)
     return PoolerStatus(
         ready_replicas=ready,
         endpoint=f"{name}.{ctx.namespace}.svc:5432",
         config_hash=config_hash,
         budget=budget,
+        paused=ctx.spec.pooler.paused,
+        pgbouncer_version=".".join(map(str, version)) if version else None,
+        # Judged from the image tag here; the agent checks the running binary (SHOW CONFIG).
+        unsupported_parameters=pgbouncer.unsupported_parameters(ctx.spec.pooler.parameters, version) if version else [],
     )
 
 

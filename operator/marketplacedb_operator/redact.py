@@ -65,8 +65,19 @@ def classify_connect_error(exc: BaseException) -> str:
     return UNREACHABLE
 
 
+# libpq refused the server's authentication request (require_auth, specs/db_tls.REQUIRE_AUTH).
+_METHOD_REFUSED = "authentication method requirement"
+METHOD_REFUSED_EXPLANATION = (
+    "authentication failed: the server asked for a cleartext password or an md5 hash, which the operator "
+    "never sends; use SCRAM (password_encryption = scram-sha-256, reset the role's password, scram-sha-256 "
+    "in pg_hba.conf)"
+)
+
+
 def connect_failure(exc: BaseException, where: str) -> tuple[str, str]:
     """(reason, message) for a failed connection to `where` (host:port/dbname, from the spec)."""
+    if _METHOD_REFUSED in str(exc).lower():
+        return AUTHENTICATION_FAILED, f"cannot connect to {where}: {METHOD_REFUSED_EXPLANATION}"
     reason = classify_connect_error(exc)
     return reason, f"cannot connect to {where}: {EXPLANATIONS[reason]}"
 

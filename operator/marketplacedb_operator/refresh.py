@@ -4,11 +4,13 @@ The CronJob entrypoint (`marketplacedb refresh`), the operator's own timer (`mod
 the `marketplacedb.io/refresh-now` annotation all call `refresh_view()` (or `run_refresh()` with a
 spec), so they share one behaviour and one truth, the state table:
 
-1. `pg_try_advisory_lock` on the view's key: another refresh running means `skipped-busy` (never
-   queued behind it, unlike pg_cron, and never waiting: the lock is *tried*).
-2. One catalog round trip (`observe`) and a pure `decide()`: skip when the base tables' write
-   counters equal those recorded at the last success, unless `maxStaleness` passed,
-   `skipIfUnchanged` is false or the refresh was forced.
+1. One round trip for the common case (`check`, a server-side function): try the view's advisory
+   lock (another refresh running means `skipped-busy`: never queued, never waiting), read the
+   catalog and, when nothing the view depends on changed, record the skip and unlock.
+2. Otherwise (lock held) the catalog check again and a pure `decide()`: skip when the tracked
+   tables' write counters equal those recorded at the last success, unless `maxStaleness` passed,
+   `skipIfUnchanged` is false, the refresh was forced, or the view calls functions whose reads
+   are not tracked / depends on the time (then it is always refreshed, and says why).
 3. `REFRESH ... CONCURRENTLY` when the view is populated and has a usable unique index, otherwise
    a plain refresh whose outcome says why; success is recorded in the same transaction.
 4. A failure rolls back (the view keeps its old rows) and is recorded with its error.
@@ -34,34 +36,40 @@ from .sql.refresh import (
     RefreshState,
     StateUpdate,
     ViewTarget,
+    ago,
     decide,
     due,
     is_stale,
     lock_key,
     options_for,
+    rule_for,
 )
+from .sql.refresh_check import SKIP_REASON
 
 __all__ = [
     "Decision", "Observation", "RefreshDatabase", "RefreshOptions", "RefreshOutcome", "RefreshState", "ViewTarget",
-    "decide", "due", "is_stale", "lock_key", "options_for", "refresh_view", "run_refresh",
+    "decide", "due", "explain_view", "is_stale", "lock_key", "options_for", "refresh_view", "run_refresh",
 ]
 
 
 class RefreshDatabase(Protocol):
     """The session-level operations one refresh needs (one dedicated, direct session)."""
 
+    def check(self, target: ViewTarget, key: tuple[int, int], options: RefreshOptions, now: datetime.datetime,
+              force: bool) -> tuple[bool, bool, float | None]: ...
+
     def try_lock(self, key: tuple[int, int]) -> bool: ...
 
     def unlock(self, key: tuple[int, int]) -> None: ...
 
-    def observe(self, target: ViewTarget) -> Observation: ...
+    def observe(self, target: ViewTarget, depends_on: tuple[str, ...] = ()) -> Observation: ...
 
     def refresh(self, target: ViewTarget, concurrently: bool, options: RefreshOptions,
-                update: StateUpdate) -> StateUpdate: ...
+                update: StateUpdate, previous_rows: int | None = None) -> StateUpdate: ...
 
     def record(self, target: ViewTarget, update: StateUpdate) -> None: ...
 
-    def record_busy(self, target: ViewTarget) -> None: ...
+    def record_busy(self, target: ViewTarget, update: StateUpdate) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +123,25 @@ def refresh_view(db: RefreshDatabase, target: ViewTarget, options: RefreshOption
         return RefreshOutcome(target.schema, target.name, kind, reason, clock() - started, **extra)
 
     key = lock_key(target)
+    busy = "another refresh of this view holds its advisory lock"
     try:
-        if not db.try_lock(key):
-            _best_effort(db.record_busy, target)
-            return outcome("skipped-busy", "another refresh of this view holds its advisory lock")
-    except RefreshDatabaseError as exc:
-        return outcome("failed", "could not take the advisory lock", error=str(exc))
+        locked, skipped, age = db.check(target, key, options, now, force)
+    except RefreshDatabaseError:
+        # No check function (a role that may not create it), or it failed after taking the lock
+        # (session advisory locks survive the statement's rollback): release it, then the same
+        # steps one round trip each.
+        db.unlock(key)
+        try:
+            locked, skipped, age = db.try_lock(key), False, None
+        except RefreshDatabaseError as exc:
+            return outcome("failed", "could not take the advisory lock", error=str(exc))
+        if not locked:
+            _best_effort(db.record_busy, target, StateUpdate("skipped-busy", now, busy, options.max_staleness,
+                                                             history_limit=options.history_limit))
+    if not locked:
+        return outcome("skipped-busy", busy)
+    if skipped:
+        return outcome("skipped-unchanged", f"{SKIP_REASON} ({ago(age or 0.0)} ago)")
     try:
         return _locked(db, target, options, now, force, outcome)
     finally:
@@ -130,26 +151,40 @@ def refresh_view(db: RefreshDatabase, target: ViewTarget, options: RefreshOption
 def _locked(db: RefreshDatabase, target: ViewTarget, options: RefreshOptions, now: datetime.datetime, force: bool,
             outcome: Callable[..., RefreshOutcome]) -> RefreshOutcome:
     decision: Decision | None = None
+    rule: str | None = None
+    limit = options.history_limit
     try:
-        observed = db.observe(target)
+        observed = db.observe(target, options.depends_on)
+        rule = rule_for(observed, options)
         decision = decide(observed, options, now, force)
         if decision.action == "fail":
-            db.record(target, StateUpdate("failed", now, decision.reason, options.max_staleness, error=decision.reason))
+            db.record(target, StateUpdate("failed", now, decision.reason, options.max_staleness,
+                                          error=decision.reason, rule=rule, history_limit=limit))
             return outcome("failed", decision.reason, error=decision.reason)
         if decision.action == "skip":
-            db.record(target, StateUpdate("skipped-unchanged", now, decision.reason, options.max_staleness))
+            db.record(target, StateUpdate("skipped-unchanged", now, decision.reason, options.max_staleness,
+                                          rule=rule, history_limit=limit))
             return outcome("skipped-unchanged", decision.reason)
         kind: Outcome = "refreshed" if decision.concurrently else "refreshed-plain"
         reason = decision.reason if decision.concurrently else f"{decision.reason}; plain: {decision.plain_reason}"
-        update = StateUpdate(kind, now, reason, options.max_staleness,
-                             counters=observed.counters, signature=observed.signature)
-        done = db.refresh(target, decision.concurrently, options, update)
+        update = StateUpdate(kind, now, reason, options.max_staleness, counters=observed.counters,
+                             signature=observed.signature, rule=rule, history_limit=limit)
+        previous = observed.state.rows if observed.state is not None else None
+        done = db.refresh(target, decision.concurrently, options, update, previous)
         return outcome(kind, reason, rows=done.rows, refresh_seconds=done.seconds)
     except RefreshDatabaseError as exc:
         why = decision.reason if decision is not None else "catalog check"
-        failed = StateUpdate("failed", now, f"refresh failed ({why})", options.max_staleness, error=str(exc))
+        failed = StateUpdate("failed", now, f"refresh failed ({why})", options.max_staleness, error=str(exc),
+                             rule=rule, history_limit=limit)
         _best_effort(db.record, target, failed)
         return outcome("failed", failed.reason, error=str(exc))
+
+
+def explain_view(db: RefreshDatabase, target: ViewTarget, options: RefreshOptions, now: datetime.datetime,
+                 force: bool = False) -> tuple[str, Decision]:
+    """The rule that applies to the view and what a run would do now; no lock, nothing recorded."""
+    observed = db.observe(target, options.depends_on)
+    return rule_for(observed, options), decide(observed, options, now, force)
 
 
 def _best_effort(action: Callable[..., None], *args: Any) -> None:

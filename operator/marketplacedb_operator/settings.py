@@ -17,8 +17,21 @@ _SECRET_NAME = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"
 class Settings:
     # Images. The operator's own image runs the refresh CronJobs (`marketplacedb refresh`).
     operator_image: str = "ghcr.io/marketplacedb/marketplacedb-operator:0.1.0"
-    pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.26.0"
-    pgbouncer_exporter_image: str = "quay.io/prometheuscommunity/pgbouncer-exporter:v0.10.2"
+    # A tag with public evidence: CloudNativePG's image definition (cloudnative-pg/pgbouncer-containers,
+    # docker-bake.hcl, pgBouncerVersion "1.25.2-1.pgdg13+1") publishes ghcr.io/cloudnative-pg/pgbouncer
+    # tagged with the plain version, and public manifests pull `:1.25.2`; CloudNativePG 1.28.1 itself
+    # defaults to `:1.25.1` (pkg/versions/versions.go, DefaultPgbouncerImage). No digest published by
+    # the project was found, so none is pinned here. 1.25.x is affected by CVE-2026-107350 (fixed in
+    # 1.26.1): with several users in the auth file, see README "Pooler".
+    pgbouncer_image: str = "ghcr.io/cloudnative-pg/pgbouncer:1.25.2"
+    # Image repositories `spec.pooler.image` may name (the pod gets the auth file and, through it, the
+    # users' credentials). Empty: only the repository of pgbouncer_image.
+    pooler_allowed_images: tuple[str, ...] = ()
+    # The uid every pooler container runs as: PgBouncer admits the agent to its admin
+    # socket without a password only for its own uid. 998 is `pgbouncer` in the default image
+    # (CloudNativePG's Dockerfile: `useradd -r --uid 998 --gid 996 pgbouncer`); set it for an image
+    # whose PgBouncer runs as another uid.
+    pooler_run_as_uid: int = 998
     # Applied to every pod the operator creates (refresh CronJobs, poolers), in the application's
     # namespace: a private registry's pull Secret must exist there under these names. Comma-separated.
     image_pull_secrets: tuple[str, ...] = ()

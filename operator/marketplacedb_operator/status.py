@@ -51,6 +51,7 @@ class Report:
     blocking: list[BlockingSession] = dataclasses.field(default_factory=list)
     advice: list[str] = dataclasses.field(default_factory=list)
     refresh_scheduled: int = 0
+    refresh_due_seconds: float | None = None  # mode Operator: when the next refresh is due
     probes_applied: int = 0
     drifted: list[str] = dataclasses.field(default_factory=list)
     progress: DDLProgress | None = None  # background DDL running for this resource

@@ -1,4 +1,4 @@
-"""The reference marketplace workload (DESIGN.md section 6): schema, data and home-page queries.
+"""The reference marketplace workload (docs/architecture.md#reference-workload): schema, data and home-page queries.
 
 Pure text builders, no I/O: tests, the demo and the benchmark feed the SQL to a database
 themselves (`examples/generate.py --products N --schema | psql`).

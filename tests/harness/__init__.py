@@ -1,4 +1,4 @@
-"""Test harness: real servers started by the tests themselves (DESIGN.md section 5).
+"""Test harness: real servers started by the tests themselves (docs/architecture.md#testing-with-real-parts).
 
 - `harness.postgres`: PostgresServer (a throwaway PostgreSQL 15), FreshDatabase, free_port.
 - `harness.pgbouncer`: PgBouncerProcess (the real pgbouncer binary on a given config).

@@ -252,7 +252,8 @@ async def rel(kube_api: KubeEmulator, kube_objects: KubeObjects, workload_db: An
     await asyncio.to_thread(rel_db.prepare, workload_db.superuser_dsn)
     await kube_objects.ensure_namespace(NS)
     await kube_objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {
-        "name": SECRET, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"}},
+        "name": SECRET, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"},
+        "annotations": {"marketplacedb.io/credentials-for": "shop,big"}},
                                "stringData": {"username": workload_db.owner, "password": canary}})
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mdb-rel-"))
     kubeconfig = write_kubeconfig(workdir / "kubeconfig", str(kube_api.url).rstrip("/"))

@@ -53,7 +53,8 @@ async def _secret(rel: Rel, name: str, data: dict[str, str]) -> None:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     if existing is None:
         await rel.objects.create({"apiVersion": "v1", "kind": "Secret", "metadata": {
-            "name": name, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"}},
+            "name": name, "namespace": NS, "labels": {"marketplacedb.io/credentials": "true"},
+            "annotations": {"marketplacedb.io/credentials-for": "shop"}},
                                   "data": encoded})
     else:
         await rel.objects.patch(existing, {"data": {**{k: None for k in existing.get("data", {})}, **encoded},

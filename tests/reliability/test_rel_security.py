@@ -111,7 +111,8 @@ async def test_a_foreign_secret_is_never_transmitted_nor_shown(rel: Rel) -> None
     key = f"-----BEGIN PRIVATE KEY-----\nMIIkey{token}\n-----END PRIVATE KEY-----"
     user = f"user-canary-{token}"
     await rel.objects.create(secret_body("team-b-tls", {"tls.crt": crt, "tls.key": key}, opted_in=False))
-    await rel.objects.create(secret_body("witness-owner", {"username": user, "password": rel.canary}, opted_in=True))
+    await rel.objects.create(secret_body("witness-owner", {"username": user, "password": rel.canary}, opted_in=True,
+                                         bound="witness"))
     attacker, witness = await FakePostgres().start(), await FakePostgres().start()
     try:
         await rel.operator.start()

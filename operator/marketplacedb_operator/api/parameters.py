@@ -11,7 +11,7 @@ import re
 from typing import Literal
 
 _INT_MAX = 2**31 - 1
-Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum"]
+Kind = Literal["int", "bool", "memory", "float", "duration_ms", "enum", "names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,9 @@ class Param:
     # memory: the size of one unit of a unit-less value, in kB (PostgreSQL's GUC_UNIT_KB or
     # GUC_UNIT_BLOCKS); minimum/maximum are in those units, as pg_settings reports them.
     unit_kb: int = 1
+    # PgBouncer: the release that introduced it. Older releases refuse to start on an unknown key,
+    # so the renderer leaves newer ones out (specs/pgbouncer.render_ini) and status lists them.
+    since: tuple[int, int] = (1, 0)
 
 
 # https://www.pgbouncer.org/config.html (1.18 as shipped by Debian 12). pool_mode, max_client_conn
@@ -59,6 +62,15 @@ PGBOUNCER_PARAMETERS: dict[str, Param] = {
     "tcp_keepidle": Param("int", maximum=86400),
     "tcp_keepintvl": Param("int", maximum=86400),
     "verbose": Param("int", maximum=3),
+    "tcp_user_timeout": Param("int", maximum=2**31 - 1, since=(1, 13)),
+    "server_reset_query": Param("enum", choices=("discard all", "deallocate all", "")),
+    "server_reset_query_always": Param("bool"),
+    # Newer than Debian 12's 1.18 (the tests' binary): rendered, and reported by the agent when the
+    # running PgBouncer does not know them. https://www.pgbouncer.org/changelog.html
+    "track_extra_parameters": Param("names", since=(1, 20)),
+    "max_prepared_statements": Param("int", maximum=100000, since=(1, 21)),
+    "max_db_client_connections": Param("int", maximum=1000000, since=(1, 24)),
+    "max_user_client_connections": Param("int", maximum=1000000, since=(1, 24)),
     # Read only at start-up: a change rolls the pods (through the restart hash).
     "listen_backlog": Param("int", minimum=1, maximum=65535, reload_safe=False),
     "pkt_buf": Param("int", minimum=512, maximum=2**20, reload_safe=False),
@@ -137,6 +149,10 @@ def check_value(param: Param, value: object) -> str:
         if not _FLOAT.fullmatch(text):
             raise ValueError(f"{value!r} is not a non-negative number")
         return text
+    if param.kind == "names":
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*(,[a-z_][a-z0-9_]*)*", text.lower()):
+            raise ValueError(f"{value!r} is not a comma-separated list of parameter names")
+        return text.lower()
     if text.lower() in param.choices:
         return text.lower()
     raise ValueError(f"{value!r} is not one of {', '.join(param.choices)}")

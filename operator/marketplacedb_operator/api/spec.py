@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from typing import Annotated, Literal
 
 from pydantic import (
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from ..durations import parse_duration
+from ..querydeps import volatile_calls
 from ..sqlcheck import SqlCheckError, normalize_predicate, normalize_select
 from .bounds import cel
 from .parameters import DATABASE_SETTINGS, SERVER_SETTINGS, check_named
 from .types import CRON_PATTERN, DnsName, Duration, Identifier, Model, check_cron, check_unique, in_list, unique_rule
+
+
+def _not_temporary(value: str) -> str:
+    # The schema engine builds replacements as <name>__new, parks replaced indexes as <name>__old and
+    # names a view's unique index <view>__key: a declared name of that form would collide with another
+    # declared object's temporary name.
+    for suffix in ("__new", "__old", "__key"):
+        if value.endswith(suffix):
+            raise ValueError(f"{value!r} ends in {suffix!r}, reserved for the operator's temporary names")
+    return value
+
 
 # --- database ---------------------------------------------------------------------------------
 
@@ -23,8 +38,16 @@ class SecretRef(Model):
     """A Secret in the resource's namespace holding the database owner's credentials."""
 
     name: DnsName = Field(description="Secret name.")
-    username_key: str = Field("username", description="Key holding the user name.")
-    password_key: str = Field("password", description="Key holding the password.")
+    username_key: str = Field(
+        "username",
+        description="Key holding the user name; must be the key the Secret declares "
+        "(annotation marketplacedb.io/username-key, default username).",
+    )
+    password_key: str = Field(
+        "password",
+        description="Key holding the password; must be the key the Secret declares "
+        "(annotation marketplacedb.io/password-key, default password).",
+    )
 
 
 # Per-database timeouts below this cancel nearly every statement of every session (a value without
@@ -58,7 +81,10 @@ class KeyRef(Model):
 class ClientCertRef(Model):
     """A Secret (opted in like the credentials Secret) with a client certificate and its key."""
 
-    name: DnsName = Field(description="Secret name (label marketplacedb.io/credentials: \"true\").")
+    name: DnsName = Field(
+        description="Secret name (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB)."
+    )
     cert_key: DataKey = Field("tls.crt", description="Key holding the PEM certificate.")
     key_key: DataKey = Field("tls.key", description="Key holding the PEM private key.")
 
@@ -77,7 +103,9 @@ class DatabaseTLS(Model):
     )
 
     ca_secret_ref: KeyRef | None = Field(
-        None, description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\")."
+        None,
+        description="CA certificate(s) from a Secret (label marketplacedb.io/credentials: \"true\", annotation "
+        "marketplacedb.io/credentials-for naming this MarketplaceDB).",
     )
     ca_config_map_ref: KeyRef | None = Field(None, description="CA certificate(s) from a ConfigMap.")
     client_cert_secret_ref: ClientCertRef | None = Field(None, description="Client certificate and key.")
@@ -100,7 +128,8 @@ class DatabaseSpec(Model):
     )
     credentials_secret_ref: SecretRef = Field(
         description="Owner credentials (keys username, password). The Secret must carry the label "
-        'marketplacedb.io/credentials: "true" (README "Security model").'
+        'marketplacedb.io/credentials: "true" and the annotation marketplacedb.io/credentials-for naming '
+        'this MarketplaceDB (README "Security model").'
     )
     tls: DatabaseTLS | None = Field(
         None,
@@ -176,6 +205,7 @@ class IndexSpec(Model):
     )
 
     name: Identifier = Field(description="Index name (unique in the schema).")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     table: Identifier = Field(description="Table name.")
     schema_name: Identifier = Field("public", alias="schema", description="Schema of the table.")
     columns: list[IndexColumn] = Field(
@@ -233,31 +263,88 @@ class IndexSpec(Model):
 class RefreshPolicy(Model):
     """When and how a materialized view is refreshed (never overlapping)."""
 
-    schedule: str = Field(
+    model_config = ConfigDict(json_schema_extra=cel(
+        ("has(self.schedule) != has(self.every)", "set exactly one of schedule and every"),
+        ("!has(self.every) || self.mode == 'Operator'", "every needs mode: Operator"),
+    ))
+
+    schedule: str | None = Field(
+        None,
         max_length=128,
         description="Cron schedule: five fields (minute hour day-of-month month day-of-week) or a macro "
-        "(@hourly, @daily, @weekly, @monthly, @yearly).",
+        "(@hourly, @daily, @weekly, @monthly, @yearly); required unless `every` is set.",
         json_schema_extra={"pattern": CRON_PATTERN},
     )
     mode: Literal["CronJob", "Operator"] = Field(
         "CronJob", description="CronJob: a Kubernetes CronJob per view; Operator: the operator's own timer."
     )
+    every: Duration | None = Field(
+        None, max_length=16,
+        description="mode Operator only: refresh at this interval instead of a cron schedule, from 5s to 24h "
+        "(e.g. 30s: the option when one minute is too coarse).",
+    )
+    time_zone: str | None = Field(
+        None, max_length=64, pattern=r"^[A-Za-z0-9_+\-/]+$",
+        description="IANA time zone the schedule is read in (e.g. Europe/Berlin); default Etc/UTC. Passed to "
+        "the CronJob and honoured by mode Operator.",
+    )
     skip_if_unchanged: bool = Field(True, description="Skip when the base tables saw no writes since the last refresh.")
+    depends_on: list[Annotated[str, Field(max_length=127, pattern=r"^[a-z_][a-z0-9_$]*(\.[a-z_][a-z0-9_$]*)?$")]] = (
+        Field(
+            default_factory=list, max_length=64,
+            description="Tables (table in the view's schema, or schema.table) whose writes count for skipIfUnchanged "
+            "besides those the "
+            "view reads directly: declare the tables its functions read, else a view calling a non-built-in, "
+            "stable or volatile function is refreshed on every schedule.",
+        )
+    )
+    history_limit: int = Field(20, ge=1, le=1000, description="Runs kept in the refresh history of this view.")
     max_staleness: Duration = Field("1h", description="Refresh anyway after this long; beyond it the view is Stale.")
     timeout: Duration = Field("5m", description="statement_timeout of one refresh (and the Job's deadline).")
     suspend: bool = Field(False, description="Pause scheduled refreshes.")
 
     @field_validator("schedule")
     @classmethod
-    def _schedule(cls, value: str) -> str:
-        return check_cron(value)
+    def _schedule(cls, value: str | None) -> str | None:
+        return None if value is None else check_cron(value)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timeZone {value!r} is not an IANA time zone name (e.g. Europe/Berlin)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _when(self) -> RefreshPolicy:
+        if self.every is not None:
+            if self.mode != "Operator":
+                raise ValueError("every needs mode: Operator (a CronJob cannot run more often than once a minute)")
+            if not 5 <= parse_duration(self.every) <= 86400:
+                raise ValueError(f"every {self.every!r} must be between 5s and 24h")
+            if self.schedule is not None:
+                raise ValueError("set either schedule or every, not both")
+        elif self.schedule is None:
+            raise ValueError("schedule is required (or every, with mode: Operator)")
+        return self
 
 
 class MaterializedViewSpec(Model):
     """A materialized view with the unique index that REFRESH ... CONCURRENTLY needs."""
 
     name: Identifier = Field(description="View name.")
+    _name_not_temporary = field_validator("name")(_not_temporary)
     schema_name: Identifier = Field("public", alias="schema", description="Schema.")
+    allow_volatile_functions: bool = Field(
+        False,
+        description="DANGEROUS: accept calls to volatile functions (setval, nextval, lo_*, pg_terminate_backend, "
+        "random, ...) in the query. They run with the role's full rights when the view is created and at every "
+        "refresh; refused by default, with the function named.",
+    )
     query: str = Field(
         min_length=1,
         max_length=65536,
@@ -281,11 +368,18 @@ class MaterializedViewSpec(Model):
 
     @field_validator("query")
     @classmethod
-    def _query(cls, value: str) -> str:
+    def _query(cls, value: str, info: ValidationInfo) -> str:
         try:
-            return normalize_select(value)
+            query = normalize_select(value)
         except SqlCheckError as exc:
             raise ValueError(f"query {exc}") from None
+        calls = [] if info.data.get("allow_volatile_functions") else volatile_calls(query)
+        if calls:
+            raise ValueError(
+                f"query calls volatile function(s) {', '.join(calls)}: they can write or act on every refresh; "
+                "set allowVolatileFunctions: true to accept (dangerous)"
+            )
+        return query
 
     @field_validator("unique_key")
     @classmethod

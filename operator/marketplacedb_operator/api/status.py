@@ -73,6 +73,12 @@ class ViewStatus(StatusModel):
     """Older than refresh.maxStaleness."""
     message: str = ""
     """Why the view is not as declared, or why the last refresh failed."""
+    recent_outcomes: list[str] = Field(default_factory=list)
+    """The last refresh outcomes (at most 5), newest first, whatever ran them."""
+    refresh_rule: str | None = None
+    """Which skip-if-unchanged rule applies to the view, and why (at most 512 characters)."""
+    first_seen_time: datetime.datetime | None = None
+    """When the operator first saw the view declared: a view never refreshed is stale from here."""
 
 
 class PoolerBudget(StatusModel):
@@ -113,6 +119,26 @@ class PoolerStatus(StatusModel):
     """Hash of the rendered pgbouncer.ini and userlist (pods roll when it changes)."""
     budget: PoolerBudget | None = None
     """How the pooler's server connections fit under the database's max_connections."""
+    paused: bool = False
+    """spec.pooler.paused as last applied (the agents PAUSE/RESUME)."""
+    pgbouncer_version: str | None = None
+    """The PgBouncer release the image tag names."""
+    unsupported_parameters: list[str] = Field(default_factory=list)
+    """spec.pooler.parameters newer than that release: left out of pgbouncer.ini."""
+
+
+class OwnedObject(StatusModel):
+    """A Kubernetes object the operator created (or adopted) for this resource: its proof of
+    ownership, since users cannot write status and cannot choose a uid."""
+
+    api_version: str
+    """apiVersion of the object."""
+    kind: str
+    """Kind of the object."""
+    name: str
+    """Name of the object (in the resource's namespace)."""
+    uid: str
+    """metadata.uid from the operator's own create response."""
 
 
 class BlockingSession(StatusModel):
@@ -183,3 +209,5 @@ class MarketplaceDBStatus(StatusModel):
     """Deployments whose probes this resource patched (released when removed from the spec)."""
     handled_refresh_request: str | None = None
     """The last marketplacedb.io/refresh-now annotation value acted upon."""
+    owned_objects: list[OwnedObject] = Field(default_factory=list)
+    """Kubernetes objects the operator created for this resource (uid): only these are updated."""

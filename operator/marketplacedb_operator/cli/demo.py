@@ -180,7 +180,8 @@ async def _seed_cluster(objects: Any, server: Any) -> None:
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                         "annotations": {naming.ANN_CREDENTIALS_FOR: "shop"}},
             "stringData": {"username": "shop_owner", "password": "demo-owner-password"},
         }
     )

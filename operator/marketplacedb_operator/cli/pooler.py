@@ -19,8 +19,14 @@ def register(commands: Any) -> None:
     agent.add_argument("--config", required=True, help="mounted pgbouncer.ini to watch")
     agent.add_argument("--auth-file", required=True, help="mounted auth file to watch")
     agent.add_argument("--database", required=True, help="database that must be served for readiness")
-    agent.add_argument("--listen-port", type=int, default=8080, help="HTTP port for /livez /healthz /readyz /drain")
-    agent.add_argument("--listen-host", default="0.0.0.0", help="HTTP address")
+    agent.add_argument("--listen-port", type=int, default=8080, help="HTTP port for /livez /healthz /readyz /status")
+    agent.add_argument("--listen-host", default="0.0.0.0", help="HTTP address of the read-only probes")
+    agent.add_argument("--admin-port", type=int, default=8081, help="HTTP port for POST /drain and /reload")
+    agent.add_argument("--admin-host", default="127.0.0.1", help="loopback address of the admin listener")
+    agent.add_argument("--paused-file", default=None, help="file holding true/false: PAUSE or RESUME the database")
+    agent.add_argument("--metrics-port", type=int, default=None, help="serve PgBouncer's metrics on this port")
+    agent.add_argument("--watch", action="append", default=[], help="another file whose change means RELOAD "
+                       "(the client TLS certificate and key)")
     agent.add_argument("--interval", type=float, default=2.0, help="seconds between file checks")
     agent.add_argument("--drain-delay", type=float, default=10.0, help="seconds unready before shutting down")
     agent.add_argument("--drain-timeout", type=float, default=40.0, help="seconds to wait for transactions")
@@ -33,4 +39,6 @@ def _run(args: argparse.Namespace) -> int:
         socket_dir=args.socket_dir, port=args.port, config=args.config, auth_file=args.auth_file,
         database=args.database, listen_port=args.listen_port, listen_host=args.listen_host,
         interval=args.interval, drain_delay=args.drain_delay, drain_timeout=args.drain_timeout,
+        admin_port=args.admin_port, admin_host=args.admin_host, paused_file=args.paused_file,
+        watch=tuple(args.watch), metrics_port=args.metrics_port,
     ))

@@ -6,6 +6,9 @@ PGUSER, PGPASSWORD, PGSSLMODE) set from the Secret: no DSN on the command line, 
 For humans: `-f FILE` takes the views and their policies from a MarketplaceDB manifest, `--dsn`
 gives a connection (beware: a password in a DSN is visible in `ps`; prefer PGPASSWORD).
 
+`marketplacedb history -f FILE [--view NAME] [-o json]` prints the recorded runs (the last N per
+view, newest first) from the operator's schema in the database.
+
 Exit status: 0 when every view was refreshed or skipped, 1 when any failed, 2 for usage errors.
 """
 
@@ -19,15 +22,29 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from psycopg import sql
+
+from .. import naming
 from ..api.v1alpha1 import DatabaseSpec, MarketplaceDB
 from ..durations import parse_duration
 from ..gateways.postgres import ConnInfo, DatabaseUnreachable, connect
-from ..gateways.postgres.refresh import PostgresRefresh
-from ..refresh import RefreshOutcome, refresh_view
-from ..sql.refresh import DEFAULT_LOCK_TIMEOUT, RefreshOptions, ViewTarget, options_for
+from ..gateways.postgres.refresh import PostgresRefresh, read_history
+from ..refresh import RefreshOutcome, explain_view, refresh_view
+from ..sql.refresh import (
+    DEFAULT_HISTORY,
+    DEFAULT_LOCK_TIMEOUT,
+    HistoryEntry,
+    RefreshDatabaseError,
+    RefreshOptions,
+    ViewTarget,
+    options_for,
+)
 from .manifest import ManifestError, load_resources
 
 REFRESH_APPLICATION_NAME = "marketplacedb-refresh"
+STATE_EXISTS = sql.SQL("SELECT pg_catalog.to_regclass({}) IS NOT NULL").format(
+    sql.Literal(f'"{naming.STATE_SCHEMA}"."{naming.STATE_TABLE}"')
+)
 
 
 def register(commands: Any) -> None:
@@ -50,8 +67,27 @@ def register(commands: Any) -> None:
     parser.add_argument("--skip-if-unchanged", action=argparse.BooleanOptionalAction, default=None,
                         help="skip when the base tables saw no writes (default true)")
     parser.add_argument("--force", action="store_true", help="refresh even when nothing changed")
+    parser.add_argument("--explain", action="store_true",
+                        help="print which skip rule applies and what a run would do; no lock, no refresh, no record")
+    parser.add_argument("--depends-on", action="append", metavar="TABLE", default=None,
+                        help="table whose writes count for --skip-if-unchanged (refresh.dependsOn; repeatable)")
+    parser.add_argument("--allow-volatile-functions", action="store_true", default=None,
+                        help="accept volatile functions in the view (allowVolatileFunctions; dangerous)")
+    parser.add_argument("--history-limit", type=int, default=None,
+                        help=f"runs kept in the view's history (default {DEFAULT_HISTORY})")
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
     parser.set_defaults(handler=_run)
+
+    history = commands.add_parser(
+        "history", help="print the recorded refresh runs of a manifest's views (last N per view)",
+        description="The last refresh runs per view, newest first, read from the operator's schema.",
+    )
+    history.add_argument("-f", "--filename", required=True, help="MarketplaceDB manifest (its database and views)")
+    history.add_argument("--resource", help="MarketplaceDB name in the file (when it holds several)")
+    history.add_argument("--view", help="only this view")
+    history.add_argument("--dsn", help="libpq connection string (default: the manifest's database, PGUSER/PGPASSWORD)")
+    history.add_argument("-o", "--output", choices=("text", "json"), default="text", help="output format")
+    history.set_defaults(handler=_history)
 
 
 def _duration(text: str) -> float:
@@ -67,10 +103,16 @@ class UsageError(ValueError):
 
 def _overrides(args: argparse.Namespace, options: RefreshOptions) -> RefreshOptions:
     changes: dict[str, Any] = {}
-    for field in ("max_staleness", "timeout", "lock_timeout", "skip_if_unchanged"):
-        value = getattr(args, field)
+    for field in ("max_staleness", "timeout", "lock_timeout", "skip_if_unchanged", "history_limit"):
+        value = getattr(args, field, None)
         if value is not None:
             changes[field] = value
+    if getattr(args, "depends_on", None):
+        changes["depends_on"] = tuple(args.depends_on)
+    if getattr(args, "allow_volatile_functions", None):
+        changes["allow_volatile"] = True
+    if changes.get("history_limit", 1) < 1:
+        raise UsageError("--history-limit must be at least 1")
     return RefreshOptions(**{**options.__dict__, **changes})
 
 
@@ -110,7 +152,11 @@ def conninfo(dsn: str | None, environ: Mapping[str, str], database: DatabaseSpec
     always fall back to PGUSER/PGPASSWORD, so a secret never needs to be on the command line."""
     env_user, env_password = environ.get("PGUSER", "postgres"), environ.get("PGPASSWORD", "")
     if dsn:
-        info = ConnInfo.from_dsn(dsn, application_name=REFRESH_APPLICATION_NAME)
+        try:
+            info = ConnInfo.from_dsn(dsn, application_name=REFRESH_APPLICATION_NAME)
+        except Exception:  # libpq's message quotes the DSN, password included: say nothing of it
+            raise UsageError("--dsn is not a valid libpq connection string (not shown: it may hold a password)") \
+                from None
         if not info.password and env_password:
             info = ConnInfo(**{**info.kwargs(), "password": env_password})
         return info
@@ -156,8 +202,70 @@ def _run(args: argparse.Namespace) -> int:
     failed = False
     with conn:
         db = PostgresRefresh(conn)
+        if args.explain:
+            return _explain(db, chosen, args)
         for target, options in chosen:
             outcome = refresh_view(db, target, options, datetime.datetime.now(datetime.UTC), args.force)
             _print(outcome, args.output)
             failed = failed or not outcome.ok
     return 1 if failed else 0
+
+
+def _explain(db: PostgresRefresh, chosen: list[tuple[ViewTarget, RefreshOptions]], args: argparse.Namespace) -> int:
+    """Rolled back: the operator's schema may be created to read it, and nothing stays."""
+    failed = False
+    now = datetime.datetime.now(datetime.UTC)
+    for target, options in chosen:
+        try:
+            with db.conn.transaction(force_rollback=True):
+                if not db.conn.execute(STATE_EXISTS).fetchone()[0]:  # type: ignore[index]
+                    db.ensure_state_table()
+                rule, decision = explain_view(db, target, options, now, args.force)
+        except RefreshDatabaseError as exc:
+            rule, action, reason = "", "fail", str(exc)
+        else:
+            action, reason = decision.action, decision.reason
+        failed = failed or action == "fail"
+        if args.output == "json":
+            print(json.dumps({"schema": target.schema, "view": target.name, "action": action, "reason": reason,
+                              "rule": rule}, sort_keys=True), flush=True)
+        else:
+            print(f"{target.schema}.{target.name}: would {action}: {reason}; rule: {rule}", flush=True)
+    return 1 if failed else 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    try:
+        resource = _pick_resource(args)
+        names = {v.name for v in resource.spec.materialized_views}
+        if args.view and args.view not in names:
+            raise UsageError(f"{args.filename}: no materialized view named {args.view}")
+        info = conninfo(args.dsn, os.environ, resource.spec.database)
+    except (ManifestError, UsageError, ValueError) as exc:
+        print(f"marketplacedb history: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with connect(info) as conn:
+            entries = read_history(conn, args.view)
+    except (DatabaseUnreachable, RefreshDatabaseError) as exc:
+        print(f"marketplacedb history: {exc}", file=sys.stderr)
+        return 1
+    declared = {(v.schema_name, v.name) for v in resource.spec.materialized_views}
+    for entry in entries:
+        if (entry.schema, entry.name) in declared:
+            _print_history(entry, args.output)
+    return 0
+
+
+def _print_history(entry: HistoryEntry, output: str) -> None:
+    if output == "json":
+        data = {"schema": entry.schema, "view": entry.name, "attemptAt": entry.attempt_at.isoformat(),
+                "outcome": entry.outcome, "reason": entry.reason, "seconds": entry.seconds, "rows": entry.rows,
+                "error": entry.error}
+        print(json.dumps({k: v for k, v in data.items() if v is not None}, sort_keys=True), flush=True)
+        return
+    seconds = f" in {entry.seconds:.3f}s" if entry.seconds is not None else ""
+    rows = f" ({entry.rows} rows)" if entry.rows is not None else ""
+    error = f": {entry.error}" if entry.error else ""
+    print(f"{entry.attempt_at.isoformat()} {entry.schema}.{entry.name}: {entry.outcome}{seconds}{rows}: "
+          f"{entry.reason or ''}{error}", flush=True)

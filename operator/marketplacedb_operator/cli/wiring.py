@@ -14,7 +14,7 @@ from kubernetes import client as k8s
 
 from ..api.v1alpha1 import MaterializedViewSpec
 from ..gateways.kube import KubeGateway
-from ..gateways.postgres import connect, progress, schema, server
+from ..gateways.postgres import connect, pooler, progress, schema, server
 from ..gateways.postgres.refresh import PostgresRefresh, read_refresh_states
 from ..ports import BuildProgress, ConnInfo, Deps
 from ..refresh import RefreshOutcome, run_refresh
@@ -59,6 +59,9 @@ class PostgresDatabase:
 
     def scram_verifier(self, role: str) -> str | None:
         return server.read_scram_verifier(self._conn, role)
+
+    def lookup_function_exists(self, function: str) -> bool:
+        return pooler.lookup_function_exists(self._conn, function)
 
     def refresh_states(self) -> list[RefreshState]:
         return read_refresh_states(self._conn)

@@ -1,4 +1,4 @@
--- Reference schema of the marketplace this operator was designed for (DESIGN.md section 6).
+-- Reference schema of the marketplace this operator was designed for (docs/architecture.md#reference-workload).
 --
 -- Only primary keys, foreign keys and one natural unique key are declared here. The five
 -- targeted indexes and the two materialized views are *not*: the MarketplaceDB resource in

@@ -43,6 +43,9 @@ def refresh_args(view: MaterializedViewSpec, policy: RefreshPolicy) -> list[str]
         "--max-staleness", policy.max_staleness,
         "--timeout", policy.timeout,
         "--skip-if-unchanged" if policy.skip_if_unchanged else "--no-skip-if-unchanged",
+        *[arg for table in policy.depends_on for arg in ("--depends-on", table)],
+        *(["--allow-volatile-functions"] if view.allow_volatile_functions else []),
+        "--history-limit", str(policy.history_limit),
         "-o", "json",
     ]
 
@@ -103,8 +106,8 @@ def _pod_spec(view: MaterializedViewSpec, policy: RefreshPolicy, spec: Marketpla
 def build_cronjob(resource: dict[str, Any], view: MaterializedViewSpec, spec: MarketplaceDBSpec,
                   settings: Settings) -> dict[str, Any]:
     policy = view.refresh
-    if policy is None:
-        raise ValueError(f"view {view.name} has no refresh policy")
+    if policy is None or policy.schedule is None:
+        raise ValueError(f"view {view.name} has no refresh schedule")
     name = naming.refresh_cronjob_name(resource["metadata"]["name"], view.name)
     labels = naming.labels(resource["metadata"]["name"], COMPONENT)
     return {
@@ -113,7 +116,7 @@ def build_cronjob(resource: dict[str, Any], view: MaterializedViewSpec, spec: Ma
         "metadata": object_meta(resource, name, COMPONENT),
         "spec": {
             "schedule": policy.schedule,
-            "timeZone": "Etc/UTC",
+            "timeZone": policy.time_zone or "Etc/UTC",
             "concurrencyPolicy": "Forbid",
             "startingDeadlineSeconds": starting_deadline(policy.schedule),
             "suspend": policy.suspend,

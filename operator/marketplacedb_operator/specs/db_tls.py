@@ -20,6 +20,17 @@ CERT_FILE = "tls.crt"
 KEY_FILE = "tls.key"
 FILE_MODE = 0o440
 
+# libpq's require_auth for every connection the operator and its refresh pods make
+# (https://www.postgresql.org/docs/16/libpq-connect.html#LIBPQ-CONNECT-REQUIRE-AUTH): SCRAM, or no
+# password exchange at all (client-certificate or trust logins). A server that asks for a cleartext
+# password or an md5 hash is refused before anything derived from the password leaves, whatever the
+# sslMode: verify-full only proves the host matches a CA the MarketplaceDB's author chose (a
+# ConfigMap anyone in the namespace may create), and an md5 response is password-equivalent and
+# cracked offline. A role whose password is stored as md5 must be reset under password_encryption =
+# scram-sha-256 (PostgreSQL's default since 14); the refusal is reported as AuthenticationFailed
+# saying so. SCRAM still hands a server its proof: only a strong password keeps that uncrackable.
+REQUIRE_AUTH = "scram-sha-256,none"
+
 
 def _sources(database: DatabaseSpec) -> list[dict[str, Any]]:
     tls = database.tls
@@ -62,7 +73,7 @@ def env(database: DatabaseSpec) -> list[dict[str, Any]]:
     if tls is not None and tls.client_cert_secret_ref is not None:
         out.append({"name": "PGSSLCERT", "value": f"{MOUNT_PATH}/{CERT_FILE}"})
         out.append({"name": "PGSSLKEY", "value": f"{MOUNT_PATH}/{KEY_FILE}"})
-    if database.ssl_mode != "verify-full":
-        # As the operator (credentials.require_auth): no cleartext password to an unproven server.
-        out.append({"name": "PGREQUIREAUTH", "value": "!password"})
+    # As the operator (whatever the sslMode): SCRAM or no password at all (see REQUIRE_AUTH).
+    out.append({"name": "PGREQUIREAUTH", "value": REQUIRE_AUTH})
     return out
+

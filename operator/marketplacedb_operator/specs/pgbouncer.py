@@ -8,37 +8,48 @@ Reference: https://www.pgbouncer.org/config.html (1.18, Debian 12's, which the t
 
 from __future__ import annotations
 
-import base64
 import configparser
 import dataclasses
-import hashlib
-import hmac
 import re
-import stringprep
-import unicodedata
+from collections.abc import Iterable
 from typing import Literal
 
 from ..api.parameters import PGBOUNCER_PARAMETERS, check_named
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
+from . import db_tls
 from .meta import content_hash
+from .pooler_auth import ADMIN_USER as ADMIN_USER
+from .pooler_auth import PoolerConfigError as PoolerConfigError
+from .pooler_auth import PoolerCredentials as PoolerCredentials
+from .pooler_auth import auth_query
+from .pooler_auth import choose_credentials as choose_credentials
+from .pooler_auth import derived_salt as derived_salt
+from .pooler_auth import is_scram_verifier as is_scram_verifier
+from .pooler_auth import parse_verifier as parse_verifier
+from .pooler_auth import render_userlist as render_userlist
+from .pooler_auth import scram_verifier as scram_verifier
+from .pooler_auth import verifier_matches as verifier_matches
 
 PORT = 5432
-RUN_DIR = "/var/run/pgbouncer"  # the admin Unix socket, shared with the agent and exporter (emptyDir)
+RUN_DIR = "/var/run/pgbouncer"  # the admin Unix socket, shared with the agent (emptyDir)
 CONFIG_DIR = "/etc/pgbouncer/config"  # ConfigMap volume (never subPath: kubelet updates it in place)
 AUTH_DIR = "/etc/pgbouncer/auth"  # Secret volume
+TLS_DIR = "/etc/pgbouncer/tls"  # the client TLS Secret (kubernetes.io/tls), a whole volume too
 INI_KEY = "pgbouncer.ini"
 AUTH_KEY = "userlist.txt"
+PAUSED_KEY = "paused"  # "true"/"false" in the ConfigMap: the agent issues PAUSE/RESUME on change
 INI_PATH = f"{CONFIG_DIR}/{INI_KEY}"
 AUTH_PATH = f"{AUTH_DIR}/{AUTH_KEY}"
+PAUSED_PATH = f"{CONFIG_DIR}/{PAUSED_KEY}"
+TLS_CERT_PATH = f"{TLS_DIR}/tls.crt"
+TLS_KEY_PATH = f"{TLS_DIR}/tls.key"
 # Debian's CA bundle (the default image is Debian-based) for verify-ca/verify-full upstream TLS.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # JDBC sends extra_float_digits; some drivers and tools send `options`. Listing `options` also
-# keeps 1.20-1.26.0 out of CVE-2026-107349 (a `-c=` option loops forever unless `options` is
-# ignored). https://www.pgbouncer.org/config.html#ignore_startup_parameters
+# keeps 1.20.0-1.26.0 clear of CVE-2026-107349 (an empty option name such as `-c=` made
+# PgBouncer spin forever when ignore_startup_parameters was non-empty but lacked `options`;
+# https://www.cve.org/CVERecord?id=CVE-2026-107349, fixed in 1.26.1).
 IGNORE_STARTUP_PARAMETERS = "extra_float_digits,options"
-# The name PgBouncer admits to the admin console without a password on its Unix socket when the
-# peer has the same uid: it must not also be a database user in the auth file.
-ADMIN_USER = "pgbouncer"
 
 # Read only at start-up (a RELOAD does not apply them): a change rolls the pods.
 STARTUP_KEYS = frozenset(
@@ -46,118 +57,28 @@ STARTUP_KEYS = frozenset(
     | {name for name, param in PGBOUNCER_PARAMETERS.items() if not param.reload_safe}
 )
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:*/\-\[\]]*$")
+# Allow-listed parameter values are typed already; some (server_reset_query) hold single spaces.
+_SAFE_WORDS = re.compile(r"^[A-Za-z0-9_.,:*/\-\[\]]+( [A-Za-z0-9_.,:*/\-\[\]]+)*$|^$")
 
 
-class PoolerConfigError(ValueError):
-    """A pooler setting that cannot be rendered; the message names the field."""
-
-
-# --- credentials ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolerCredentials:
-    """The auth-file entry: a SCRAM verifier when one can be used, else the password (Secret only)."""
-
-    username: str
-    secret: str = dataclasses.field(repr=False)
-
-    @property
-    def kind(self) -> Literal["scram-verifier", "password"]:
-        return "scram-verifier" if is_scram_verifier(self.secret) else "password"
-
-
-def is_scram_verifier(text: str) -> bool:
-    return parse_verifier(text) is not None
-
-
-def parse_verifier(text: str) -> tuple[int, bytes, bytes, bytes] | None:
-    """(iterations, salt, stored_key, server_key) of `SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>`."""
-    match = re.fullmatch(r"SCRAM-SHA-256\$([0-9]+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)", text)
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) from `PgBouncer 1.18.0` or an image tag such as `1.25.2-trixie`."""
+    match = re.search(r"(?<![0-9])([0-9]+)\.([0-9]+)(?:\.([0-9]+))?", text)
     if match is None:
         return None
-    try:
-        salt, stored, server = (base64.b64decode(match.group(i), validate=True) for i in (2, 3, 4))
-    except ValueError:
-        return None
-    return int(match.group(1)), salt, stored, server
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
 
 
-def _saslprep(password: str) -> bytes:
-    """RFC 4013 SASLprep as PostgreSQL applies it; like PostgreSQL, fall back to the raw bytes."""
-    mapped = "".join(
-        " " if stringprep.in_table_c12(ch) else ch for ch in password if not stringprep.in_table_b1(ch)
-    )
-    normalized = unicodedata.normalize("NFKC", mapped)
-    prohibited = (stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
-                  stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7,
-                  stringprep.in_table_c8, stringprep.in_table_c9, stringprep.in_table_a1)
-    if not normalized or any(check(ch) for ch in normalized for check in prohibited):
-        return password.encode()
-    return normalized.encode()
+def image_version(image: str) -> tuple[int, int, int] | None:
+    """The PgBouncer release an image tag names (`...:1.25.2`, `...:1.25.1-trixie@sha256:...`)."""
+    name = image.split("@", 1)[0]
+    tag = name.rpartition(":")[2] if ":" in name.rpartition("/")[2] else ""
+    return parse_version(tag) if tag else None
 
 
-def scram_verifier(password: str, salt: bytes, iterations: int = 4096) -> str:
-    """The SCRAM-SHA-256 verifier PostgreSQL would store for `password` with this salt (RFC 5802/7677)."""
-    salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
-    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    b64 = base64.b64encode
-    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
-
-
-def verifier_matches(verifier: str, password: str) -> bool:
-    """True when `verifier` was computed from `password` (so the Secret and the server agree)."""
-    parsed = parse_verifier(verifier)
-    if parsed is None:
-        return False
-    iterations, salt, _stored, _server = parsed
-    return hmac.compare_digest(scram_verifier(password, salt, iterations), verifier)
-
-
-def derived_salt(password: str, *context: str) -> bytes:
-    """A salt that is stable for (password, context), so a computed verifier does not churn.
-
-    Keyed by the password: guessing still costs one PBKDF2 per guess and per context, as with a
-    random salt; the context (namespace/name/user) prevents one table for every deployment.
-    """
-    message = "\x00".join(("marketplacedb-scram-salt", *context)).encode()
-    return hmac.new(password.encode(), message, "sha256").digest()[:16]
-
-
-def choose_credentials(username: str, password: str, server_verifier: str | None) -> PoolerCredentials:
-    """The auth-file secret: the server's own verifier when readable and current, else the password.
-
-    PgBouncer (1.18 verified in tests/test_pgbouncer_real.py) logs in to a SCRAM server with a
-    verifier only if it is *identical* to the server's (it replays the client's SCRAM keys, which
-    depend on salt and iterations); a verifier with another salt fails the server login. Without
-    superuser the server's verifier cannot be read (pg_authid), so the password is used, in a
-    Secret only. The other route, computing a verifier with `derived_salt` and storing it on the
-    role (gateways/postgres/server.set_own_verifier), is tested too but changes the role, so it is
-    left to an explicit choice.
-    """
-    if server_verifier is not None and verifier_matches(server_verifier, password):
-        return PoolerCredentials(username, server_verifier)
-    return PoolerCredentials(username, password)
-
-
-def _auth_quote(value: str, field: str) -> str:
-    # https://www.pgbouncer.org/config.html#authentication-file-format: "..." with "" for a quote.
-    if any(ch in value for ch in "\r\n\x00"):
-        raise PoolerConfigError(f"{field}: contains a line break or NUL, which the auth file cannot hold")
-    return '"' + value.replace('"', '""') + '"'
-
-
-def render_userlist(credentials: PoolerCredentials) -> str:
-    """The auth file (`userlist.txt`): one quoted line; goes into a Secret, never a ConfigMap."""
-    if credentials.username == ADMIN_USER:
-        raise PoolerConfigError(
-            f"spec.database.credentialsSecretRef: user {ADMIN_USER!r} is reserved for PgBouncer's admin console"
-        )
-    user = _auth_quote(credentials.username, "spec.database.credentialsSecretRef username")
-    secret = _auth_quote(credentials.secret, "spec.database.credentialsSecretRef password")
-    return f"{user} {secret}\n"
+def unsupported_parameters(keys: Iterable[str], version: tuple[int, ...]) -> list[str]:
+    """Allow-listed keys introduced after `version` (that PgBouncer ignores them with a log line)."""
+    return sorted(k for k in keys if k in PGBOUNCER_PARAMETERS and PGBOUNCER_PARAMETERS[k].since > version[:2])
 
 
 # --- pgbouncer.ini ----------------------------------------------------------------------------
@@ -177,8 +98,8 @@ def checked_parameters(spec: MarketplaceDBSpec) -> dict[str, str]:
     return checked
 
 
-def _safe(value: str, field: str) -> str:
-    if not _SAFE_VALUE.fullmatch(value):
+def _safe(value: str, field: str, pattern: re.Pattern[str] = _SAFE_VALUE) -> str:
+    if not pattern.fullmatch(value):
         raise PoolerConfigError(f"{field}: {value!r} holds characters not allowed in pgbouncer.ini")
     return value
 
@@ -186,14 +107,15 @@ def _safe(value: str, field: str) -> str:
 def pgbouncer_section(spec: MarketplaceDBSpec, budget: PoolerBudget) -> dict[str, str]:
     """The [pgbouncer] settings. Explicit fields win over `parameters` (pool_mode cannot be overridden)."""
     pooler, database = spec.pooler, spec.database
-    settings = checked_parameters(spec)
+    settings = {k: _safe(v, f"spec.pooler.parameters.{k}", _SAFE_WORDS) for k, v in checked_parameters(spec).items()}
     settings.update({
         # The budget already honours explicit reserve_pool_size / max_db_connections parameters.
+        # max_db_connections is per database across all users: it caps the sum of their pools.
         "max_db_connections": str(budget.max_db_connections),
         "reserve_pool_size": str(budget.reserve_pool_size),
         # No admin_users/stats_users (left at their empty default, and not settable through
         # parameters): the console is reachable only as `pgbouncer` over the Unix socket by a
-        # process with PgBouncer's own uid (the agent and exporter sidecars).
+        # process with PgBouncer's own uid (the agent sidecar).
         "auth_file": AUTH_PATH,
         # SCRAM towards clients whatever the auth file holds (a verifier or a password).
         "auth_type": "scram-sha-256",
@@ -207,9 +129,47 @@ def pgbouncer_section(spec: MarketplaceDBSpec, budget: PoolerBudget) -> dict[str
         "unix_socket_dir": RUN_DIR,
         "unix_socket_mode": "0700",
     })
-    if database.ssl_mode in ("verify-ca", "verify-full"):
+    settings.update(server_tls(spec))
+    if pooler.tls is not None:
+        # Files of the mounted kubernetes.io/tls Secret; kubelet swaps them on rotation and the
+        # agent's RELOAD makes new handshakes use them (established sessions keep theirs).
+        settings.update({
+            "client_tls_sslmode": pooler.tls.ssl_mode,
+            "client_tls_cert_file": TLS_CERT_PATH,
+            "client_tls_key_file": TLS_KEY_PATH,
+        })
+    checked = {key: _safe(value, f"pooler setting {key}", _SAFE_WORDS) for key, value in settings.items()}
+    if pooler.auth_query is not None:
+        # auth_user is read from its Secret by the operator and listed in the auth file; the name
+        # goes here quoted-free, so it must be a plain identifier (checked by the caller too).
+        checked["auth_query"] = auth_query(pooler.auth_query.function)
+    return checked
+
+
+def server_tls(spec: MarketplaceDBSpec) -> dict[str, str]:
+    """Upstream TLS files from spec.database.tls, mounted by specs/db_tls.py as for the refresh pods:
+    the CA that verifies the server (else the image's system bundle for verify-*) and the optional
+    client certificate PgBouncer presents to PostgreSQL."""
+    database, settings = spec.database, {}
+    tls = database.tls
+    if tls is not None and (tls.ca_config_map_ref is not None or tls.ca_secret_ref is not None):
+        settings["server_tls_ca_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.CA_FILE}"
+    elif database.ssl_mode in ("verify-ca", "verify-full"):
         settings["server_tls_ca_file"] = CA_BUNDLE
-    return {key: _safe(value, f"pooler setting {key}") for key, value in settings.items()}
+    if tls is not None and tls.client_cert_secret_ref is not None:
+        settings["server_tls_cert_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.CERT_FILE}"
+        settings["server_tls_key_file"] = f"{db_tls.MOUNT_PATH}/{db_tls.KEY_FILE}"
+    return settings
+
+
+def with_auth_user(section: dict[str, str], auth_user: str | None) -> dict[str, str]:
+    """[pgbouncer] plus `auth_user` (a user name from a Secret: checked, never echoed in errors)."""
+    if auth_user is None:
+        return section
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,63}", auth_user):
+        raise PoolerConfigError("spec.pooler.authQuery.credentialsSecretRef: the user name must be a plain "
+                                "role name (letters, digits, _ . -) to be written into pgbouncer.ini")
+    return {**section, "auth_user": auth_user}
 
 
 def databases_section(spec: MarketplaceDBSpec) -> dict[str, str]:
@@ -220,12 +180,23 @@ def databases_section(spec: MarketplaceDBSpec) -> dict[str, str]:
     return {name: f"host={host} port={db.port} dbname={name}"}
 
 
-def render_ini(spec: MarketplaceDBSpec, budget: PoolerBudget) -> str:
-    """`pgbouncer.ini`, deterministic: sections and keys sorted, one `key = value` per line."""
+def render_ini(spec: MarketplaceDBSpec, budget: PoolerBudget, auth_user: str | None = None,
+               version: tuple[int, ...] | None = None) -> str:
+    """`pgbouncer.ini`, deterministic: sections and keys sorted, one `key = value` per line.
+
+    `version`: the image's PgBouncer release when its tag names one. Parameters newer than it are
+    left out: PgBouncer refuses to start on a key it does not know (1.18 verified: "unknown
+    parameter ... FATAL cannot load config file"), so rendering them would crash-loop every pod;
+    they are reported in status instead (unsupported_parameters).
+    """
     lines = ["; Rendered by marketplacedb-operator; edits are overwritten.", "[databases]"]
     lines += [f"{key} = {value}" for key, value in sorted(databases_section(spec).items())]
     lines += ["", "[pgbouncer]"]
-    lines += [f"{key} = {value}" for key, value in sorted(pgbouncer_section(spec, budget).items())]
+    section = with_auth_user(pgbouncer_section(spec, budget), auth_user)
+    if version is not None:
+        for key in unsupported_parameters(section, version):
+            del section[key]
+    lines += [f"{key} = {value}" for key, value in sorted(section.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +220,7 @@ class PoolerConfig:
     ini: str
     userlist: str = dataclasses.field(repr=False)
     image: str
+    paused: bool = False
 
 
 def changed_keys(old_ini: str, new_ini: str) -> dict[str, Literal["reload", "restart"]]:
@@ -271,8 +243,8 @@ def classify_change(old: PoolerConfig, new: PoolerConfig) -> Change:
     kinds = set(changed_keys(old.ini, new.ini).values())
     if "restart" in kinds:
         return "restart"
-    if kinds or old.userlist != new.userlist:
-        return "reload"
+    if kinds or old.userlist != new.userlist or old.paused != new.paused:
+        return "reload"  # (paused: the agent's PAUSE/RESUME, no restart)
     return "none"
 
 
@@ -280,7 +252,8 @@ def config_hash(config: PoolerConfig) -> str:
     """Everything but the credentials: status and annotations carry nothing derived from a secret
     (a fast hash of a password is an offline guessing oracle). Credential changes reach pods
     through the mounted Secret and the agent's RELOAD all the same."""
-    return content_hash({"ini": config.ini, "image": config.image})
+    paused = {"paused": True} if config.paused else {}  # absent when false: old hashes stay valid
+    return content_hash({"ini": config.ini, "image": config.image, **paused})
 
 
 def restart_hash(config: PoolerConfig) -> str:

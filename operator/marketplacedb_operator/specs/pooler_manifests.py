@@ -10,27 +10,31 @@ How a change reaches running pods (see specs/pgbouncer.classify_change):
   swaps them in place); the `pooler-agent` sidecar sees the new files, issues RELOAD on the admin
   socket and checks SHOW CONFIG (PgBouncer < 1.25 does not report reload errors);
 - restart-required: the restart hash on the pod template changes and the Deployment rolls,
-  one pod at a time, each draining through the agent's /drain preStop hook.
+  one pod at a time, each draining through the agent's drain (preStop hook).
+
+The agent's admin actions (drain, reload) listen on 127.0.0.1 only: the preStop hook is an `exec`
+in the pgbouncer container (same network namespace) that POSTs to it with bash's /dev/tcp, so no
+client on the pod network can drain a pooler. The probes stay on the pod IP, read-only.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from ..settings import Settings
+from . import db_tls
 from . import pgbouncer as pgb
 from .meta import image_pull_secrets, object_meta, restricted_container_security, restricted_pod_security
 from .pooler_sizing import rollout_strategy
 
 COMPONENT = "pooler"
-# The uid of the `pgbouncer` user in the default image (ghcr.io/cloudnative-pg/pgbouncer); every
-# container of the pod runs with it, so the agent and exporter pass PgBouncer's peer-uid check
-# on the admin socket without any password.
-POD_UID = 998
 EXPORTER_PORT = 9127
+# The agent's admin listener (drain, reload): loopback only, reached by the preStop exec.
+AGENT_ADMIN_PORT = 8081
 # preStop: wait for the endpoints to drop the pod, then let transactions finish.
 DRAIN_DELAY_SECONDS = 10
 DRAIN_TIMEOUT_SECONDS = 40
@@ -39,17 +43,44 @@ DEFAULT_RESOURCES = {
     "requests": {"cpu": "100m", "memory": "64Mi"},
     "limits": {"memory": "256Mi"},
 }
-PLACEHOLDER_USERLIST = '"<owner user>" "<SCRAM-SHA-256 verifier or password, filled in by the operator>"\n'
+PLACEHOLDER_USERLIST = '"<user>" "<SCRAM-SHA-256 verifier or password, filled in by the operator>"\n'
+# bash (Debian's, in the default image) speaks HTTP to the agent over loopback: the drain is not
+# reachable from the pod network, and the hook returns only when the agent answers (drained).
+PRESTOP_DRAIN = (
+    f"exec 3<>/dev/tcp/127.0.0.1/{AGENT_ADMIN_PORT} && "
+    "printf 'POST /drain HTTP/1.0\\r\\nContent-Length: 0\\r\\n\\r\\n' >&3 && cat <&3"
+)
+
+
+def image_repository(image: str) -> str:
+    """`registry/path/name` of an image reference (tag and digest removed)."""
+    name = image.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def pooler_image(spec: MarketplaceDBSpec, settings: Settings) -> str:
+    """The PgBouncer image, refused unless its repository is allowed (the pod holds credentials)."""
+    image = spec.pooler.image or settings.pgbouncer_image
+    allowed = settings.pooler_allowed_images or (image_repository(settings.pgbouncer_image),)
+    repository = image_repository(image)
+    if not any(repository == entry or (entry.endswith("/") and repository.startswith(entry)) for entry in allowed):
+        raise pgb.PoolerConfigError(
+            f"spec.pooler.image: repository {repository!r} is not allowed by the operator "
+            f"(setting MARKETPLACEDB_POOLER_ALLOWED_IMAGES: {', '.join(allowed)})"
+        )
+    return image
 
 
 def _meta(resource: dict[str, Any], name: str) -> dict[str, Any]:
     return object_meta(resource, name, COMPONENT)
 
 
-def config_map(resource: dict[str, Any], ini: str, config_hash: str) -> dict[str, Any]:
+def config_map(resource: dict[str, Any], ini: str, config_hash: str, paused: bool = False) -> dict[str, Any]:
     meta = _meta(resource, naming.pooler_name(resource["metadata"]["name"]))
     meta["annotations"] = {naming.ANN_CONFIG_HASH: config_hash}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {pgb.INI_KEY: ini}}
+    data = {pgb.INI_KEY: ini, pgb.PAUSED_KEY: "true" if paused else "false"}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
 
 
 def auth_secret(resource: dict[str, Any], userlist: str | None) -> dict[str, Any]:
@@ -73,7 +104,21 @@ def _http_probe(path: str, port: int, period: int, failures: int) -> dict[str, A
     }
 
 
-def _pgbouncer_container(image: str, settings: Settings, resources: dict[str, Any]) -> dict[str, Any]:
+def _mounts(spec: MarketplaceDBSpec, upstream_tls: bool = False) -> list[dict[str, Any]]:
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": pgb.CONFIG_DIR, "readOnly": True},
+        {"name": "auth", "mountPath": pgb.AUTH_DIR, "readOnly": True},
+        {"name": "run", "mountPath": pgb.RUN_DIR},
+    ]
+    if spec.pooler.tls is not None:
+        mounts.append({"name": "tls", "mountPath": pgb.TLS_DIR, "readOnly": True})
+    if upstream_tls:  # spec.database.tls for PgBouncer's server_tls_* (the agent does not need it)
+        mounts += db_tls.volume_mounts(spec.database)
+    return mounts
+
+
+def _pgbouncer_container(spec: MarketplaceDBSpec, image: str, settings: Settings,
+                         resources: dict[str, Any]) -> dict[str, Any]:
     agent = settings.health_port
     return {
         "name": "pgbouncer",
@@ -88,16 +133,14 @@ def _pgbouncer_container(image: str, settings: Settings, resources: dict[str, An
         "readinessProbe": _http_probe("/readyz", agent, period=5, failures=2),
         "livenessProbe": _http_probe("/healthz", agent, period=10, failures=6),
         "startupProbe": _http_probe("/healthz", agent, period=2, failures=30),
-        # The agent drains (PAUSE+SHUTDOWN before 1.23, SHUTDOWN WAIT_FOR_SERVERS after) and returns
+        # The agent drains (PAUSE+SHUTDOWN before 1.23, SHUTDOWN WAIT_FOR_SERVERS after) and answers
         # once PgBouncer exited; only then does kubelet send SIGTERM, which no longer matters.
-        "lifecycle": {"preStop": {"httpGet": {"path": "/drain", "port": agent}}},
+        # An exec over loopback, not httpGet: kubelet's httpGet comes from the node to the pod IP,
+        # which would need the drain to listen on the pod network.
+        "lifecycle": {"preStop": {"exec": {"command": ["bash", "-c", PRESTOP_DRAIN]}}},
         "resources": resources,
         "securityContext": restricted_container_security(),
-        "volumeMounts": [
-            {"name": "config", "mountPath": pgb.CONFIG_DIR, "readOnly": True},
-            {"name": "auth", "mountPath": pgb.AUTH_DIR, "readOnly": True},
-            {"name": "run", "mountPath": pgb.RUN_DIR},
-        ],
+        "volumeMounts": _mounts(spec, upstream_tls=True),
     }
 
 
@@ -112,56 +155,73 @@ def agent_args(spec: MarketplaceDBSpec, settings: Settings) -> list[str]:
         "--listen-port", str(settings.health_port),
         "--drain-delay", str(DRAIN_DELAY_SECONDS),
         "--drain-timeout", str(DRAIN_TIMEOUT_SECONDS),
-    ]
+        "--admin-port", str(AGENT_ADMIN_PORT),
+        "--paused-file", pgb.PAUSED_PATH,
+    ] + (["--watch", pgb.TLS_CERT_PATH, "--watch", pgb.TLS_KEY_PATH] if spec.pooler.tls is not None else []) \
+      + (["--metrics-port", str(EXPORTER_PORT)] if spec.pooler.metrics.enabled else [])
 
 
 def _agent_container(spec: MarketplaceDBSpec, settings: Settings) -> dict[str, Any]:
+    ports = [{"name": "agent", "containerPort": settings.health_port, "protocol": "TCP"}]
+    if spec.pooler.metrics.enabled:  # the agent serves PgBouncer's metrics (pooler_metrics.py)
+        ports.append({"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"})
     return {
         "name": "agent",
         "image": settings.operator_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["marketplacedb"],
         "args": agent_args(spec, settings),
-        "ports": [{"name": "agent", "containerPort": settings.health_port, "protocol": "TCP"}],
+        "ports": ports,
         # The agent's own loop, not PgBouncer's health: a dead agent restarts only itself.
         "livenessProbe": _http_probe("/livez", settings.health_port, period=10, failures=3),
         "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}},
         "securityContext": restricted_container_security(),
-        "volumeMounts": [
-            {"name": "config", "mountPath": pgb.CONFIG_DIR, "readOnly": True},
-            {"name": "auth", "mountPath": pgb.AUTH_DIR, "readOnly": True},
-            {"name": "run", "mountPath": pgb.RUN_DIR},
-        ],
+        "volumeMounts": _mounts(spec),
     }
 
 
-def _exporter_container(settings: Settings) -> dict[str, Any]:
-    # Same uid as PgBouncer, so the Unix-socket admin login needs no password (lib/pq URL syntax).
-    conn = f"postgres:///pgbouncer?host={pgb.RUN_DIR}&port={pgb.PORT}&user=pgbouncer&sslmode=disable"
-    return {
-        "name": "exporter",
-        "image": settings.pgbouncer_exporter_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": [f"--pgBouncer.connectionString={conn}", f"--web.listen-address=:{EXPORTER_PORT}"],
-        "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
-        "securityContext": restricted_container_security(),
-        "volumeMounts": [{"name": "run", "mountPath": pgb.RUN_DIR}],
-    }
+def _placement(spec: MarketplaceDBSpec, selector: dict[str, str], settings: Settings) -> dict[str, Any]:
+    """Across nodes (and zones when labelled), preferred so that a small cluster still schedules.
 
-
-def _spread(selector: dict[str, str]) -> dict[str, Any]:
-    """Across nodes (and zones when labelled), preferred so that a small cluster still schedules."""
+    The user's constraints are added; one with the same topologyKey replaces the default. A user
+    affinity keeps the default podAntiAffinity unless it brings its own.
+    """
+    pod = spec.pooler.pod
+    mine = {c.get("topologyKey") for c in pod.topology_spread_constraints}
     constraints = [
         {"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": "ScheduleAnyway",
          "labelSelector": {"matchLabels": selector}}
-        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
-    ]
-    affinity = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone") if key not in mine
+    ] + [dict(c) for c in pod.topology_spread_constraints]
+    affinity: dict[str, Any] = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
         "weight": 100,
         "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}},
     }]}}
-    return {"topologySpreadConstraints": constraints, "affinity": affinity}
+    affinity.update(pod.affinity or {})
+    placement: dict[str, Any] = {"topologySpreadConstraints": constraints, "affinity": affinity}
+    if pod.node_selector:
+        placement["nodeSelector"] = dict(pod.node_selector)
+    if pod.tolerations:
+        placement["tolerations"] = [dict(t) for t in pod.tolerations]
+    if pod.priority_class_name:
+        placement["priorityClassName"] = pod.priority_class_name
+    # The operator's pull Secrets (meta.image_pull_secrets: its own image runs the agent) and the spec's.
+    names = [entry["name"] for entry in image_pull_secrets(settings).get("imagePullSecrets", [])]
+    names += [ref.name for ref in pod.image_pull_secrets if ref.name not in names]
+    if names:
+        placement["imagePullSecrets"] = [{"name": name} for name in names]
+    return placement
+
+
+def _volumes(spec: MarketplaceDBSpec, name: str) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": naming.pooler_name(name)}},
+        {"name": "auth", "secret": {"secretName": naming.pooler_auth_secret_name(name), "defaultMode": 0o440}},
+        {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
+    if spec.pooler.tls is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": spec.pooler.tls.secret_ref.name, "defaultMode": 0o440}})
+    return volumes + db_tls.volumes(spec.database)
 
 
 def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Settings, restart: str) -> dict[str, Any]:
@@ -169,24 +229,19 @@ def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Sett
     selector = naming.selector_labels(name, COMPONENT)
     pooler = spec.pooler
     containers = [
-        _pgbouncer_container(pooler.image or settings.pgbouncer_image, settings, pooler.resources or DEFAULT_RESOURCES),
+        _pgbouncer_container(spec, pooler_image(spec, settings), settings, pooler.resources or DEFAULT_RESOURCES),
         _agent_container(spec, settings),
     ]
-    if pooler.metrics.enabled:
-        containers.append(_exporter_container(settings))
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": restricted_pod_security(POD_UID),
-        **image_pull_secrets(settings),
+        # Every container runs with PgBouncer's uid: the agent (reload, drain, metrics) passes its peer-uid check
+        # on the admin socket without a password (a setting: it depends on the image).
+        "securityContext": restricted_pod_security(settings.pooler_run_as_uid),
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": containers,
-        "volumes": [
-            {"name": "config", "configMap": {"name": naming.pooler_name(name)}},
-            {"name": "auth", "secret": {"secretName": naming.pooler_auth_secret_name(name), "defaultMode": 0o440}},
-            {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
-        ],
-        **_spread(selector),
+        "volumes": _volumes(spec, name),
+        **_placement(spec, selector, settings),
     }
     return {
         "apiVersion": "apps/v1",
@@ -199,9 +254,10 @@ def deployment(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Sett
             "minReadySeconds": 5,
             "template": {
                 "metadata": {
-                    "labels": naming.labels(name, COMPONENT),
+                    # The operator's labels win: they select the pods.
+                    "labels": {**pooler.pod.labels, **naming.labels(name, COMPONENT)},
                     # Only restart-relevant inputs: a reload-safe change must not roll the pods.
-                    "annotations": {naming.ANN_RESTART_HASH: restart},
+                    "annotations": {**pooler.pod.annotations, naming.ANN_RESTART_HASH: restart},
                 },
                 "spec": pod_spec,
             },
@@ -214,11 +270,15 @@ def service(resource: dict[str, Any], spec: MarketplaceDBSpec) -> dict[str, Any]
     ports = [{"name": "pgbouncer", "port": pgb.PORT, "targetPort": "pgbouncer", "protocol": "TCP"}]
     if spec.pooler.metrics.enabled:
         ports.append({"name": "metrics", "port": EXPORTER_PORT, "targetPort": "metrics", "protocol": "TCP"})
+    meta = _meta(resource, naming.pooler_name(name))
+    if spec.pooler.service.annotations:
+        meta["annotations"] = dict(spec.pooler.service.annotations)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(resource, naming.pooler_name(name)),
-        "spec": {"type": "ClusterIP", "selector": naming.selector_labels(name, COMPONENT), "ports": ports},
+        "metadata": meta,
+        "spec": {"type": spec.pooler.service.type, "selector": naming.selector_labels(name, COMPONENT),
+                 "ports": ports},
     }
 
 
@@ -245,21 +305,33 @@ def service_monitor(resource: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+Credentials = pgb.PoolerCredentials | Sequence[pgb.PoolerCredentials] | None
+
+
+def _entries(credentials: Credentials) -> tuple[pgb.PoolerCredentials, ...] | None:
+    if credentials is None:
+        return None
+    return (credentials,) if isinstance(credentials, pgb.PoolerCredentials) else tuple(credentials)
+
+
 def pooler_config(spec: MarketplaceDBSpec, settings: Settings, budget: PoolerBudget,
-                  credentials: pgb.PoolerCredentials | None) -> pgb.PoolerConfig:
-    ini = pgb.render_ini(spec, budget)
-    userlist = PLACEHOLDER_USERLIST if credentials is None else pgb.render_userlist(credentials)
-    return pgb.PoolerConfig(ini=ini, userlist=userlist, image=spec.pooler.image or settings.pgbouncer_image)
+                  credentials: Credentials, auth_user: str | None = None) -> pgb.PoolerConfig:
+    """`credentials`: every auth-file entry (see specs/pooler_auth.pooler_users), None for a placeholder."""
+    image = pooler_image(spec, settings)
+    ini = pgb.render_ini(spec, budget, auth_user, pgb.image_version(image))
+    entries = _entries(credentials)
+    userlist = PLACEHOLDER_USERLIST if entries is None else pgb.render_userlist(*entries)
+    return pgb.PoolerConfig(ini=ini, userlist=userlist, image=image, paused=spec.pooler.paused)
 
 
 def build_pooler(resource: dict[str, Any], spec: MarketplaceDBSpec, settings: Settings, budget: PoolerBudget,
-                 credentials: pgb.PoolerCredentials | None) -> list[dict[str, Any]]:
+                 credentials: Credentials, auth_user: str | None = None) -> list[dict[str, Any]]:
     """Every pooler object for `resource` (empty when the pooler is disabled)."""
     if not spec.pooler.enabled:
         return []
-    config = pooler_config(spec, settings, budget, credentials)
+    config = pooler_config(spec, settings, budget, credentials, auth_user)
     objects = [
-        config_map(resource, config.ini, pgb.config_hash(config)),
+        config_map(resource, config.ini, pgb.config_hash(config), spec.pooler.paused),
         auth_secret(resource, None if credentials is None else config.userlist),
         deployment(resource, spec, settings, pgb.restart_hash(config)),
         service(resource, spec),

@@ -15,6 +15,10 @@ in service) or the old pod still draining its transactions while its replacement
 Deployment controller creates the replacement as soon as the old pod is *terminating*, not when it
 is gone; replicas > 1 uses maxSurge 0 / maxUnavailable 1, so only one pod is replaced at a time).
 `max_db_connections` makes each pod's share a hard limit, so the sum can never exceed `available`.
+
+Several users (the owner and `spec.pooler.users`, or whoever auth_query admits) each get a pool of
+`default_pool_size` per pod; `max_db_connections` is per database, so it caps the sum of those
+pools. Only an explicit `max_db_connections: 0` (no limit) makes the count of users matter.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def _int_param(pooler: PoolerSpec, name: str) -> int | None:
     return None if value is None else int(value)
 
 
+def login_users(pooler: PoolerSpec) -> int:
+    """Pools a pod may open: one per user that logs in (the owner only when allowed)."""
+    owner = pooler.owner_login if pooler.owner_login is not None else not pooler.users
+    return len(pooler.users) + (1 if owner else 0)
+
+
 def compute_budget(
     pooler: PoolerSpec, settings: Settings, max_connections: int, superuser_reserved_connections: int = 3
 ) -> PoolerBudget:
@@ -72,14 +82,19 @@ def compute_budget(
         pool = pooler.default_pool_size
         reserve = explicit_reserve or 0
         max_db = explicit_max_db if explicit_max_db is not None else pool + reserve
-    # max_db_connections = 0 means "no limit" in PgBouncer: a pod may then open pool + reserve.
-    per_pod = pool + reserve if max_db == 0 else min(pool + reserve, max_db)
+    # max_db_connections = 0 means "no limit" in PgBouncer: a pod may then open pool + reserve per
+    # user (auth_query users are not known in advance: counted as one more, and said so).
+    users = max(1, login_users(pooler)) + (1 if pooler.auth_query is not None else 0)
+    per_pod = users * (pool + reserve) if max_db == 0 else min(users * (pool + reserve), max_db)
     oversubscribed = pods * per_pod > available
     message = (
         f"{pods} pods x {per_pod} server connections = {pods * per_pod} of {available} available "
         f"(max_connections {max_connections} - superuser_reserved {superuser_reserved_connections} "
         f"- headroom {keep})"
     )
+    if max_db == 0 and pooler.auth_query is not None:
+        message += "; max_db_connections 0 with authQuery: each looked-up user adds a pool, unbounded"
+        oversubscribed = True
     if oversubscribed:
         message = "oversubscribed: " + message
     return PoolerBudget(

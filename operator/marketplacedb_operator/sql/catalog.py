@@ -75,6 +75,8 @@ class IndexInfo:
     building_pid: int | None = None  # another session's CREATE INDEX in progress
     foreign_keys: tuple[str, ...] = ()  # foreign key constraints that depend on this (unique) index
     constraint: str | None = None  # the primary key, unique or exclusion constraint it implements
+    clustered: bool = False  # CLUSTER ON mark
+    in_tablespace: bool = False  # not in the database's default tablespace
 
     @property
     def marker(self) -> Marker | None:
@@ -109,6 +111,10 @@ class ViewInfo:
     column_grants: tuple[Grant, ...] = ()
     reloptions: tuple[str, ...] = ()
     column_comments: tuple[tuple[str, str], ...] = ()
+    in_tablespace: bool = False
+    statistics: tuple[str, ...] = ()  # extended statistics objects on the view
+    column_options: tuple[str, ...] = ()  # columns with a statistics target or attribute options
+    default_grantees: tuple[str | None, ...] = ()  # what the operator's default privileges grant to
 
     @property
     def marker(self) -> Marker | None:
@@ -149,6 +155,8 @@ class Catalog:
     # What the declared objects would look like, asked of the server (gateway.expected_signatures):
     # {(schema, name): signature} for indexes, {(schema, name): sha256 of pg_get_viewdef} for views.
     expected: tuple[tuple[tuple[str, str], str], ...] = ()
+    # Declared objects that could not be compared at all (the probe failed): {(schema, name): why}.
+    uncompared: tuple[tuple[tuple[str, str], str], ...] = ()
 
     def index(self, schema: str, name: str) -> IndexInfo | None:
         return next((i for i in self.indexes if i.schema == schema and i.name == name), None)
@@ -165,6 +173,9 @@ class Catalog:
 
     def expected_of(self, schema: str, name: str) -> str | None:
         return next((value for key, value in self.expected if key == (schema, name)), None)
+
+    def uncompared_why(self, schema: str, name: str) -> str | None:
+        return next((value for key, value in self.uncompared if key == (schema, name)), None)
 
     @property
     def settings(self) -> Mapping[str, str]:
@@ -192,6 +203,7 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
             key_columns=tuple(i["key_columns"] or ()), oid=int(i["oid"]), signature=str(i["signature"] or ""),
             record=_record(i["record"]), building_pid=i["building_pid"],
             foreign_keys=tuple(i["foreign_keys"] or ()), constraint=i.get("constraint"),
+            clustered=bool(i.get("clustered")), in_tablespace=bool(i.get("in_tablespace")),
         )
         for i in document.get("indexes") or ()
     )
@@ -205,6 +217,9 @@ def parse_catalog(document: Mapping[str, Any]) -> Catalog:
                                 for g in v["column_grants"] or ()),
             reloptions=tuple(str(o) for o in v["reloptions"] or ()),
             column_comments=tuple((str(c), str(t)) for c, t in v["column_comments"] or ()),
+            in_tablespace=bool(v.get("in_tablespace")), statistics=tuple(v.get("statistics") or ()),
+            column_options=tuple(v.get("column_options") or ()),
+            default_grantees=tuple(v.get("default_grantees") or ()),
         )
         for v in document.get("views") or ()
     )

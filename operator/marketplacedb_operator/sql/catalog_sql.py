@@ -20,7 +20,8 @@ ADVISED_SETTINGS = ("max_connections", "shared_buffers", "effective_cache_size",
 _EXCLUDED_SCHEMAS = ("pg_catalog", "information_schema", naming.STATE_SCHEMA)
 
 
-# Observation: one SELECT, one JSON row, scoped (DESIGN.md 4a "neighbours are not our business"):
+# Observation: one SELECT, one JSON row, scoped ("neighbours are not our business",
+# docs/architecture.md#ownership-and-trust):
 # only relations named in %(schemas)s/%(names)s (declared names and their temporaries), the objects
 # this resource recorded as its own, and the indexes on declared materialized views are read; no
 # definition of anything else is ever deparsed, so no lock of an undeclared object is waited for.
@@ -45,7 +46,8 @@ rels AS (
   WHERE n.nspname <> ALL (%(excluded)s::text[]) AND n.nspname !~ '^pg_(toast|temp)'
 ),
 -- The record that makes a live relation someone's: same name and kind, and the recorded OID, or
--- an intent whose build made it (younger catalog row, same table).
+-- an intent whose build made it (younger catalog row, same table, and INVALID: what an interrupted
+-- build leaves; a valid index there is someone's, made after a stale intent, never ours).
 owned AS (
   SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash
   FROM rels r JOIN rec ON rec.schema_name = r.nspname AND rec.name = r.relname
@@ -53,7 +55,8 @@ owned AS (
   WHERE rec.oid = r.oid
      OR (rec.oid IS NULL AND rec.how = 'building'
          AND pg_catalog.age(r.xmin) <= pg_catalog.age(rec.xmin)
-         AND rec.table_oid = (SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid = r.oid))
+         AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indexrelid = r.oid
+                      AND i.indrelid = rec.table_oid AND NOT i.indisvalid))
 )
 SELECT pg_catalog.json_build_object(
   'database', pg_catalog.current_database(),
@@ -68,6 +71,7 @@ SELECT pg_catalog.json_build_object(
              i.indisvalid AS valid, i.indisready AS ready, i.indisunique AS "unique",
              i.indisprimary AS "primary", i.indpred IS NOT NULL AS partial,
              i.indexprs IS NOT NULL AS expressions,
+             i.indisclustered AS clustered, r_c.reltablespace <> 0 AS in_tablespace,
              pg_catalog.obj_description(i.indexrelid, 'pg_class') AS comment,
              (SELECT coalesce(pg_catalog.json_agg(a.attname ORDER BY k.ord), '[]')
                 FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
@@ -97,6 +101,7 @@ SELECT pg_catalog.json_build_object(
                AS "constraint"
       FROM rels r
       JOIN pg_catalog.pg_index i ON i.indexrelid = r.oid
+      JOIN pg_catalog.pg_class r_c ON r_c.oid = r.oid
       JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid
       JOIN pg_catalog.pg_namespace t ON t.oid = tc.relnamespace
       CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_indexdef(r.oid) AS definition) x) x),
@@ -107,6 +112,22 @@ SELECT pg_catalog.json_build_object(
              pg_catalog.pg_get_userbyid(c.relowner) AS owner,
              pg_catalog.obj_description(r.oid, 'pg_class') AS comment,
              coalesce(pg_catalog.array_to_json(c.reloptions), '[]') AS reloptions,
+             -- What a swap cannot carry over (plan_views refuses it): a tablespace, extended
+             -- statistics, per-column statistics targets and options.
+             c.reltablespace <> 0 AS in_tablespace,
+             (SELECT coalesce(pg_catalog.json_agg(se.stxname ORDER BY se.stxname), '[]')
+                FROM pg_catalog.pg_statistic_ext se WHERE se.stxrelid = r.oid) AS statistics,
+             (SELECT coalesce(pg_catalog.json_agg(a.attname ORDER BY a.attnum), '[]')
+                FROM pg_catalog.pg_attribute a WHERE a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 AND (a.attstattarget <> -1 OR a.attoptions IS NOT NULL)) AS column_options,
+             -- The grantees the operator's default privileges give every new table it creates here:
+             -- revoked from a swapped-in view, whose ACL must be exactly the old one's.
+             (SELECT coalesce(pg_catalog.json_agg(DISTINCT
+                        CASE WHEN g.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(g.grantee) END), '[]')
+                FROM pg_catalog.pg_default_acl da CROSS JOIN LATERAL pg_catalog.aclexplode(da.defaclacl) g
+               WHERE da.defaclrole = (SELECT u.oid FROM pg_catalog.pg_roles u WHERE u.rolname = current_user)
+                 AND da.defaclobjtype = 'r' AND da.defaclnamespace IN (0, c.relnamespace)
+                 AND g.grantee <> da.defaclrole) AS default_grantees,
              (SELECT coalesce(pg_catalog.json_agg(pg_catalog.json_build_object(
                         'grantee', CASE WHEN g.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(g.grantee) END,
                         'privilege', g.privilege_type, 'grantable', g.is_grantable)

@@ -297,5 +297,15 @@ def comment_view(schema: str, name: str, text: str) -> sql.Composed:
     return sql.SQL("COMMENT ON MATERIALIZED VIEW {} IS {}").format(qualified(schema, name), sql.Literal(text))
 
 
+def comment_index(schema: str, name: str, text: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON INDEX {} IS {}").format(qualified(schema, name), sql.Literal(text))
+
+
+def revoke_all(schema: str, name: str, grantee: str | None) -> sql.Composed:
+    """Undo what the creating role's default privileges granted on a new relation."""
+    return sql.SQL("REVOKE ALL ON {} FROM {}").format(
+        qualified(schema, name), sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee))
+
+
 def comment_column(schema: str, name: str, column: str, text: str) -> sql.Composed:
     return sql.SQL("COMMENT ON COLUMN {} IS {}").format(sql.Identifier(schema, name, column), sql.Literal(text))

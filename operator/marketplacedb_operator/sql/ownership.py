@@ -83,8 +83,18 @@ def record(owner: str, kind: Kind, schema: str, name: str, spec_hash: str, how: 
     return (_PIN_PATH, insert)
 
 
+# An intent never overwrites the record of a live object, not even this resource's own (a declared
+# index named like another declared index's temporary name must not lose its record).
+_OVERWRITE_INTENT = sql.SQL(
+    "WHERE r.oid IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name)"
+)
+
+
 def intent(owner: str, schema: str, name: str, table_schema: str, table: str, spec_hash: str) -> sql.Composed:
-    """Before CREATE INDEX CONCURRENTLY builds `schema.name`: what an interrupted build leaves is ours."""
+    """Before CREATE INDEX CONCURRENTLY builds `schema.name`: what an interrupted build leaves is ours
+    (only an INVALID index: see catalog_sql.OBSERVE)."""
     return sql.SQL(
         "INSERT INTO {records} AS r (schema_name, name, kind, owner, oid, table_oid, spec_hash, how) "
         "VALUES ({schema}, {name}, 'index', {owner}, NULL, {table}::pg_catalog.oid, {spec_hash}, 'building') "
@@ -92,13 +102,22 @@ def intent(owner: str, schema: str, name: str, table_schema: str, table: str, sp
         "table_oid = excluded.table_oid, spec_hash = excluded.spec_hash, def_hash = '', how = 'building', "
         "recorded_at = pg_catalog.now() {overwrite}"
     ).format(records=RECORDS, schema=sql.Literal(schema), name=sql.Literal(name), owner=sql.Literal(owner),
-             table=_regclass(table_schema, table), spec_hash=sql.Literal(spec_hash), overwrite=_OVERWRITE)
+             table=_regclass(table_schema, table), spec_hash=sql.Literal(spec_hash), overwrite=_OVERWRITE_INTENT)
 
 
 def forget(owner: str, schema: str, name: str) -> sql.Composed:
     """Delete `owner`'s row for `schema.name` (after the object was dropped, or a build undone)."""
     return sql.SQL("DELETE FROM {} WHERE schema_name = {} AND name = {} AND owner = {}").format(
         RECORDS, sql.Literal(schema), sql.Literal(name), sql.Literal(owner))
+
+
+def forget_intent(owner: str, schema: str, name: str) -> sql.Composed:
+    """After a build failed and left nothing at `schema.name`: delete `owner`'s intent row, so that no
+    stale intent is left to bind an index someone creates there later."""
+    return sql.SQL(
+        "DELETE FROM {} WHERE schema_name = {} AND name = {} AND owner = {} AND how = 'building' "
+        "AND oid IS NULL AND {} IS NULL").format(
+        RECORDS, sql.Literal(schema), sql.Literal(name), sql.Literal(owner), _regclass(schema, name))
 
 
 def forget_stale(owner: str) -> sql.Composed:
@@ -109,6 +128,39 @@ def forget_stale(owner: str) -> sql.Composed:
         "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = r.oid AND c.relname = r.name AND n.nspname = r.schema_name))"
     ).format(RECORDS, sql.Literal(owner))
+
+
+# Why the ownership table cannot be trusted (empty: it can). The records decide what is dropped, so
+# only the operator's role (or a role it is a member of) may own the schema and the table, no other
+# role may write to it, and nothing may act on its writes or filter its reads (triggers, rules, row
+# security). Read from the catalog by name (no USAGE on the schema needed). The table missing is fine
+# (ENSURE creates it); its schema, when it exists, must already be ours.
+TRUST = sql.SQL("""\
+WITH s AS (SELECT n.oid, n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = {schema}),
+t AS (SELECT c.oid, c.relowner, c.relkind, c.relacl, c.relrowsecurity
+      FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid WHERE c.relname = {table})
+SELECT (SELECT count(*) FROM t) > 0, pg_catalog.array_remove(ARRAY[
+  (SELECT 'its schema is owned by another role' FROM s WHERE NOT pg_catalog.pg_has_role(s.nspowner, 'MEMBER')),
+  (SELECT 'it is owned by another role' FROM t WHERE NOT pg_catalog.pg_has_role(t.relowner, 'MEMBER')),
+  (SELECT 'it is not an ordinary table' FROM t WHERE t.relkind <> 'r'),
+  (SELECT 'another role may write to it (INSERT, UPDATE, DELETE, TRUNCATE or TRIGGER granted)' FROM t
+    WHERE EXISTS (SELECT 1 FROM pg_catalog.aclexplode(t.relacl) g WHERE g.grantee <> t.relowner
+                  AND g.privilege_type IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER'))
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a CROSS JOIN LATERAL pg_catalog.aclexplode(a.attacl) g
+                  WHERE a.attrelid = t.oid AND g.grantee <> t.relowner
+                    AND g.privilege_type IN ('INSERT', 'UPDATE'))),
+  (SELECT 'it has triggers' FROM t WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgrelid = t.oid)),
+  (SELECT 'it has rules' FROM t WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w WHERE w.ev_class = t.oid)),
+  (SELECT 'it has row security policies' FROM t WHERE t.relrowsecurity
+    OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = t.oid))
+], NULL)""").format(schema=sql.Literal(naming.STATE_SCHEMA), table=sql.Literal(TABLE))
+
+
+def distrust(problems: list[str]) -> str:
+    """The refusal for a non-empty TRUST answer (no role names: they are user names)."""
+    return (f"the ownership table {naming.STATE_SCHEMA}.{TABLE} cannot be trusted ({'; '.join(problems)}): "
+            "nothing is planned or run. Only the operator's role may own and write it (one operator role per "
+            "database, see README Limits); a DBA must drop or fix it")
 
 
 def assert_oid(schema: str, name: str, oid: int) -> sql.Composed:

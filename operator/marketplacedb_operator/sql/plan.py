@@ -4,7 +4,7 @@ Pure: no connection, no clock, no environment. A Plan is an ordered tuple of Ste
 one object are contiguous and the executor (gateways/postgres/schema.py) stops an object at its
 first failed step, undoes what that object left behind, and goes on with the next object.
 
-Safety rules the planner encodes (DESIGN.md sections 4 and 4a):
+Safety rules the planner encodes (docs/architecture.md, "PostgreSQL and PgBouncer facts" and "Ownership and trust"):
 * an object is this resource's only when the ownership record names its very OID (ownership.py);
   a name pattern (`__new`, `__old`, `__key`) or a COMMENT marker proves nothing. Everything else
   is never dropped, renamed or rebuilt, under any deletion policy: it is reported ("left alone");
@@ -29,6 +29,8 @@ from ..api.v1alpha1 import MarketplaceDBSpec
 from ..sqlcheck import normalize_predicate, normalize_select
 from . import ddl, ownership
 from .catalog import Catalog, IndexInfo, ViewInfo
+from .plan_guards import bound as _bound
+from .plan_guards import fk_conflict as _fk_conflict
 from .plan_views import drop_view_step, view_steps
 from .steps import (
     Desired,
@@ -118,7 +120,8 @@ def _build_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list[Step]
     schema = spec.schema_name
     return [
         Step("intent", d.object, f"record the intent to build {schema}.{name} (what a crash leaves is ours)",
-             (ownership.intent(owner, schema, name, schema, spec.table, d.hash),), transactional=True),
+             (ownership.intent(owner, schema, name, schema, spec.table, d.hash),), transactional=True,
+             cleanup=(ownership.forget_intent(owner, schema, name),)),
         Step("create-index", d.object, f"build index {schema}.{name} on {spec.table} CONCURRENTLY: {why}",
              (ddl.create_index(spec, name),), transactional=False, lock_policy="index",
              verify_index=(schema, name), cleanup_index=(schema, name),
@@ -160,12 +163,6 @@ def _replace_index_steps(d: DesiredIndex, owner: str, existing: IndexInfo, why: 
     return steps
 
 
-def _fk_conflict(d: DesiredIndex, existing: IndexInfo, why: str) -> str:
-    return (f"{d.field}: index {existing.schema}.{existing.name} must be replaced ({why}) but foreign key "
-            f"constraint(s) {', '.join(existing.foreign_keys)} depend on it: left as it is. To change it, drop "
-            "and re-create those constraints by hand after declaring the new index under another name")
-
-
 def _adoptable(d: DesiredIndex, existing: IndexInfo, cat: Catalog) -> bool:
     expected = cat.expected_of(d.spec.schema_name, d.spec.name)
     return bool(expected) and existing.signature == expected and existing.valid and existing.ready \
@@ -185,10 +182,11 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
         info = cat.index(schema, leftover)
         if info is None or (schema, leftover) in declared:
             continue
-        if info.owned_by(owner) and info.building_pid is None:
+        if _sweepable(info, owner) and not _bound(info):
             steps.append(_drop_index_step(d.object, owner, info, "left over by an interrupted build or replacement"))
         else:
-            notes.append(f"left alone: index {schema}.{leftover} ({foreign_reason(info, owner)}); never dropped")
+            why = _bound(info) if _sweepable(info, owner) else foreign_reason(info, owner)
+            notes.append(f"left alone: index {schema}.{leftover} ({why}); never dropped")
             temp_taken = temp_taken or leftover == ddl.temp_name(name)
     other = cat.other_relation(schema, name) or ("materialized view" if cat.view(schema, name) else None)
     if other:
@@ -215,9 +213,13 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
                                  ownership.record(owner, "index", schema, name, d.hash, "adopted"),
                                  transactional=True)], [], notes
         if spec.adopt == "Replace":
-            if existing.foreign_keys:
+            if _bound(existing):
                 return steps, [_fk_conflict(d, existing, "adopt: Replace")], notes
             return steps + _replace_index_steps(d, owner, existing, "adopt: Replace"), [], notes
+        uncompared = cat.uncompared_why(schema, name)
+        if uncompared and existing.valid:  # never suggest rebuilding what may be identical
+            return steps, [f"{d.field}: index {schema}.{name} exists, {reason}; its definition could not be "
+                           f"compared with the declared one ({uncompared}); left alone, retried next time"], notes
         differs = "INVALID" if not existing.valid else "its definition differs from the declared one"
         return steps, [f"{d.field}: index {schema}.{name} exists, {reason} ({differs}); left alone. "
                        f"Set {d.field}.adopt: Replace to rebuild it"], notes
@@ -225,7 +227,7 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
         return steps + [_drop_index_step(d.object, owner, existing, "INVALID (failed or cancelled build)"),
                         *_create_index_steps(d, owner, "rebuild of an INVALID index")], [], notes
     drift = index_drift(d, existing)
-    if drift and existing.foreign_keys:
+    if drift and _bound(existing):
         return steps, [_fk_conflict(d, existing, drift)], notes
     if drift:
         return steps + _replace_index_steps(d, owner, existing, drift), [], notes
@@ -289,9 +291,9 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
     indexes = [i for i in indexes if not _adopted(i)]
     views = [v for v in views if not _adopted(v)]
     for index in indexes:
-        if index.foreign_keys:
-            notes.append(f"left in place: index {index.schema}.{index.name}: foreign key constraint(s) "
-                         f"{', '.join(index.foreign_keys)} depend on it; drop them first to remove it")
+        if _bound(index):
+            notes.append(f"left in place: index {index.schema}.{index.name}: {_bound(index)}; drop the "
+                         "constraint(s) first to remove it")
             continue
         steps.append(_drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
     for view in views:

@@ -58,6 +58,19 @@ def _carried(existing: ViewInfo, cat: Catalog) -> list[IndexInfo]:
     return [i for i in cat.indexes_on(existing.schema, existing.name) if i.name != ddl.view_key_name(existing.name)]
 
 
+def _would_lose(existing: ViewInfo, cat: Catalog) -> list[str]:
+    """What the swap cannot carry over to the new view: reported as a Conflict instead."""
+    lost = ["its tablespace"] if existing.in_tablespace else []
+    if existing.statistics:
+        lost.append(f"extended statistics {', '.join(existing.statistics)}")
+    if existing.column_options:
+        lost.append(f"statistics targets or options of column(s) {', '.join(existing.column_options)}")
+    indexes = cat.indexes_on(existing.schema, existing.name)
+    lost += [f"the tablespace of index {i.name}" for i in indexes if i.in_tablespace]
+    lost += [f"the CLUSTER ON mark of index {i.name}" for i in indexes if i.clustered]
+    return lost
+
+
 def _swap_steps(d: DesiredView, owner: str, cat: Catalog, existing: ViewInfo, why: str,
                 check: ViewCheck) -> tuple[list[Step], list[str]]:
     spec = d.spec
@@ -66,11 +79,19 @@ def _swap_steps(d: DesiredView, owner: str, cat: Catalog, existing: ViewInfo, wh
         return [], [f"{d.field}: {schema}.{name} must be rebuilt ({why}) but {', '.join(existing.dependents)} "
                     "depend on it: not swapped, left as it is (drop or change the dependent views first)"]
     carried = _carried(existing, cat)
+    lost = _would_lose(existing, cat)
+    if lost:
+        return [], [f"{d.field}: {schema}.{name} must be rebuilt ({why}) but the swap would lose {'; '.join(lost)}: "
+                    "not swapped, left as it is (remove them by hand, or rebuild the view by hand)"]
     build = _create_statements(d, owner, tmp)
     renames = []
     for index in carried:
         build.append(ddl.index_like(schema, tmp, naming.temp_object_name(index.name, "new"), index.signature))
+        if index.comment:
+            build.append(ddl.comment_index(schema, naming.temp_object_name(index.name, "new"), index.comment))
         renames.append(ddl.rename_index(schema, naming.temp_object_name(index.name, "new"), index.name))
+    # The new view's privileges are exactly the old one's: first undo the default privileges.
+    build += [ddl.revoke_all(schema, tmp, grantee) for grantee in existing.default_grantees]
     build += [ddl.grant(g.privilege, schema, tmp, g.grantee, g.grantable) for g in existing.grants
               if g.privilege in ddl.PRIVILEGES]
     build += [ddl.grant_column(g.privilege, schema, tmp, g.column, g.grantee, g.grantable)
@@ -124,7 +145,8 @@ def _key_steps(d: DesiredView, owner: str, cat: Catalog, existing: ViewInfo) -> 
                           transactional=False, lock_policy="index"))
     return first + [
         Step("intent", d.object, f"record the intent to build {schema}.{key_name}",
-             (ownership.intent(owner, schema, key_name, schema, name, ""),), transactional=True),
+             (ownership.intent(owner, schema, key_name, schema, name, ""),), transactional=True,
+             cleanup=(ownership.forget_intent(owner, schema, key_name),)),
         Step("create-index", d.object, f"build unique index {schema}.{key_name} on {name} CONCURRENTLY",
              (ddl.create_view_index(schema, name, key_name, spec.unique_key, concurrently=True),),
              transactional=False, lock_policy="index", verify_index=(schema, key_name),
@@ -189,6 +211,10 @@ def view_steps(d: DesiredView, owner: str, cat: Catalog,
         if spec.adopt == "Replace" and not temp_taken:
             found, conflicts = _swap_steps(d, owner, cat, existing, "adopt: Replace", check)
             return steps + found, conflicts, notes
+        uncompared = cat.uncompared_why(schema, name)
+        if uncompared:  # never suggest rebuilding what may be identical
+            return steps, [f"{d.field}: materialized view {schema}.{name} exists, {reason}; its query could not "
+                           f"be compared with the declared one ({uncompared}); left alone, retried next time"], notes
         return steps, [f"{d.field}: materialized view {schema}.{name} exists, {reason} (its query differs from "
                        f"the declared one); left alone. Set {d.field}.adopt: Replace to rebuild it"], notes
     drift = view_drift(d, existing)

@@ -1,9 +1,9 @@
-"""The pure half of a materialized-view refresh: types, the decision, the SQL, the lock key.
+"""The pure half of a materialized-view refresh: types, the decision, the schedule, the lock key.
 
 Everything here is deterministic (no I/O, no clock, no environment): `decide()` takes what the
 catalog said and the time, and says refresh (concurrently or not, and why) or skip (and why).
-The I/O half is `gateways/postgres/refresh.py`; the orchestration (lock, decide, refresh,
-record) is `refresh.py`, shared by the CronJob entrypoint and the operator's own timer.
+The SQL is `sql/refresh_sql.py`; the I/O half is `gateways/postgres/refresh.py`; the
+orchestration (lock, decide, refresh, record) is `refresh.py`, shared by every scheduler.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import zoneinfo
 from decimal import Decimal
 from typing import Final, Literal
 
 from croniter import croniter
-from psycopg import sql
 
 from .. import naming
 from ..api.v1alpha1 import MaterializedViewSpec
@@ -43,6 +43,13 @@ DDL_LOCK: Final = (LOCK_CLASS + 1, 0)
 DEFAULT_MAX_STALENESS: Final = 3600.0
 DEFAULT_TIMEOUT: Final = 300.0
 DEFAULT_LOCK_TIMEOUT: Final = 5.0
+DEFAULT_HISTORY: Final = 20
+
+STATE_COLUMNS: Final = (
+    "view_schema", "view_name", "last_attempt", "last_success", "last_seconds", "row_count", "counters",
+    "signature", "result", "reason", "error", "consecutive_failures", "max_staleness_seconds", "outcomes",
+    "rule", "recent",
+)
 
 
 class RefreshDatabaseError(Exception):
@@ -75,17 +82,23 @@ class RefreshOptions:
     # A plain refresh takes an ACCESS EXCLUSIVE lock: waiting for it behind a long reader would
     # queue every later reader behind us, so give up quickly instead and retry next time.
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    depends_on: tuple[str, ...] = ()
+    allow_volatile: bool = False
+    history_limit: int = DEFAULT_HISTORY
 
 
 def options_for(view: MaterializedViewSpec, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> RefreshOptions:
     policy = view.refresh
     if policy is None:
-        return RefreshOptions(lock_timeout=lock_timeout)
+        return RefreshOptions(lock_timeout=lock_timeout, allow_volatile=view.allow_volatile_functions)
     return RefreshOptions(
         skip_if_unchanged=policy.skip_if_unchanged,
         max_staleness=parse_duration(policy.max_staleness),
         timeout=parse_duration(policy.timeout),
         lock_timeout=min(lock_timeout, parse_duration(policy.timeout)),
+        depends_on=tuple(policy.depends_on),
+        allow_volatile=view.allow_volatile_functions,
+        history_limit=policy.history_limit,
     )
 
 
@@ -107,10 +120,30 @@ class RefreshState:
     consecutive_failures: int = 0
     max_staleness: float | None = None
     outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
+    rule: str | None = None
+    recent: tuple[str, ...] = ()
 
     @property
     def view(self) -> str:
         return self.name
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.schema, self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryEntry:
+    """One recorded run of a view (the history table keeps the last N per view)."""
+
+    schema: str
+    name: str
+    attempt_at: datetime.datetime
+    outcome: str
+    reason: str | None
+    seconds: float | None
+    rows: int | None
+    error: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +158,10 @@ class Observation:
     untracked: int = 0  # base relations without write counters (foreign tables)
     counters: Decimal = Decimal(0)
     signature: str | None = None
+    volatile_functions: tuple[str, ...] = ()
+    time_functions: tuple[str, ...] = ()
+    untracked_functions: tuple[str, ...] = ()  # non-built-in or non-immutable: what they read is unknown
+    missing_depends: tuple[str, ...] = ()  # declared dependsOn tables that do not exist
     state: RefreshState | None = None
 
 
@@ -142,7 +179,7 @@ def lock_key(target: ViewTarget) -> tuple[int, int]:
     return LOCK_CLASS, int.from_bytes(digest[:4], "big", signed=True)
 
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
@@ -163,16 +200,47 @@ def _why_refresh(obs: Observation, options: RefreshOptions, now: datetime.dateti
         return "no successful refresh recorded"
     if state.result == "failed":
         return "the last refresh failed"
-    if obs.base_tables == 0 or obs.untracked:
-        return "base tables cannot be tracked (none found, or foreign tables): always refreshed"
+    unsafe = _not_skippable(obs, options)
+    if unsafe is not None:
+        return unsafe
     age = (now - state.last_success).total_seconds()
     if age >= options.max_staleness:
-        return f"maxStaleness passed (last success {_ago(age)} ago)"
+        return f"maxStaleness passed (last success {ago(age)} ago)"
     if obs.counters != state.counters:
         return f"base tables written since the last refresh (counters {state.counters} -> {obs.counters})"
     if obs.signature != state.signature:
         return "base tables were rewritten or replaced (TRUNCATE, VACUUM FULL, new table)"
     return None
+
+
+def _not_skippable(obs: Observation, options: RefreshOptions) -> str | None:
+    """Why unchanged base tables do not prove an unchanged view (erring on the side of refreshing)."""
+    if obs.volatile_functions:
+        return f"calls volatile function(s) {', '.join(obs.volatile_functions)}: always refreshed"
+    if obs.time_functions:
+        return (f"time-dependent ({', '.join(obs.time_functions)}): changes with no write, "
+                "the schedule alone drives it")
+    if obs.untracked_functions and not options.depends_on:
+        return (f"calls function(s) {', '.join(obs.untracked_functions)} whose reads are not tracked "
+                "(non-built-in or not immutable): always refreshed; declare refresh.dependsOn to skip")
+    if obs.missing_depends:
+        return f"dependsOn table(s) not found: {', '.join(obs.missing_depends)}: always refreshed"
+    if obs.base_tables == 0 or obs.untracked:
+        return "base tables cannot be tracked (none found, or foreign tables): always refreshed"
+    return None
+
+
+def rule_for(obs: Observation, options: RefreshOptions) -> str:
+    """Which skip rule applies to this view and why, for status, `plan`-style output and history."""
+    if not options.skip_if_unchanged:
+        return "always refreshed: skipIfUnchanged is false"
+    unsafe = _not_skippable(obs, options)
+    if unsafe is not None:
+        return unsafe
+    declared = f"; dependsOn {', '.join(options.depends_on)}" if options.depends_on else ""
+    functions = f" (functions {', '.join(obs.untracked_functions)} trusted through dependsOn)" \
+        if obs.untracked_functions else ""
+    return f"skipped when unchanged: write counters of {obs.base_tables} table(s) tracked{declared}{functions}"
 
 
 def decide(obs: Observation, options: RefreshOptions, now: datetime.datetime, force: bool = False) -> Decision:
@@ -182,11 +250,15 @@ def decide(obs: Observation, options: RefreshOptions, now: datetime.datetime, fo
     if not obs.owned:
         # https://www.postgresql.org/docs/15/sql-refreshmaterializedview.html
         return Decision("fail", "only the view's owner may refresh it (PostgreSQL 15)")
+    if obs.volatile_functions and not options.allow_volatile:
+        # Such a "SELECT" writes or acts at every refresh (setval, lo_*, pg_terminate_backend, ...).
+        return Decision("fail", f"refused: the query calls volatile function(s) {', '.join(obs.volatile_functions)} "
+                                "(set allowVolatileFunctions: true to accept; dangerous)")
     why = _why_refresh(obs, options, now, force)
     if why is None:
         assert obs.state is not None and obs.state.last_success is not None
         age = (now - obs.state.last_success).total_seconds()
-        return Decision("skip", f"no writes to the base tables since the last refresh ({_ago(age)} ago)")
+        return Decision("skip", f"no writes to the tracked tables since the last refresh ({ago(age)} ago)")
     if not obs.populated:
         return Decision("refresh", why, False, "the view is not populated: the first refresh cannot be CONCURRENTLY")
     if obs.unique_index is None:
@@ -197,16 +269,26 @@ def decide(obs: Observation, options: RefreshOptions, now: datetime.datetime, fo
     return Decision("refresh", why, True)
 
 
-def due(schedule: str, last_attempt: datetime.datetime | None, now: datetime.datetime) -> bool:
-    """True when a cron `schedule` fired after `last_attempt` (for the operator's own timer).
+def due(schedule: str | None, last_attempt: datetime.datetime | None, now: datetime.datetime,
+        time_zone: str | None = None, every: float | None = None) -> bool:
+    """True when the view's schedule fired after `last_attempt` (for the operator's own timer)."""
+    return seconds_until_due(schedule, last_attempt, now, time_zone, every) <= 0
 
-    Schedules are read in UTC, as the CronJobs' `timeZone: Etc/UTC`: timestamps read from the
-    database come in the session's TimeZone, so aware values are converted first (naive = UTC).
-    """
+
+def seconds_until_due(schedule: str | None, last_attempt: datetime.datetime | None, now: datetime.datetime,
+                      time_zone: str | None = None, every: float | None = None) -> float:
+    """Seconds until the next run is due (<= 0: due now). `every` is a plain interval; a cron
+    schedule is read in `time_zone` (IANA, default UTC, like the CronJob's `timeZone`), so
+    "0 3 * * *" in Europe/Berlin fires at 03:00 Berlin time across DST changes."""
     if last_attempt is None:
-        return True
-    following: datetime.datetime = croniter(schedule, _utc(last_attempt)).get_next(datetime.datetime)
-    return following <= _utc(now)
+        return 0.0
+    if every is not None:
+        return every - (_utc(now) - _utc(last_attempt)).total_seconds()
+    if schedule is None:
+        return float("inf")
+    zone = zoneinfo.ZoneInfo(time_zone or "Etc/UTC")
+    following: datetime.datetime = croniter(schedule, _utc(last_attempt).astimezone(zone)).get_next(datetime.datetime)
+    return float((following - _utc(now)).total_seconds())
 
 
 def _utc(moment: datetime.datetime) -> datetime.datetime:
@@ -222,153 +304,10 @@ def is_stale(state: RefreshState, now: datetime.datetime, max_staleness: float |
     return limit is not None and (now - state.last_success).total_seconds() > limit
 
 
-# --- SQL --------------------------------------------------------------------------------------
-
-STATE: Final = sql.Identifier(naming.STATE_SCHEMA, naming.STATE_TABLE)
-
-STATE_COLUMNS: Final = (
-    "view_schema", "view_name", "last_attempt", "last_success", "last_seconds", "row_count", "counters",
-    "signature", "result", "reason", "error", "consecutive_failures", "max_staleness_seconds", "outcomes",
-)
-
-
-def state_table_ddl() -> list[sql.Composed]:
-    """The state table, shared by CronJob runs, the operator and metrics: one row per view."""
-    return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(naming.STATE_SCHEMA)),
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} ("
-            "view_schema text NOT NULL, "
-            "view_name text NOT NULL, "
-            "last_attempt timestamptz, "
-            "last_success timestamptz, "
-            "last_seconds double precision, "
-            "row_count bigint, "
-            "counters numeric, "
-            "signature text, "
-            "result text, "
-            "reason text, "
-            "error text, "
-            "consecutive_failures integer NOT NULL DEFAULT 0, "
-            "max_staleness_seconds double precision, "
-            "outcomes jsonb NOT NULL DEFAULT '{{}}'::jsonb, "
-            "PRIMARY KEY (view_schema, view_name))"
-        ).format(STATE),
-        sql.SQL("COMMENT ON TABLE {} IS {}").format(
-            STATE, sql.Literal(f"Materialized-view refresh state, written by {naming.APP_NAME}.")
-        ),
-    ]
-
-
-def ddl_lock_sql() -> sql.Composed:
-    return sql.SQL("SELECT pg_advisory_xact_lock({}, {})").format(sql.Literal(DDL_LOCK[0]), sql.Literal(DDL_LOCK[1]))
-
-
-def try_lock_sql(key: tuple[int, int]) -> sql.Composed:
-    return sql.SQL("SELECT pg_try_advisory_lock({}, {})").format(sql.Literal(key[0]), sql.Literal(key[1]))
-
-
-def unlock_sql(key: tuple[int, int]) -> sql.Composed:
-    return sql.SQL("SELECT pg_advisory_unlock({}, {})").format(sql.Literal(key[0]), sql.Literal(key[1]))
-
-
-def refresh_sql(target: ViewTarget, concurrently: bool) -> sql.Composed:
-    keyword = sql.SQL("CONCURRENTLY ") if concurrently else sql.SQL("")
-    return sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(keyword, sql.Identifier(target.schema, target.name))
-
-
-def count_sql(target: ViewTarget) -> sql.Composed:
-    return sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(target.schema, target.name))
-
-
-def timeouts_sql(options: RefreshOptions) -> list[sql.Composed]:
-    """SET LOCAL: the limits end with the refresh's transaction, not with the session."""
-    return [
-        sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(f"{max(1, round(options.timeout * 1000))}ms")),
-        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{max(1, round(options.lock_timeout * 1000))}ms")),
-    ]
-
-
-# Statistics are flushed by the writing backends asynchronously (PostgreSQL 15: at most once a
-# second while busy, within ~10s once idle), and a reader caches them per transaction
-# (stats_fetch_consistency): clear the snapshot first so we see what has been flushed.
-# https://www.postgresql.org/docs/15/monitoring-stats.html#MONITORING-STATS-VIEWS
-CLEAR_STATS_SNAPSHOT: Final = sql.SQL("SELECT pg_catalog.pg_stat_clear_snapshot()")
-
-# The view, its base relations (through pg_rewrite/pg_depend, recursively through plain views and
-# down to inheritance children and partitions, whose counters are kept per leaf), their write
-# counters and storage signature, the usable unique index, and the last recorded state: one query.
-_OBSERVE: Final = """\
-WITH RECURSIVE
-target AS (
-  SELECT c.oid, c.relispopulated, pg_catalog.pg_has_role(c.relowner, 'USAGE') AS owned
-  FROM pg_catalog.pg_class AS c JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-  WHERE n.nspname = {schema} AND c.relname = {name} AND c.relkind = 'm'
-),
-deps (oid, depth) AS (
-  SELECT oid, 0 FROM target
-  UNION
-  SELECT x.oid, deps.depth + 1
-  FROM deps
-  JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
-  CROSS JOIN LATERAL (
-    SELECT d.refobjid FROM pg_catalog.pg_rewrite AS r
-    JOIN pg_catalog.pg_depend AS d
-      ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
-     AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> r.ev_class
-    WHERE r.ev_class = deps.oid AND (deps.depth = 0 OR dc.relkind = 'v')
-    UNION
-    SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i
-    WHERE i.inhparent = deps.oid AND dc.relkind IN ('r', 'p')
-  ) AS x (oid)
-  WHERE deps.depth < 32
-),
-base AS (
-  SELECT DISTINCT c.oid, c.relkind FROM deps JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
-  WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't')
-)
-SELECT t.oid IS NOT NULL, coalesce(t.relispopulated, false), coalesce(t.owned, false),
-  (SELECT i.indexrelid::pg_catalog.regclass::text FROM pg_catalog.pg_index AS i
-    WHERE i.indrelid = t.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
-      AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey::int2[]))
-    ORDER BY i.indexrelid LIMIT 1),
-  (SELECT count(*) FROM base),
-  (SELECT count(*) FROM base WHERE base.relkind = 'f'),
-  (SELECT coalesce(sum(pg_catalog.pg_stat_get_tuples_inserted(base.oid)
-                     + pg_catalog.pg_stat_get_tuples_updated(base.oid)
-                     + pg_catalog.pg_stat_get_tuples_deleted(base.oid)), 0) FROM base),
-  (SELECT pg_catalog.md5(pg_catalog.string_agg(
-            base.oid::text || ':' || coalesce(pg_catalog.pg_relation_filenode(base.oid), 0)::text, ','
-            ORDER BY base.oid)) FROM base),
-  {state_columns}
-FROM (SELECT 1) AS one
-LEFT JOIN target AS t ON true
-LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
-
-OBSERVE_FIXED_COLUMNS: Final = 8
-
-
-def observe_sql(target: ViewTarget) -> sql.Composed:
-    """The skip check's single round trip: clear the stats snapshot, then one catalog query."""
-    query = sql.SQL(_OBSERVE).format(
-        schema=sql.Literal(target.schema),
-        name=sql.Literal(target.name),
-        state=STATE,
-        state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
-    )
-    # Two statements, one message: sent without parameters, psycopg uses the simple query protocol.
-    return sql.SQL("{}; {}").format(CLEAR_STATS_SNAPSHOT, query)
-
-
-def read_states_sql() -> sql.Composed:
-    return sql.SQL("SELECT {} FROM {} ORDER BY view_schema, view_name").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in STATE_COLUMNS), STATE
-    )
-
 
 @dataclasses.dataclass(frozen=True)
 class StateUpdate:
-    """What one refresh attempt writes to its view's state row."""
+    """What one refresh attempt writes to its view's state row and history."""
 
     outcome: Outcome
     attempt_at: datetime.datetime
@@ -379,70 +318,15 @@ class StateUpdate:
     rows: int | None = None
     counters: Decimal | None = None
     signature: str | None = None
-
-
-def _bump_outcome() -> sql.Composed:
-    # outcomes is a jsonb map outcome -> count: the operator exports it as counters.
-    return sql.SQL(
-        "{s}.outcomes || pg_catalog.jsonb_build_object(%(outcome)s::text, "
-        "coalesce(({s}.outcomes ->> %(outcome)s::text)::bigint, 0) + 1)"
-    ).format(s=STATE)
-
-
-def record_sql() -> sql.Composed:
-    """Upsert one attempt (success fields kept when the attempt did not succeed); takes params."""
-    success = sql.SQL("%(success)s")
-    keep = [
-        sql.SQL("{c} = CASE WHEN {ok} THEN EXCLUDED.{c} ELSE {s}.{c} END").format(
-            c=sql.Identifier(c), ok=success, s=STATE
-        )
-        for c in ("last_success", "last_seconds", "row_count", "counters", "signature")
-    ]
-    return sql.SQL(
-        "INSERT INTO {s} (view_schema, view_name, last_attempt, last_success, last_seconds, row_count, counters, "
-        "signature, result, reason, error, consecutive_failures, max_staleness_seconds, outcomes) "
-        "VALUES (%(schema)s, %(name)s, %(attempt)s, CASE WHEN {ok} THEN %(attempt)s END, %(seconds)s, %(rows)s, "
-        "%(counters)s, %(signature)s, %(outcome)s, %(reason)s, %(error)s, "
-        "CASE WHEN %(outcome)s = 'failed' THEN 1 ELSE 0 END, %(max_staleness)s, "
-        "pg_catalog.jsonb_build_object(%(outcome)s::text, 1)) "
-        "ON CONFLICT (view_schema, view_name) DO UPDATE SET "
-        "last_attempt = EXCLUDED.last_attempt, {keep}, result = EXCLUDED.result, reason = EXCLUDED.reason, "
-        "error = EXCLUDED.error, "
-        "consecutive_failures = CASE WHEN %(outcome)s = 'failed' THEN {s}.consecutive_failures + 1 ELSE 0 END, "
-        "max_staleness_seconds = EXCLUDED.max_staleness_seconds, outcomes = {bump}"
-    ).format(s=STATE, ok=success, keep=sql.SQL(", ").join(keep), bump=_bump_outcome())
-
-
-def record_params(target: ViewTarget, update: StateUpdate) -> dict[str, object]:
-    return {
-        "schema": target.schema,
-        "name": target.name,
-        "attempt": update.attempt_at,
-        "success": update.outcome in SUCCESS_OUTCOMES,
-        "seconds": update.seconds,
-        "rows": update.rows,
-        "counters": update.counters,
-        "signature": update.signature,
-        "outcome": update.outcome,
-        "reason": update.reason,
-        "error": update.error,
-        "max_staleness": update.max_staleness,
-    }
-
-
-def record_busy_sql() -> sql.Composed:
-    """A busy skip only counts: the lock holder owns the row's other fields."""
-    return sql.SQL(
-        "INSERT INTO {s} (view_schema, view_name, outcomes) "
-        "VALUES (%(schema)s, %(name)s, pg_catalog.jsonb_build_object(%(outcome)s::text, 1)) "
-        "ON CONFLICT (view_schema, view_name) DO UPDATE SET outcomes = {bump}"
-    ).format(s=STATE, bump=_bump_outcome())
+    rule: str | None = None
+    history_limit: int = DEFAULT_HISTORY
 
 
 def state_from_row(row: tuple[object, ...]) -> RefreshState:
     """A RefreshState from the STATE_COLUMNS of a row (in that order)."""
     values = dict(zip(STATE_COLUMNS, row, strict=True))
     outcomes = values["outcomes"] if isinstance(values["outcomes"], dict) else {}
+    recent = values["recent"] if isinstance(values["recent"], list) else []
     return RefreshState(
         schema=str(values["view_schema"]),
         name=str(values["view_name"]),
@@ -458,12 +342,21 @@ def state_from_row(row: tuple[object, ...]) -> RefreshState:
         consecutive_failures=int(values["consecutive_failures"] or 0),  # type: ignore[call-overload]
         max_staleness=values["max_staleness_seconds"],  # type: ignore[arg-type]
         outcomes={str(k): int(v) for k, v in outcomes.items()},
+        rule=values["rule"],  # type: ignore[arg-type]
+        recent=tuple(str(r) for r in recent),
     )
+
+
+OBSERVE_FIXED_COLUMNS: Final = 12
+
+
+def _names(value: object) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
 
 def observation_from_row(row: tuple[object, ...]) -> Observation:
     fixed, rest = row[:OBSERVE_FIXED_COLUMNS], row[OBSERVE_FIXED_COLUMNS:]
-    exists, populated, owned, index, base, untracked, counters, signature = fixed
+    exists, populated, owned, index, base, untracked, counters, signature, volatile, clock, functions, missing = fixed
     state = state_from_row(rest) if rest[0] is not None else None
     return Observation(
         exists=bool(exists),
@@ -474,5 +367,14 @@ def observation_from_row(row: tuple[object, ...]) -> Observation:
         untracked=int(untracked),  # type: ignore[call-overload]
         counters=Decimal(str(counters)),
         signature=str(signature) if signature is not None else None,
+        volatile_functions=_names(volatile),
+        time_functions=_names(clock),
+        untracked_functions=_names(functions),
+        missing_depends=_names(missing),
         state=state,
     )
+
+
+def history_from_row(row: tuple[object, ...]) -> HistoryEntry:
+    schema, name, attempt, outcome, reason, seconds, rows, error = row
+    return HistoryEntry(str(schema), str(name), attempt, str(outcome), reason, seconds, rows, error)  # type: ignore[arg-type]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from ...sql.catalog import RECORDS_TABLE_NAME, Catalog, observe_params, observe_query, parse_catalog
+from ...sql import ownership
+from ...sql.catalog import Catalog, observe_params, observe_query, parse_catalog
 from ...sql.ddl import create_index, qualified
 from ...sql.plan import Desired, observed_names
 from ...sqlcheck import normalize_select
@@ -48,23 +50,41 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         conn.execute("SET TRANSACTION READ ONLY")
         # Pinned so that pg_get_indexdef/pg_get_viewdef are fully qualified (see ddl.mark).
         conn.execute("SET LOCAL search_path = pg_catalog")
-        exists = conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [RECORDS_TABLE_NAME]).fetchone()
-        cur = conn.execute(observe_query(bool(exists and exists[0])),
+        # Every observation first checks the ownership table may be trusted (ownership.TRUST): its
+        # rows decide what is dropped, so a table another role can write is refused outright.
+        trust = conn.execute(ownership.TRUST).fetchone()
+        if trust is None or trust[1]:
+            raise ObservationFailed(ownership.distrust(list(trust[1]) if trust else ["unreadable"]))
+        cur = conn.execute(observe_query(bool(trust[0])),
                            observe_params(desired.owner, observed_names(desired)))
         row = cur.fetchone()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
-    return dataclasses.replace(catalog, expected=expected_signatures(conn, desired, catalog))
+    uncompared: list[tuple[tuple[str, str], str]] = []
+    expected = expected_signatures(conn, desired, catalog, uncompared)
+    return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
 
 
-def expected_signatures(conn: Connection, desired: Desired,
-                        catalog: Catalog) -> tuple[tuple[tuple[str, str], str], ...]:
+@contextlib.contextmanager
+def _probe(failures: list[tuple[tuple[str, str], str]] | None, schema: str, name: str) -> Iterator[None]:
+    """A failed probe leaves no signature; its reason (primary message and SQLSTATE) is kept."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if failures is not None:
+            primary = exc.diag.message_primary or type(exc).__name__
+            failures.append(((schema, name), f"{primary} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else primary))
+
+
+def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
+                        failures: list[tuple[tuple[str, str], str]] | None = None,
+                        ) -> tuple[tuple[tuple[str, str], str], ...]:
     """What each declared object found under its name but not ours would look like if the operator
     had made it, deparsed by this server: the index built on an empty temporary copy of its table's
     columns, the query as a temporary view. Rolled back: nothing is left, no data is read. An object
-    the probe cannot reproduce (no TEMP privilege, a missing column) gets no signature and is never
-    adopted."""
+    the probe cannot reproduce (no TEMP privilege, a read-only transaction, a missing column) gets no
+    signature and is never adopted; why goes to `failures` (reported as "could not be compared")."""
     indexes = [d for d in desired.indexes if (found_index := catalog.index(d.spec.schema_name, d.spec.name))
                is not None and not found_index.owned_by(desired.owner)]
     views = [d for d in desired.views if (found_view := catalog.view(d.spec.schema_name, d.spec.name))
@@ -78,7 +98,7 @@ def expected_signatures(conn: Connection, desired: Desired,
         path = str(saved[0]) if saved else "\"$user\", public"
         for number, d in enumerate(indexes):
             table, name = f"mdb_probe_table_{number}", f"mdb_probe_index_{number}"
-            with contextlib.suppress(psycopg.Error), conn.transaction():
+            with _probe(failures, d.spec.schema_name, d.spec.name), conn.transaction():
                 conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
                     sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
                 probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
@@ -91,7 +111,7 @@ def expected_signatures(conn: Connection, desired: Desired,
                     found.append(((d.spec.schema_name, d.spec.name), str(row[0])))
         for number, view in enumerate(views):
             name = f"mdb_probe_view_{number}"
-            with contextlib.suppress(psycopg.Error), conn.transaction():
+            with _probe(failures, view.spec.schema_name, view.spec.name), conn.transaction():
                 conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
                     sql.Identifier(name), sql.SQL(normalize_select(view.spec.query))))
                 # Fully qualified, as OBSERVE reads the live view; the path is put back for the next

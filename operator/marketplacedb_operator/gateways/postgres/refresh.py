@@ -1,33 +1,60 @@
-"""Refresh I/O on one PostgreSQL session: advisory lock, catalog check, REFRESH, state table.
+"""Refresh I/O on one PostgreSQL session: the check, advisory lock, REFRESH, state and history.
 
 `PostgresRefresh(conn)` implements the `RefreshDatabase` port of `refresh.py`. The connection
 must be a direct, autocommit session (never through transaction pooling: session advisory locks
 need a session) and should be dedicated to refreshes, since the advisory lock lives with the
 session: if the process dies, PostgreSQL ends the session and the lock goes with it.
+
+Errors are reported as SQLSTATE, condition name and object names only: PostgreSQL's primary
+message can quote row values (`invalid input syntax for type integer: "tok_..."`), so no server
+text ever leaves this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from typing import Any
 
 import psycopg
 from psycopg import errors
 
+from ... import naming
 from ...sql import refresh as q
-from . import scrub
+from ...sql import refresh_check as c
+from ...sql import refresh_sql as s
 
-# Errors meaning "the state table or its schema is not there yet".
-_MISSING = (errors.UndefinedTable, errors.InvalidSchemaName)
+# Errors meaning "the operator's schema, a table or the check function is not there (yet)".
+_MISSING = (errors.UndefinedTable, errors.InvalidSchemaName, errors.UndefinedFunction)
+
+
+def describe_error(exc: psycopg.Error) -> str:
+    """`SQLSTATE condition (object names)`: what to act on, never the server's message text."""
+    state = getattr(exc, "sqlstate", None)
+    condition = _condition_name(type(exc))
+    diag = getattr(exc, "diag", None)
+    objects = []
+    if diag is not None:
+        table = ".".join(p for p in (diag.schema_name, diag.table_name) if p)
+        for label, value in (("table", table), ("column", diag.column_name),
+                             ("constraint", diag.constraint_name), ("type", diag.datatype_name)):
+            if value:
+                objects.append(f"{label} {value}")
+    text = f"{state} {condition}" if state else condition
+    return f"{text} ({', '.join(objects)})" if objects else text
+
+
+def _condition_name(kind: type) -> str:
+    # psycopg's class per SQLSTATE is named after the condition: UniqueViolation -> unique_violation.
+    name = kind.__name__
+    if kind.__module__ != errors.__name__ or name in ("Error", "DatabaseError", "OperationalError"):
+        return "database_error" if name != "OperationalError" else "connection_error"
+    return "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in name).lstrip("_")
 
 
 def _error(exc: psycopg.Error) -> q.RefreshDatabaseError:
-    """One scrubbed line with the SQLSTATE: enough to act on, no DETAIL rows, no secrets."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    state = getattr(exc, "sqlstate", None)
-    message = scrub(f"{state}: {text}" if state else text)
-    return q.RefreshDatabaseError(message, state)
+    return q.RefreshDatabaseError(describe_error(exc), getattr(exc, "sqlstate", None))
 
 
 class PostgresRefresh:
@@ -37,50 +64,92 @@ class PostgresRefresh:
         self.conn = conn
         self._ensured = False
 
-    # --- state table ---------------------------------------------------------------------------
+    # --- the operator's schema -----------------------------------------------------------------
 
     def ensure_state_table(self) -> None:
-        """Create the operator's schema and state table if missing (idempotent, serialized)."""
+        """Create what is missing of the schema, tables and check function (idempotent, serialized).
+
+        Nothing that exists is recreated or dropped; a role without CREATE on the schema can use
+        what another role created (grants to PUBLIC, row-level security per view owner).
+        """
+        objects = [*s.schema_objects(), ("function", c.CHECK_FUNCTION, [c.check_function_ddl()])]
+        creating = ""
         try:
             with self.conn.transaction():
-                self.conn.execute(q.ddl_lock_sql())
-                for statement in q.state_table_ddl():
-                    self.conn.execute(statement)
+                self.conn.execute(s.ddl_lock_sql())
+                for kind, name, statements in objects:
+                    signature = c.CHECK_SIGNATURE if kind == "function" else ""
+                    row = self.conn.execute(s.exists_sql(kind, name, signature)).fetchone()
+                    if row and row[0]:
+                        continue
+                    creating = kind
+                    for statement in statements:
+                        self.conn.execute(statement)
+                for statement in s.upgrade_state_table():
+                    try:
+                        with self.conn.transaction():  # a savepoint: only the table's owner may ALTER
+                            self.conn.execute(statement)
+                    except errors.InsufficientPrivilege:
+                        pass
+        except errors.InsufficientPrivilege as exc:
+            # Our own words (never the server's): which grant creating the operator's schema needs.
+            where = "database" if creating == "schema" else f"schema {naming.STATE_SCHEMA}"
+            raise q.RefreshDatabaseError(
+                f"{describe_error(exc)}: permission denied for {where} (CREATE on it is needed to create the "
+                f"operator's {creating or 'objects'} in schema {naming.STATE_SCHEMA})", exc.sqlstate
+            ) from None
         except psycopg.Error as exc:
             raise _error(exc) from None
         self._ensured = True
 
     def _with_state_table(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
-        """Execute; when the state table is missing (first run), create it and retry once."""
+        """Execute; when the schema's objects are missing (first run), create them and retry once."""
         try:
             return self.conn.execute(query, params)
         except _MISSING:
             if self._ensured:
                 raise
+        except errors.UndefinedColumn:  # a state table from an older release
+            if self._ensured:
+                raise
         self.ensure_state_table()
         return self.conn.execute(query, params)
+
+    # --- the one-round-trip check --------------------------------------------------------------
+
+    def check(self, target: q.ViewTarget, key: tuple[int, int], options: q.RefreshOptions, now: Any,
+              force: bool) -> tuple[bool, bool, float | None]:
+        """(locked, skipped, age): lock, catalog check, skip record and unlock in one call."""
+        params = c.check_params(target, key[1], options, now, force)
+        try:
+            row = self._with_state_table(c.check_sql(), params).fetchone()
+        except psycopg.Error as exc:
+            raise _error(exc) from None
+        if row is None:  # pragma: no cover - the function always returns one row
+            raise q.RefreshDatabaseError("check returned no row")
+        return bool(row[0]), bool(row[1]), row[2]
 
     # --- lock ----------------------------------------------------------------------------------
 
     def try_lock(self, key: tuple[int, int]) -> bool:
         try:
-            row = self.conn.execute(q.try_lock_sql(key)).fetchone()
+            row = self.conn.execute(s.try_lock_sql(key)).fetchone()
         except psycopg.Error as exc:
             raise _error(exc) from None
         return bool(row and row[0])
 
     def unlock(self, key: tuple[int, int]) -> None:
         try:
-            self.conn.execute(q.unlock_sql(key))
+            self.conn.execute(s.unlock_sql(key))
         except psycopg.Error:
             pass  # a broken session has lost its locks already
 
     # --- check ---------------------------------------------------------------------------------
 
-    def observe(self, target: q.ViewTarget) -> q.Observation:
-        """One round trip: clear the stats snapshot and read view, base tables, counters, state."""
+    def observe(self, target: q.ViewTarget, depends_on: tuple[str, ...] = ()) -> q.Observation:
+        """One round trip: clear the stats snapshot and read view, base tables, functions, state."""
         try:
-            cursor = self._with_state_table(q.observe_sql(target))
+            cursor = self._with_state_table(s.observe_sql(target, depends_on))
             cursor.nextset()  # the first result is pg_stat_clear_snapshot()'s
             row = cursor.fetchone()
         except psycopg.Error as exc:
@@ -92,7 +161,7 @@ class PostgresRefresh:
     # --- refresh and record --------------------------------------------------------------------
 
     def refresh(self, target: q.ViewTarget, concurrently: bool, options: q.RefreshOptions,
-                update: q.StateUpdate) -> q.StateUpdate:
+                update: q.StateUpdate, previous_rows: int | None = None) -> q.StateUpdate:
         """REFRESH under SET LOCAL timeouts and record success in the same transaction.
 
         Success is recorded atomically with the refresh: the state row says "refreshed" exactly
@@ -101,37 +170,99 @@ class PostgresRefresh:
         """
         try:
             with self.conn.transaction():
-                for statement in q.timeouts_sql(options):
+                for statement in s.timeouts_sql(options):
                     self.conn.execute(statement)
+                before = self._counts(target)
                 started = time.perf_counter()
-                self.conn.execute(q.refresh_sql(target, concurrently))
-                row = self.conn.execute(q.count_sql(target)).fetchone()
+                self.conn.execute(s.refresh_sql(target, concurrently))
                 seconds = time.perf_counter() - started
-                done = dataclasses.replace(update, seconds=seconds, rows=int(row[0]) if row else 0)
-                # observe() ran first on this session, so the state table exists.
-                self.conn.execute(q.record_sql(), q.record_params(target, done))
+                done = dataclasses.replace(update, seconds=seconds, rows=self._rows_after(
+                    target, concurrently, previous_rows, before))
+                # The catalog check ran first on this session, so the tables exist.
+                self.conn.execute(s.record_sql(), s.record_params(target, done))
         except psycopg.Error as exc:
             raise _error(exc) from None
         return done
 
+    def _counts(self, target: q.ViewTarget) -> tuple[int, int, float]:
+        row = self.conn.execute(s.rows_after_sql(target)).fetchone()
+        inserted, deleted, reltuples = row or (0, 0, -1)
+        return int(inserted or 0), int(deleted or 0), float(reltuples if reltuples is not None else -1)
+
+    def _rows_after(self, target: q.ViewTarget, concurrently: bool, previous: int | None,
+                    before: tuple[int, int, float]) -> int | None:
+        """No rescan of the view: CONCURRENTLY applies a diff, whose inserts and deletes the
+        backend's counters hold (read before and after: they also carry earlier transactions'
+        unflushed counts), exact given the count recorded at the last success; a plain refresh
+        rebuilds the indexes, which set reltuples to the exact count. Otherwise the planner's
+        estimate (reltuples; None when never estimated)."""
+        inserted, deleted, reltuples = self._counts(target)
+        if concurrently and previous is not None:
+            return max(0, previous + (inserted - before[0]) - (deleted - before[1]))
+        return int(reltuples) if reltuples >= 0 else None
+
     def record(self, target: q.ViewTarget, update: q.StateUpdate) -> None:
         try:
-            self._with_state_table(q.record_sql(), q.record_params(target, update))
+            self._with_state_table(s.record_sql(), s.record_params(target, update))
         except psycopg.Error as exc:
             raise _error(exc) from None
 
-    def record_busy(self, target: q.ViewTarget) -> None:
-        params = {"schema": target.schema, "name": target.name, "outcome": "skipped-busy"}
+    def record_busy(self, target: q.ViewTarget, update: q.StateUpdate) -> None:
         try:
-            self._with_state_table(q.record_busy_sql(), params)
+            self._with_state_table(s.record_busy_sql(), s.record_params(target, update))
         except psycopg.Error as exc:
             raise _error(exc) from None
+
+
+def analyze_query(conn: psycopg.Connection[Any], schema: str, query: str,
+                  depends_on: tuple[str, ...] = ()) -> q.Observation:
+    """What a view query would call, from the catalog, before the view exists (for `plan`).
+
+    In a transaction that is always rolled back: the query is stored as a view WITH NO DATA (so
+    it is parsed and resolved by the server, never executed) and the same catalog check as a
+    refresh reads its rule; the operator's schema is created only inside it if missing. The
+    query must already be the parser-checked text (api validation: one plain SELECT).
+    """
+    name = f"mdb_analyze_{uuid.uuid4().hex[:12]}"
+    target = q.ViewTarget(schema, name)
+    try:
+        with conn.transaction(force_rollback=True):
+            row = conn.execute(s.exists_sql("table", naming.STATE_TABLE)).fetchone()
+            if not (row and row[0]):
+                PostgresRefresh(conn).ensure_state_table()
+            conn.execute(s.create_probe_view_sql(target, query))
+            cursor = conn.execute(s.observe_sql(target, depends_on))
+            cursor.nextset()
+            observed = cursor.fetchone()
+    except psycopg.Error as exc:
+        raise _error(exc) from None
+    if observed is None:  # pragma: no cover - the query always returns one row
+        raise q.RefreshDatabaseError("catalog check returned no row")
+    return q.observation_from_row(tuple(observed))
 
 
 def read_refresh_states(conn: psycopg.Connection[Any]) -> list[q.RefreshState]:
-    """Every view's refresh state (empty when no refresh ever ran in this database)."""
+    """Every view's refresh state (empty when no refresh ever ran in this database).
+
+    RefreshDatabaseError (SQLSTATE only) when the state exists but cannot be read (privileges).
+    """
     try:
-        rows = conn.execute(q.read_states_sql()).fetchall()
+        rows = conn.execute(s.read_states_sql()).fetchall()
     except _MISSING:
         return []
+    except errors.UndefinedColumn:  # an older release's table, not upgraded yet: read what it has
+        return []
+    except psycopg.Error as exc:
+        raise _error(exc) from None
     return [q.state_from_row(tuple(row)) for row in rows]
+
+
+def read_history(conn: psycopg.Connection[Any], view: str | None = None) -> list[q.HistoryEntry]:
+    """The recorded runs, newest first per view (empty when none was ever recorded)."""
+    try:
+        rows = conn.execute(s.read_history_sql(view), {"view": view} if view else None).fetchall()
+    except _MISSING:
+        return []
+    except psycopg.Error as exc:
+        raise _error(exc) from None
+    return [q.history_from_row(tuple(row)) for row in rows]

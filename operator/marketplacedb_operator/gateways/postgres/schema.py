@@ -1,6 +1,6 @@
 """Observe the catalog and execute a Plan on a direct, autocommit connection.
 
-Execution rules (DESIGN.md sections 4 and 4a):
+Execution rules (docs/architecture.md, "PostgreSQL and PgBouncer facts" and "Ownership and trust"):
 * the ownership table exists before the first step (ownership.ENSURE); nothing runs otherwise;
 * every step runs with `lock_timeout` and `statement_timeout` set for the session: the resource's
   lockTimeout (index steps too, capped by the operator's index policy); a lock timeout or deadlock
@@ -325,12 +325,19 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
 
 
 def ensure_records(conn: Connection, policy: ExecutionPolicy) -> str:
-    """Create the ownership table (ownership.ENSURE) if missing; '' or why it could not be."""
+    """Create the ownership table (ownership.ENSURE) if missing; '' or why it could not be (or cannot be
+    trusted, ownership.TRUST)."""
+    problem = ""
     try:
         _set_timeouts(conn, policy.lock_timeout_seconds, policy.statement_timeout_seconds)
         with conn.transaction():
             for statement in ownership.ENSURE:
                 conn.execute(statement)
+            # Checked again where it is created: a schema pre-created by another role is refused.
+            trust = conn.execute(ownership.TRUST).fetchone()
+            if trust is None or trust[1]:
+                problem = ownership.distrust(list(trust[1]) if trust else ["unreadable"])
+                raise psycopg.Rollback()
     except psycopg.Error as exc:
         return f"the ownership table {RECORDS_TABLE_NAME} cannot be created ({describe_error(exc)}): nothing was run"
-    return ""
+    return problem
