@@ -78,7 +78,12 @@ async def deps(
             {
                 "apiVersion": "v1",
                 "kind": "Secret",
-                "metadata": {"name": f"owner-{i}", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+                "metadata": {
+                    "name": f"owner-{i}",
+                    "namespace": NS,
+                    "labels": {naming.LABEL_CREDENTIALS: "true"},
+                    "annotations": {naming.ANN_CREDENTIALS_FOR: f"shop-{i}"},
+                },
                 "stringData": {"username": db.owner, "password": db.owner_password},
             }
         )

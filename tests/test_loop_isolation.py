@@ -42,7 +42,12 @@ async def env(
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "shop-db-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+            "metadata": {
+                "name": "shop-db-owner",
+                "namespace": NS,
+                "labels": {naming.LABEL_CREDENTIALS: "true"},
+                "annotations": {naming.ANN_CREDENTIALS_FOR: "shop"},
+            },
             "stringData": {"username": workload_db.owner, "password": CANARY},
         }
     )

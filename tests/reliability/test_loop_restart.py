@@ -81,7 +81,12 @@ async def test_a_restart_with_nothing_changed_writes_nothing(bench_api: BenchEmu
         {
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": "owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"}},
+            "metadata": {
+                "name": "owner",
+                "namespace": NS,
+                "labels": {naming.LABEL_CREDENTIALS: "true"},
+                "annotations": {naming.ANN_CREDENTIALS_FOR: ",".join(f"shop-{i:03d}" for i in range(N))},
+            },
             "stringData": {"username": fresh_db.owner, "password": fresh_db.owner_password},
         }
     )
