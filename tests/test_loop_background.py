@@ -8,7 +8,9 @@ it is not delayed by the build. kopf in-process against KMock, real PostgreSQL 1
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +19,6 @@ import kubernetes
 import psycopg
 import pytest
 
-from conftest import _drop_database, _new_database
 from harness.kube import KubeEmulator, KubeObjects, eventually, kopf_runner
 from harness.postgres import FreshDatabase, PostgresServer
 from marketplacedb_operator import handlers, metrics, naming
@@ -34,9 +35,24 @@ READY_BOUND = 90
 DELETE_BOUND = 20
 
 
+def _new_database(pg: PostgresServer) -> FreshDatabase:
+    suffix = uuid.uuid4().hex[:10]
+    name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
+    pg.create_role(owner, password)
+    pg.create_database(name, owner)
+    return FreshDatabase(
+        name=name,
+        owner=owner,
+        owner_password=password,
+        dsn=pg.dsn(name, owner, password),
+        superuser_dsn=pg.dsn(name),
+        server=pg,
+    )
+
+
 @pytest.fixture
 def databases(pg: PostgresServer) -> Iterator[list[FreshDatabase]]:
-    made = [_new_database(pg) for _ in range(COUNT)]
+    made = [_new_database(pg) for _ in range(COUNT)]  # (not conftest's helpers: a name clash with tests/reliability)
     try:
         for db in made:
             with psycopg.connect(db.dsn, autocommit=True) as conn:
@@ -45,7 +61,8 @@ def databases(pg: PostgresServer) -> Iterator[list[FreshDatabase]]:
         yield made
     finally:
         for db in made:
-            _drop_database(pg, db)
+            pg.drop_database(db.name)
+            pg.drop_role(db.owner)
 
 
 def _resource(i: int, db: FreshDatabase) -> dict[str, Any]:
