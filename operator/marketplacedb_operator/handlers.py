@@ -10,16 +10,23 @@ state on the object except the finalizer.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import datetime
 import logging
 import random
 import threading
+import time
 from typing import Any
 
 import kopf
 
 from . import naming, webhook
+from .background import Background
 from .ports import Deps
-from .reconcile import Outcome, reconcile, teardown
+from .reconcile import Outcome, reconcile
+from .teardown import teardown
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,10 @@ RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+# Threads for reconciles triggered by events (a new generation, a trigger annotation).
+EVENT_RECONCILES = 4
+
+
 class ResourceState:
     """Per-resource memory of the operator process (lost on restart: reconcile is level-based)."""
 
@@ -54,6 +65,11 @@ class ResourceState:
         self.next_due: float = 0.0
         self.pending = False  # something arrived while a reconcile ran: run again at the next tick
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
+        self.released: set[str] = set()  # Deployments whose probes teardown already released
+        self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
+        # (resourceVersion of the body, the status reconcile wrote on top of it): a re-run on the
+        # same, not yet updated body compares with what it wrote, not with the stale status.
+        self.written: tuple[Any, dict[str, Any]] | None = None
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -76,18 +92,50 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         return
     try:
         state.pending = False
-        outcome: Outcome = reconcile(dict(body), deps)
         state.handled_generation = body.get("metadata", {}).get("generation")
         state.handled_triggers = _triggers(body)
-        state.failures = state.failures + 1 if outcome.temporary else 0
-        delay = backoff(deps, state.failures) if outcome.temporary else outcome.requeue_after
+        version = body.get("metadata", {}).get("resourceVersion")
+        written = state.written[1] if state.written and state.written[0] == version else None
+        current = dict(body)
+        if written is not None:
+            # The status this process already wrote on top of this very body (same
+            # resourceVersion) that the watch has not delivered yet: compared instead of the
+            # stale one, so an immediate re-run does not write the same status again.
+            current["status"] = written
+        try:
+            outcome: Outcome | None = reconcile(current, deps)
+            if outcome is not None and outcome.status is not None:
+                state.written = (version, outcome.status)
+        except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)
+            logger.warning("reconcile failed, retrying with backoff: %s", type(exc).__name__)
+            outcome = None
+        temporary = outcome is None or outcome.temporary
+        state.failures = state.failures + 1 if temporary else 0
+        delay = backoff(deps, state.failures) if temporary or outcome is None else outcome.requeue_after
         state.next_due = 0.0 if state.pending else deps.monotonic() + delay
-        for event in outcome.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-        if outcome.events:
+        for event in outcome.events if outcome is not None else []:
+            try:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            except Exception:  # an Event is best effort; never a reason to spin
+                logger.debug("posting an Event failed", exc_info=True)
+        if outcome is not None and outcome.events:
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()
+
+
+def _teardown_deadline(body: kopf.Body, deps: Deps, state: ResourceState) -> float:
+    """When teardown gives up (epoch seconds): the deletionTimestamp plus the timeout. The
+    timestamp survives an operator restart; without one, the first attempt this process saw."""
+    stamp = body.get("metadata", {}).get("deletionTimestamp")
+    started = state.deletion_seen or deps.now().timestamp()
+    state.deletion_seen = started
+    if isinstance(stamp, str):
+        try:
+            started = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return started + deps.settings.teardown_timeout_seconds
 
 
 def backoff(deps: Deps, failures: int) -> float:
@@ -121,6 +169,26 @@ class SeenMarkerStorage(kopf.DiffBaseStorage):
 def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     """Register the handlers on `registry` (tests pass their own; `run` uses the default one)."""
     group, version, plural = naming.GROUP, naming.VERSION, naming.PLURAL
+    states: dict[str, ResourceState] = {}  # namespace/name -> state, for waking a resource
+
+    def wake(key: tuple[str, str]) -> None:
+        """A background job ended: reconcile its resource at the next tick to report the outcome."""
+        state = states.get(key[0])
+        if state is not None:
+            state.pending = True  # also when the reconcile that submitted it is still running
+            state.next_due = 0.0
+
+    if deps.background is None:
+        deps.background = Background(
+            deps.settings.max_background_jobs, deps.settings.max_background_jobs_per_database, on_done=wake
+        )
+    background = deps.background
+
+    def tracked(body: kopf.Body, memo: kopf.Memo) -> ResourceState:
+        state = _state(memo)
+        meta = body.get("metadata", {})
+        states[f"{meta.get('namespace')}/{meta.get('name')}"] = state
+        return state
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -132,6 +200,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.posting.level = logging.CRITICAL
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        settings.peering.lifetime = max(2, deps.settings.peering_lifetime_seconds)
         if webhook.enabled(deps.settings):
             settings.admission.server = kopf.WebhookServer(**webhook.server_options(deps.settings))
 
@@ -145,14 +214,22 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
             if problem is not None:
                 raise kopf.AdmissionError(problem, code=422)
 
+    # Event-driven reconciles run on this pool, not on kopf's handler threads, and on_event is async
+    # and returns at once: kopf then writes its finalizer and `seen` marker right after the first
+    # event instead of after a reconcile queued behind every other resource's on kopf's few
+    # handler threads (else a restart soon after a bulk create writes that bookkeeping then).
+    reconciles = concurrent.futures.ThreadPoolExecutor(max_workers=EVENT_RECONCILES, thread_name_prefix="reconcile")
+
     @kopf.on.event(group, version, plural, registry=registry)
-    def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    async def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        state = _state(memo)
+        state = tracked(body, memo)
         generation = body.get("metadata", {}).get("generation")
         if generation != state.handled_generation or _triggers(body) != state.handled_triggers:
-            _run(deps, body, state, logger)
+            # kopf.event() finds its posting queue through context variables: carry them over.
+            context = contextvars.copy_context()
+            asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run, deps, body, state, logger)
 
     # backoff: after an exception (e.g. the database session cut mid-reconcile) kopf would wait its
     # default 60 s before the next tick; retry at the operator's own base delay instead
@@ -162,19 +239,56 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def on_timer(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        state = _state(memo)
+        state = tracked(body, memo)
         if deps.monotonic() >= state.next_due:
             _run(deps, body, state, logger)
 
     @kopf.on.delete(group, version, plural, registry=registry)
     def on_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         state = _state(memo)
+        meta = body.get("metadata", {})
+        resource = f"{meta.get('namespace')}/{meta.get('name')}"
+        # A deleted resource's background work stops now (its session is terminated): deletion is
+        # never delayed by a build blocked on an old snapshot, and Drop never races a build.
+        for kind in ("schema", "refresh"):
+            background.cancel((resource, kind), wait=10.0)
+        states.pop(resource, None)
         with state.lock:
-            problem = teardown(dict(body), deps)
-        if problem is not None:
-            # The finalizer stays until teardown succeeds; kopf retries with its backoff.
-            raise kopf.TemporaryError(problem, delay=30)
-        logger.info("teardown done (deletionPolicy honoured)")
+            result = teardown(dict(body), deps, state.released)
+        if result.problem is None:
+            logger.info("teardown done (deletionPolicy honoured)")
+            return
+        remaining = _teardown_deadline(body, deps, state) - deps.now().timestamp()
+        if remaining > 0:
+            # The finalizer stays while teardown may still succeed; retried with backoff.
+            state.failures += 1
+            raise kopf.TemporaryError(result.problem, delay=max(1.0, min(remaining, backoff(deps, state.failures))))
+        timeout = deps.settings.teardown_timeout_seconds
+        message = (f"finalizer released after {timeout:g}s without teardown; retained: "
+                   f"{', '.join(result.retained) or 'nothing known'}; last problem: {result.problem}")
+        logger.warning("%s", message)
+        try:
+            kopf.event(body, type="Warning", reason="TeardownTimedOut", message=message[:1000])
+        except Exception:  # the Event is best effort; the deletion must finish regardless
+            logger.debug("posting the TeardownTimedOut Event failed", exc_info=True)
+
+
+# kopf peering (https://kopf.readthedocs.io/en/stable/peering/) pauses every replica that sees a
+# live peer with a higher priority, and *all* replicas when two share the highest one ("Pausing all
+# operators, including self"), so equal priorities mean nobody reconciles. Priorities here are
+# distinct and ordered by start time: the oldest live replica is the active one, a newer one
+# waits (kopf starts a peered operator paused until it has seen the peering object, so a
+# restarting or rolling replica never preempts the active one). When the active replica exits it
+# removes its entry and the next oldest resumes at once; when it is SIGKILLed, its entry expires
+# after MARKETPLACEDB_PEERING_LIFETIME_SECONDS and the standby resumes then.
+_PRIORITY_CEILING = 2**53  # exact in every JSON parser; above start-time-ms x 1000 until 2255
+
+
+def peering_priority(started: float | None = None) -> int:
+    """Higher for an older process: the ceiling minus the start time in milliseconds x 1000, minus
+    a random tie-breaker below 1000 (two replicas started in the same millisecond still differ)."""
+    at = time.time() if started is None else started
+    return _PRIORITY_CEILING - int(at * 1000) * 1000 - random.randrange(1000)
 
 
 def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:
@@ -191,7 +305,7 @@ def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, live
         registry=registry,
         standalone=peering is None,
         peering_name=peering,
-        priority=100,
+        priority=peering_priority(),
         namespaces=namespaces,
         clusterwide=not namespaces,
         liveness_endpoint=liveness_endpoint,

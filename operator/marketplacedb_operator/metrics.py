@@ -322,3 +322,31 @@ def forget_reconcile(namespace: str, resource: str) -> None:
             metric.remove(namespace, resource)
         except KeyError:
             pass
+
+
+# --- background DDL progress (issue 14: long DDL off the handler threads) ------------------------
+
+DDL_IN_PROGRESS = Gauge(
+    "marketplacedb_ddl_in_progress",
+    "1 while DDL of the resource runs (or waits for a slot) in the background, else 0.",
+    RESOURCE_LABELS,
+    registry=REGISTRY,
+)
+INDEX_BUILD_BLOCKS = Gauge(
+    "marketplacedb_index_build_blocks",
+    "Blocks of the running index build's current phase (pg_stat_progress_create_index), done and total.",
+    (*RESOURCE_LABELS, "kind"),
+    registry=REGISTRY,
+)
+
+
+def record_progress(namespace: str, resource: str, running: bool, done: int | None, total: int | None) -> None:
+    DDL_IN_PROGRESS.labels(namespace, resource).set(1 if running else 0)
+    for kind, value in (("done", done), ("total", total)):
+        if running and value is not None:
+            INDEX_BUILD_BLOCKS.labels(namespace, resource, kind).set(value)
+        else:
+            try:
+                INDEX_BUILD_BLOCKS.remove(namespace, resource, kind)
+            except KeyError:
+                pass

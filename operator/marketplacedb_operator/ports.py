@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import psycopg
 
 from .api.v1alpha1 import MaterializedViewSpec
+from .background import Background
 from .settings import Settings
 from .sql.catalog import Catalog
 from .sql.plan import Desired, ExecutionPolicy, Plan, StepOutcome
@@ -103,8 +104,23 @@ class RefreshResult(Protocol):
     def ok(self) -> bool: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildProgress:
+    """One row of pg_stat_progress_create_index for the session building an index."""
+
+    phase: str
+    blocks_done: int | None
+    blocks_total: int | None
+    index: str | None
+
+
 class Database(Protocol):
-    """One reconcile's session with the managed database (direct, autocommit, never the pooler)."""
+    """One reconcile's session with the managed database (direct, autocommit, never the pooler).
+
+    A background job opens its own Database and runs `execute` or `refresh` on it; `backend_pid`
+    names its session so that another session can read `build_progress(pid)`, and `cancel()`
+    (callable from another thread) terminates that session so a deleted resource's build stops.
+    """
 
     def observe(self, desired: Desired) -> Catalog: ...
     def execute(self, plan: Plan, policy: ExecutionPolicy) -> list[StepOutcome]: ...
@@ -114,6 +130,9 @@ class Database(Protocol):
     def refresh_states(self) -> list[RefreshState]: ...
     def refresh(self, view: MaterializedViewSpec, now: datetime.datetime, force: bool) -> RefreshResult: ...
     def close(self) -> None: ...
+    def backend_pid(self) -> int: ...
+    def build_progress(self, pid: int) -> BuildProgress | None: ...
+    def cancel(self) -> None: ...
 
 
 class Kube(Protocol):
@@ -136,5 +155,7 @@ class Deps:
     kube: Kube
     open_database: Callable[[ConnInfo], Database]
     settings: Settings
+    # Long DDL and refreshes run here, off kopf's handler threads (None: inline, e.g. the CLI).
+    background: Background | None = None
     now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
     monotonic: Callable[[], float] = time.monotonic

@@ -12,12 +12,13 @@ import dataclasses
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from . import credentials as creds
-from . import metrics, naming, pooler_logins
+from . import jobs, metrics, naming, pooler_logins
 from .api.errors import format_errors
 from .api.v1alpha1 import (
     MarketplaceDB,
@@ -27,6 +28,7 @@ from .api.v1alpha1 import (
     PlanStatus,
     PoolerStatus,
 )
+from .background import Job
 from .owned import OWNED_KINDS, Record, SyncResult, sync_owned
 from .ports import ConnInfo, Database, Deps
 from .probe_sync import release as release_probes
@@ -54,6 +56,7 @@ class Outcome:
     events: list[Event]
     temporary: bool  # a retry with backoff is due (unreachable database, missing Secret, ...)
     requeue_after: float
+    status: dict[str, Any] | None = None  # the status as written (or found already in place)
 
 
 @dataclasses.dataclass
@@ -64,6 +67,7 @@ class Context:
     deps: Deps
     now: datetime.datetime
     password: str = ""  # kept only to mask it in messages
+    info: ConnInfo | None = None  # how this reconcile connected (background jobs connect alike)
     # status.ownedObjects: what proves a Kubernetes object is ours (owned.py); updated by sync_owned.
     owned: Record = dataclasses.field(default_factory=dict)
 
@@ -114,17 +118,42 @@ def reconcile(body: dict[str, Any], deps: Deps) -> Outcome:
                 _refreshes(ctx, database, report)
             except Exception as exc:  # a session cut mid-reconcile (restart, pg_terminate_backend)
                 report.database_problem = Problem("DatabaseError", _scrubbed(exc, ctx))
-                database.close()
+                _close_quietly(database)
                 database = None
-        _cronjobs(ctx, report)
-        _pooler(ctx, database, report)
-        _probes(ctx, report)
+        # Each part is isolated: an exception (a 422 on a probe patch, a pooler config error, an
+        # API outage) becomes that part's condition and a bounded backoff, never an escaped error
+        # that would leave status unwritten and the whole reconcile re-running every tick.
+        _isolated(ctx, report, "refresh", "CronJobApplyFailed", lambda: _cronjobs(ctx, report))
+        _isolated(ctx, report, "pooler", "PoolerApplyFailed", lambda: _pooler(ctx, database, report))
+        _isolated(ctx, report, "probes", "ProbesApplyFailed", lambda: _probes(ctx, report))
     finally:
         if database is not None:
-            database.close()
+            _close_quietly(database)
     _record_metrics(namespace, name, report, time.perf_counter() - started)
-    temporary = report.database_problem is not None or report.pooler_problem is not None and not report.pooler
+    temporary = (
+        report.database_problem is not None
+        or report.pooler_problem is not None and not report.pooler
+        or bool(report.crashed)
+        or report.retry_soon
+    )
     return _finish(body, deps, previous, report, started, temporary=temporary, ctx=ctx)
+
+
+def _isolated(ctx: Context, report: Report, part: str, reason: str, action: Callable[[], None]) -> None:
+    """Run one part; an exception becomes `<part>_problem` (and a backoff), never an escape."""
+    try:
+        action()
+    except Exception as exc:
+        log.warning("%s/%s: part %s failed: %s", ctx.namespace, ctx.name, part, type(exc).__name__)
+        setattr(report, f"{part}_problem", Problem(reason, _scrubbed(exc, ctx)))
+        report.crashed.append(part)
+
+
+def _close_quietly(database: Database) -> None:
+    try:
+        database.close()
+    except Exception:  # closing a cut session must not turn a reported problem into an escape
+        log.debug("closing the database session failed", exc_info=True)
 
 
 def _record_metrics(namespace: str, name: str, report: Report, seconds: float) -> None:
@@ -144,6 +173,9 @@ def _record_metrics(namespace: str, name: str, report: Report, seconds: float) -
         pooler_ready=report.pooler.ready_replicas if report.pooler else None,
         problems=[p.reason for p in problems if p is not None],
     )
+    progress = report.progress
+    metrics.record_progress(namespace, name, progress is not None, progress.blocks_done if progress else None,
+                            progress.blocks_total if progress else None)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -171,19 +203,30 @@ def _finish(
             else (previous.managed_settings if previous else [])
         )
         status.probed_deployments = sorted(p.deployment for p in ctx.spec.health_probes)
-        status.handled_refresh_request = ctx.annotation(naming.ANN_REFRESH_NOW) or (
-            previous.handled_refresh_request if previous else None
-        )
+    elif previous is not None:  # an invalid spec: keep what teardown will need to undo
+        status.managed_settings, status.probed_deployments = previous.managed_settings, previous.probed_deployments
+    # A refresh-now value counts as handled only once every refresh it asked for ran or was refused
+    # for good (not when the database was unreachable or another refresh held the view's lock).
+    status.handled_refresh_request = report.handled_refresh_request or (
+        previous.handled_refresh_request if previous else None
+    )
     status.owned_objects = _owned_list(ctx.owned) if ctx is not None else (previous.owned_objects if previous else [])
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
-    if rendered != _comparable(body.get("status")):
-        deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], rendered)
+    live = _comparable(body.get("status"))
+    if rendered != live:
+        # A merge patch keeps keys it does not mention: a field that is gone (progress after a
+        # build, plan after approval) is deleted with an explicit null, or it would stay forever
+        # and every later reconcile would see a difference and write again.
+        gone = {key: None for key in (live if isinstance(live, dict) else {}) if key not in rendered}
+        deps.kube.patch_status(body["metadata"]["namespace"], body["metadata"]["name"], {**rendered, **gone})
     requeue = deps.settings.resync_seconds
     if report.refresh_due_seconds is not None:  # mode Operator: wake up when the next refresh is due
         requeue = min(requeue, max(1.0, report.refresh_due_seconds))
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
-    return Outcome(events=events, temporary=temporary, requeue_after=requeue)
+    if report.progress is not None:  # background DDL: report its progress (its end wakes us anyway)
+        requeue = min(requeue, deps.settings.progress_seconds)
+    return Outcome(events=events, temporary=temporary, requeue_after=requeue, status=rendered)
 
 
 def _owned_record(previous: MarketplaceDBStatus | None) -> Record:
@@ -237,7 +280,7 @@ def _conn_info(ctx: Context) -> ConnInfo:
 
 def _open_database(ctx: Context) -> Database:
     info = _conn_info(ctx)
-    ctx.password = info.password
+    ctx.password, ctx.info = info.password, info
     try:
         return ctx.deps.open_database(info)
     except Exception as exc:  # the gateway raises DatabaseUnreachable: a class, no server text
@@ -251,15 +294,28 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
     catalog = database.observe(desired)
     plan = planning.plan(desired, catalog)
     report.advice = schema_report.advice(desired, catalog) + list(plan.notes)
-    outcomes = []
-    if not plan.empty:
+    outcomes: list[Any] = []
+    running, finished = _job(ctx, jobs.SCHEMA)
+    if finished is not None:  # a background run ended: report its outcome (once)
+        outcomes = list(finished.result or [])
+        metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
+        if finished.error:
+            report.schema_problem = Problem("DDLFailed", finished.error.replace(ctx.password or "\0", "***"))
+    retry_later = finished is not None and (finished.error is not None or any(not o.ok for o in outcomes))
+    if running is not None:
+        report.progress = jobs.progress(running, database, len(plan.steps))
+    elif not plan.empty and not retry_later:  # a failed run is retried at the next resync, not now
         if ctx.spec.ddl.approval == "Manual" and ctx.annotation(naming.ANN_APPROVE_PLAN) != plan.hash:
             report.plan = PlanStatus(hash=plan.hash, steps=plan.descriptions(), approved=False)
             report.schema_problem = Problem(
                 "AwaitingApproval",
                 f"{len(plan.steps)} step(s) wait for approval: annotate {naming.ANN_APPROVE_PLAN}={plan.hash}",
             )
-        else:
+        elif ctx.deps.background is not None and ctx.info is not None:
+            policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
+            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, plan, policy)
+            report.progress = jobs.progress(job, database, len(plan.steps))
+        else:  # no background pool (the CLI): inline
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
             outcomes = database.execute(plan, policy)
             metrics.record_ddl(ctx.namespace, ctx.name, sum(o.ok for o in outcomes), sum(not o.ok for o in outcomes))
@@ -276,6 +332,28 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
         report.schema_problem = Problem("DDLFailed", "; ".join(f"{o.object}: {o.message}" for o in failed))
     elif conflicts:
         report.schema_problem = Problem("Conflict", "; ".join(dict.fromkeys(conflicts)))
+    elif report.progress is not None and report.schema_problem is None:
+        # A retry after a failure keeps reporting the failure (no DDLFailed/Applying flapping,
+        # no Event per retry), with the retry's progress appended.
+        last = next((c for c in (ctx.previous.conditions if ctx.previous else []) if c.type == "SchemaApplied"), None)
+        if last is not None and last.reason == "DDLFailed":
+            first = last.message.split("; retrying in the background")[0]
+            report.schema_problem = Problem("DDLFailed", f"{first}; retrying in the background: "
+                                            f"{jobs.describe(report.progress)}")
+        else:
+            report.schema_problem = Problem("Applying", jobs.describe(report.progress))
+
+
+def _job(ctx: Context, kind: str) -> tuple[Job | None, Job | None]:
+    """(the running job, the finished one not yet reported) of this resource and kind."""
+    background = ctx.deps.background
+    if background is None:
+        return None, None
+    job_key = jobs.key(ctx.namespace, ctx.name, kind)
+    current = background.get(job_key)
+    if current is not None and current.running:
+        return current, None
+    return None, background.take(job_key)
 
 
 # --- refreshes --------------------------------------------------------------------------------
@@ -299,15 +377,38 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
         states, unreadable = {}, Problem("RefreshStateUnreadable", _scrubbed(exc, ctx))
     request = ctx.annotation(naming.ANN_REFRESH_NOW)
     requested = bool(request) and request != (ctx.previous.handled_refresh_request if ctx.previous else None)
-    failures = []
+    failures: list[str] = []
     attempted: set[str] = set()
+    running, finished = _job(ctx, jobs.REFRESH)
+    if finished is not None:  # background refreshes ended: their outcome, once
+        results = list(finished.result or [])
+        attempted |= {r.view for r in results}
+        failures += [f"{r.view}: {r.error or r.reason}" for r in results if not r.ok]
+        if finished.error or any(r.outcome == "skipped-busy" for r in results):
+            report.retry_soon = True  # unreachable, or another refresh held a lock: not handled
+        elif finished.tag and finished.tag == request:
+            report.handled_refresh_request = request
+        if finished.error:
+            failures.append(finished.error.replace(ctx.password or "\0", "***"))
+    requested = requested and report.handled_refresh_request != request and not report.retry_soon
+    wanted = []
     for view in views:
         due_in = refresh_truth.operator_due_in(view, states.get((view.schema_name, view.name)), ctx.now)
         if requested or (due_in is not None and due_in <= 0):
-            result = database.refresh(view, ctx.now, requested)
-            attempted.add(view.name)
-            if not result.ok:
-                failures.append(f"{view.schema_name}.{view.name}: {result.error or result.reason}")
+            wanted.append(view)
+    # Not while this resource's DDL runs in the background: a view may be created or swapped.
+    if wanted and running is None and finished is None and report.progress is None:
+        if ctx.deps.background is not None and ctx.info is not None:
+            job_key = jobs.key(ctx.namespace, ctx.name, jobs.REFRESH)
+            jobs.submit_refresh(ctx.deps, job_key, ctx.info, wanted, requested, request if requested else "")
+        else:  # no background pool (the CLI): inline
+            outcomes = [database.refresh(view, ctx.now, requested) for view in wanted]
+            attempted |= {view.name for view in wanted}
+            failures += [f"{r.view}: {r.error or r.reason}" for r in outcomes if not r.ok]
+            if requested and all(r.outcome != "skipped-busy" for r in outcomes):
+                report.handled_refresh_request = request
+            elif requested:
+                report.retry_soon = True  # another refresh holds a view's lock: ask again after a backoff
     if attempted and unreadable is None:
         try:
             states = refresh_truth.by_key(database.refresh_states())
@@ -342,7 +443,8 @@ def _cronjobs(ctx: Context, report: Report) -> None:
                             [("batch/v1", "CronJob")], owner_uid=_uid(ctx), record=ctx.owned)
         report.refresh_problem = _conflict(synced) or report.refresh_problem
     except Exception as exc:  # reported per part; the other parts go on
-        report.refresh_problem = Problem("CronJobApplyFailed", str(exc)[:500])
+        report.refresh_problem = Problem("CronJobApplyFailed", _scrubbed(exc, ctx))
+        report.crashed.append("cronjobs")
 
 
 def _uid(ctx: Context) -> str | None:
@@ -388,7 +490,8 @@ def _pooler(ctx: Context, database: Database | None, report: Report) -> None:
                             owner_uid=_uid(ctx), record=ctx.owned)
         report.pooler_problem = _conflict(synced) or report.pooler_problem
     except Exception as exc:  # reported per part; the other parts go on
-        report.pooler_problem = Problem("PoolerApplyFailed", str(exc)[:500])
+        report.pooler_problem = Problem("PoolerApplyFailed", _scrubbed(exc, ctx))
+        report.crashed.append("pooler")
     report.pooler = _pooler_status(ctx, budget, pgbouncer.config_hash(config))
     if budget.oversubscribed:
         report.pooler_problem = Problem("Oversubscribed", budget.message)
@@ -428,38 +531,3 @@ def _probes(ctx: Context, report: Report) -> None:
         reason = "Conflict" if result.conflicts else result.reason
         report.probes_problem = Problem(reason, "; ".join(result.conflicts + result.problems))
 
-
-# --- deletion ---------------------------------------------------------------------------------
-
-
-def teardown(body: dict[str, Any], deps: Deps) -> str | None:
-    """Undo what the resource did outside its owned objects; None when done, else why not yet.
-
-    Owned Kubernetes objects go with their ownerReferences (garbage collection). Database objects
-    go only with deletionPolicy Drop, and only those carrying this resource's owner marker.
-    """
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    previous = _previous_status(body)
-    release_probes(deps.kube, namespace, name, previous.probed_deployments if previous else [])
-    metrics.forget_resource(namespace, name)
-    try:
-        spec = MarketplaceDB.model_validate(body).spec
-    except ValidationError:
-        return None  # never applied anything we could identify
-    if spec.ddl.deletion_policy != "Drop":
-        return None
-    ctx = Context(body, spec, previous, deps, deps.now())
-    try:
-        database = _open_database(ctx)
-    except DatabaseUnavailable as exc:
-        return f"deletionPolicy Drop needs the database: {exc.problem.message}"
-    try:
-        desired = planning.desired_state(spec, ctx.owner, previous.managed_settings if previous else [])
-        plan = planning.teardown_plan(desired, database.observe(desired))
-        policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
-        failed = [o for o in database.execute(plan, policy) if not o.ok]
-    finally:
-        database.close()
-    if failed:
-        return "; ".join(f"{o.object}: {o.message}" for o in failed)
-    return None

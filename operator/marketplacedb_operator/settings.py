@@ -55,6 +55,19 @@ class Settings:
     max_backoff_seconds: float = 300.0
     # How often each resource's timer wakes to see whether a reconcile is due (no I/O when not).
     tick_seconds: float = 5.0
+    # Deletion is bounded: when teardown (deletionPolicy Drop) still cannot finish this long after
+    # the deletionTimestamp (database unreachable, Secret deleted with the namespace), the
+    # finalizer is released with a Warning Event listing what was retained.
+    teardown_timeout_seconds: float = 600.0
+    # HA (`run --peering NAME`): a replica that stops renewing its peering entry for this long is
+    # presumed dead and the standby takes over, so a SIGKILLed leader is replaced within it.
+    peering_lifetime_seconds: int = 60
+    # Long DDL and operator-mode refreshes run in background threads, never on kopf's handler
+    # threads: at most this many at once overall, and per database.
+    max_background_jobs: int = 8
+    max_background_jobs_per_database: int = 2
+    # While background DDL runs, how often its progress is written to status.
+    progress_seconds: float = 10.0
     # Database hosts a MarketplaceDB may name: host-name patterns (fnmatch, e.g. `*.db.internal`)
     # and IP networks (`10.20.0.0/16`). Empty: any host. A host outside the list is refused before
     # any Secret is read or connection made (README "Security model").

@@ -14,6 +14,7 @@ from typing import Literal
 from .api import conditions as c
 from .api.v1alpha1 import (
     BlockingSession,
+    DDLProgress,
     IndexStatus,
     MarketplaceDBStatus,
     PlanStatus,
@@ -53,6 +54,11 @@ class Report:
     refresh_due_seconds: float | None = None  # mode Operator: when the next refresh is due
     probes_applied: int = 0
     drifted: list[str] = dataclasses.field(default_factory=list)
+    progress: DDLProgress | None = None  # background DDL running for this resource
+    crashed: list[str] = dataclasses.field(default_factory=list)  # parts that raised (backoff)
+    retry_soon: bool = False  # nothing failed, but something must be retried with backoff
+    # The refresh-now value this reconcile acted upon (every refresh ran or was refused), if any.
+    handled_refresh_request: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Event:
 
 # Conditions whose True is bad news (a Warning when they turn True).
 _NEGATIVE = {c.STALE, c.DRIFTED}
+# Reasons that say work is under way (background DDL): a Normal Event, not a Warning.
+_PROGRESS = {"Applying"}
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, now: datetime.datetime, gen: int | None) -> c.Condition:
@@ -186,6 +194,7 @@ def compute(
         pooler=report.pooler,
         plan=report.plan,
         blocking_sessions=report.blocking,
+        progress=report.progress,
         advice=report.advice,
         summary=Summary(
             indexes=f"{sum(1 for i in indexes if i.state in ('Valid', 'Adopted'))}/{len(indexes)}",
@@ -213,7 +222,7 @@ def transitions(old: list[c.Condition], new: list[c.Condition]) -> list[Event]:
             continue  # first sighting of a healthy part: Ready=True says it once
         if before is None and condition.type in _NEGATIVE and condition.status == "False":
             continue
-        bad = (condition.status == "True") == (condition.type in _NEGATIVE)
+        bad = (condition.status == "True") == (condition.type in _NEGATIVE) and condition.reason not in _PROGRESS
         events.append(
             Event(
                 type="Warning" if bad else "Normal",

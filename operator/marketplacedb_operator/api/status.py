@@ -38,6 +38,24 @@ class IndexStatus(StatusModel):
     """Why the index is not Valid."""
 
 
+class DDLProgress(StatusModel):
+    """DDL running in the background for this resource right now (an index build, a view swap)."""
+
+    steps: int = Field(ge=0)
+    """Plan steps being executed."""
+    phase: str = Field(max_length=100)
+    """pg_stat_progress_create_index phase of the running build (e.g. 'waiting for old snapshots'),
+    or queued/running outside an index build."""
+    index: str | None = Field(default=None, max_length=200)
+    """The index being built."""
+    blocks_done: int | None = Field(default=None, ge=0)
+    """Blocks processed in the current phase."""
+    blocks_total: int | None = Field(default=None, ge=0)
+    """Blocks to process in the current phase."""
+    seconds: float = Field(ge=0)
+    """Seconds since the work started (or was queued)."""
+
+
 class ViewStatus(StatusModel):
     """One declared materialized view and its last refresh."""
 
@@ -179,6 +197,8 @@ class MarketplaceDBStatus(StatusModel):
     """The DDL plan (published for approval with ddl.approval: Manual)."""
     blocking_sessions: list[BlockingSession] = Field(default_factory=list)
     """Sessions that hold up an index build (pid, state, age; no query text)."""
+    progress: DDLProgress | None = None
+    """DDL running in the background right now, and how far it got."""
     advice: list[str] = Field(default_factory=list)
     """Suggestions the operator does not act on (server-wide settings, sizing)."""
     summary: Summary | None = None

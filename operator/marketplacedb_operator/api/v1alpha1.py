@@ -42,6 +42,7 @@ from .spec import (
 )
 from .status import (
     BlockingSession,
+    DDLProgress,
     IndexState,
     IndexStatus,
     MarketplaceDBStatus,
@@ -58,6 +59,7 @@ from .types import DnsName, Duration, Identifier, Model, PortNumberOrName, check
 __all__ = [
     "AdoptPolicy",
     "BlockingSession",
+    "DDLProgress",
     "ClientCertRef",
     "DDLPolicy",
     "DataKey",

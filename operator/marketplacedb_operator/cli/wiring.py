@@ -14,9 +14,9 @@ from kubernetes import client as k8s
 
 from ..api.v1alpha1 import MaterializedViewSpec
 from ..gateways.kube import KubeGateway
-from ..gateways.postgres import connect, pooler, schema, server
+from ..gateways.postgres import connect, pooler, progress, schema, server
 from ..gateways.postgres.refresh import PostgresRefresh, read_refresh_states
-from ..ports import ConnInfo, Deps
+from ..ports import BuildProgress, ConnInfo, Deps
 from ..refresh import RefreshOutcome, run_refresh
 from ..settings import Settings
 from ..sql.catalog import Catalog
@@ -72,6 +72,18 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self._conn.close()
+
+    def backend_pid(self) -> int:
+        return int(self._conn.info.backend_pid)
+
+    def build_progress(self, pid: int) -> BuildProgress | None:
+        return progress.read_build_progress(self._conn, pid)
+
+    def cancel(self) -> None:
+        """Terminate this session's backend from a new session (thread-safe: never touches
+        self._conn, which the executing thread owns); the executor then fails fast."""
+        with connect(self._info) as other:
+            progress.terminate(other, self.backend_pid(), self._info.application_name)
 
 
 def make_deps(settings: Settings, api_client: k8s.ApiClient) -> Deps:

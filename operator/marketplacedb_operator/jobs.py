@@ -1,0 +1,91 @@
+"""reconcile()'s side of background work: start a job, report it while it runs, collect it once.
+
+A job opens its own Database (the reconcile's session closes when the reconcile returns) through
+the same port, so it runs the executor's public entry point (`execute`) or `refresh`, nothing
+else. reconcile() never waits for a job: it submits, reports "Applying" with the build's
+progress, and the reconcile that runs after the job finished (woken by Background.on_done)
+reports its outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .api.v1alpha1 import DDLProgress, MaterializedViewSpec
+from .background import Job, Key
+from .ports import ConnInfo, Database, Deps, RefreshResult
+from .sql.plan import ExecutionPolicy, Plan, StepOutcome
+
+SCHEMA, REFRESH = "schema", "refresh"
+
+
+def key(namespace: str, name: str, kind: str) -> Key:
+    return f"{namespace}/{name}", kind
+
+
+def database_key(info: ConnInfo) -> str:
+    return f"{info.host}:{info.port}/{info.dbname}"
+
+
+def submit_schema(deps: Deps, job_key: Key, info: ConnInfo, plan: Plan, policy: ExecutionPolicy) -> Job:
+    assert deps.background is not None
+
+    def work(job: Job) -> list[StepOutcome]:
+        database = deps.open_database(info)
+        try:
+            job.backend_pid, job.cancel = database.backend_pid(), database.cancel
+            if job.cancelled:
+                return []
+            return database.execute(plan, policy)
+        finally:
+            _close(database)
+
+    return deps.background.submit(Job(job_key, database_key(info), work, tag=plan.hash))
+
+
+def submit_refresh(deps: Deps, job_key: Key, info: ConnInfo, views: Sequence[MaterializedViewSpec], force: bool,
+                   request: str) -> Job:
+    assert deps.background is not None
+
+    def work(job: Job) -> list[RefreshResult]:
+        database = deps.open_database(info)
+        try:
+            results = []
+            for view in views:
+                if job.cancelled:
+                    break
+                results.append(database.refresh(view, deps.now(), force))
+            return results
+        finally:
+            _close(database)
+
+    return deps.background.submit(Job(job_key, database_key(info), work, tag=request))
+
+
+def progress(job: Job, database: Database, steps: int) -> DDLProgress:
+    """What the running job does now, read from pg_stat_progress_create_index by its pid."""
+    since = job.started if job.started is not None else job.submitted
+    seconds = round(max(0.0, time.monotonic() - since), 1)
+    if job.started is None:
+        return DDLProgress(steps=steps, phase="queued", seconds=seconds)
+    row = database.build_progress(job.backend_pid) if job.backend_pid else None
+    if row is None:
+        return DDLProgress(steps=steps, phase="running", seconds=seconds)
+    return DDLProgress(steps=steps, phase=row.phase[:100], index=row.index, blocks_done=row.blocks_done,
+                       blocks_total=row.blocks_total, seconds=seconds)
+
+
+def describe(progress: DDLProgress) -> str:
+    where = f" of index {progress.index}" if progress.index else ""
+    blocks = f", {progress.blocks_done}/{progress.blocks_total} blocks" if progress.blocks_total else ""
+    head = f"{progress.steps} step(s) running in the background for {progress.seconds:g}s"
+    return f"{head}: {progress.phase}{where}{blocks}"
+
+
+def _close(database: Any) -> None:
+    try:
+        database.close()
+    except Exception:  # a terminated session: nothing left to close
+        pass
