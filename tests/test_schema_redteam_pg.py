@@ -146,6 +146,32 @@ def test_a_build_that_finishes_after_the_operator_died_is_ours_by_its_pinned_oid
     assert one(db.dsn, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'idx'::regclass")
 
 
+@pytest.mark.parametrize("columns,finished", [("a", True), ("b", False)])
+def test_an_unpinned_build_that_finished_is_completed_only_when_identical(
+        fresh_db: FreshDatabase, columns: str, finished: bool) -> None:
+    """The operator died before its watcher pinned the OID, and the orphaned build finished: the
+    valid index at the temporary name, bound by our intent for this very spec, is completed (renamed
+    into place, no rebuild) when the server deparses it exactly as the declared index; anything else
+    there (a DBA's index on another column) stays a conflict, left alone."""
+    db = fresh_db
+    run(db.dsn, "CREATE TABLE t (a int, b int)")
+    d = desired_state(spec(INDEX), OWNER)
+    with db.connect() as conn:
+        assert gateway.ensure_records(conn, FAST) == ""
+        conn.execute(ownership.intent(OWNER, "public", "idx__new", "public", "t", d.indexes[0].hash))
+    run(db.dsn, f"CREATE INDEX CONCURRENTLY idx__new ON t ({columns})")
+    oid = one(db.dsn, "SELECT 'idx__new'::regclass::oid")
+    p, out = do_apply(db, d)
+    if finished:
+        assert not p.conflicts and all(o.ok for o in out), (p.conflicts, out)
+        assert not any(s.startswith(("build", "drop")) for s in p.descriptions()), p.descriptions()
+        assert one(db.dsn, "SELECT 'idx'::regclass::oid") == oid
+        assert ("idx", "created", oid) in records(db)
+    else:
+        assert any("temporary name idx__new is taken" in c for c in p.conflicts), p.conflicts
+        assert one(db.dsn, "SELECT to_regclass('idx__new')::oid") == oid
+
+
 def test_a_dba_index_at_the_temporary_name_is_never_pinned(fresh_db: FreshDatabase) -> None:
     """pin_build binds only the index that backend `pid` is building right now."""
     db = fresh_db

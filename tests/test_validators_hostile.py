@@ -25,8 +25,9 @@ from marketplacedb_operator.api.errors import format_errors
 from marketplacedb_operator.api.parameters import DATABASE_SETTINGS
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.cli.wiring import make_deps
-from marketplacedb_operator.reconcile import reconcile, teardown
+from marketplacedb_operator.reconcile import reconcile
 from marketplacedb_operator.settings import Settings
+from marketplacedb_operator.teardown import teardown
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "marketplacedb.yaml").read_text())
@@ -186,4 +187,4 @@ async def test_reconcile_and_teardown_report_invalid_spec_for_a_parser_bomb(
     ready = {c["type"]: c for c in stored["status"]["conditions"]}["Ready"]
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "spec.indexes[0].where" in ready["message"] and "nested too deeply" in ready["message"]
-    assert await asyncio.to_thread(teardown, body, deps) is None  # the finalizer can go
+    assert (await asyncio.to_thread(teardown, body, deps)).problem is None  # the finalizer can go

@@ -46,8 +46,10 @@ rels AS (
   WHERE n.nspname <> ALL (%(excluded)s::text[]) AND n.nspname !~ '^pg_(toast|temp)'
 ),
 -- The record that makes a live relation someone's: same name and kind, and the recorded OID, or
--- an intent whose build made it (younger catalog row, same table, and INVALID: what an interrupted
--- build leaves; a valid index there is someone's, made after a stale intent, never ours).
+-- an intent whose build may have made it (younger catalog row, same table). Bound by an intent
+-- alone (pinned false), only an INVALID index is swept as ours; a valid one is either a build that
+-- finished after the operator died (completed only when identical to the declared index:
+-- plan._finished_build) or someone's, made after a stale intent, and left alone.
 owned AS (
   SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash, rec.oid IS NOT NULL AS pinned
   FROM rels r JOIN rec ON rec.schema_name = r.nspname AND rec.name = r.relname
@@ -56,7 +58,7 @@ owned AS (
      OR (rec.oid IS NULL AND rec.how = 'building'
          AND pg_catalog.age(r.xmin) <= pg_catalog.age(rec.xmin)
          AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indexrelid = r.oid
-                      AND i.indrelid = rec.table_oid AND NOT i.indisvalid))
+                      AND i.indrelid = rec.table_oid))
 )
 SELECT pg_catalog.json_build_object(
   'database', pg_catalog.current_database(),

@@ -138,6 +138,27 @@ def _build_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list[Step]
     ]
 
 
+def _finished_build(d: DesiredIndex, info: IndexInfo, cat: Catalog) -> bool:
+    """A valid index at the temporary name bound only by our build's intent for this very spec, and
+    identical (as the server deparses it) to what that build makes: the build finished after the
+    operator died, before it could pin the OID (ownership.pin_build)."""
+    record = info.record
+    expected = cat.expected_of(info.schema, info.name)
+    return record is not None and record.how == "building" and not record.pinned and info.valid \
+        and record.spec_hash == d.hash and bool(expected) and info.signature == expected \
+        and info.table_schema == d.spec.schema_name and info.table == d.spec.table and info.building_pid is None
+
+
+def _finish_build_step(d: DesiredIndex, owner: str) -> Step:
+    schema, name = d.spec.schema_name, d.spec.name
+    new = ddl.temp_name(name)
+    return Step("mark", d.object, f"finish the interrupted build: rename index {schema}.{new} to {name}, "
+                f"record it as owned by {owner}",
+                (ddl.rename_index(schema, new, name), ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
+                 *ownership.record(owner, "index", schema, name, d.hash, "created"),
+                 ownership.forget(owner, schema, new)), transactional=True)
+
+
 def _create_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
     """Build under the temporary name, then rename, mark and record in one short transaction."""
     schema, name = d.spec.schema_name, d.spec.name
@@ -185,12 +206,15 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     schema, name = spec.schema_name, spec.name
     steps: list[Step] = []
     notes: list[str] = []
-    temp_taken = False
+    temp_taken = finished = False
     for leftover in (ddl.temp_name(name), ddl.old_name(name)):
         info = cat.index(schema, leftover)
         if info is None or (schema, leftover) in declared:
             continue
-        if _sweepable(info, owner) and not _bound(info):
+        if _finished_build(d, info, cat) and cat.index(schema, name) is None:
+            steps.append(_finish_build_step(d, owner))
+            finished = True
+        elif _sweepable(info, owner) and not _bound(info):
             steps.append(_drop_index_step(d.object, owner, info, "left over by an interrupted build or replacement"))
         else:
             why = _bound(info) if _sweepable(info, owner) else foreign_reason(info, owner)
@@ -209,7 +233,7 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
         return steps, [f"{d.field}: cannot build {schema}.{name}: the temporary name {ddl.temp_name(name)} is "
                        "taken by an index that is not this operator's; left alone (drop or rename it by hand)"], notes
     if existing is None:
-        return steps + _create_index_steps(d, owner, "missing"), [], notes
+        return steps + ([] if finished else _create_index_steps(d, owner, "missing")), [], notes
     if not existing.owned_by(owner):
         reason = foreign_reason(existing, owner)
         if existing.record is not None or existing.building_pid is not None or existing.primary:

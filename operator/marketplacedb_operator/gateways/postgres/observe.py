@@ -13,7 +13,7 @@ from psycopg import sql
 
 from ...sql import ownership
 from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
-from ...sql.ddl import create_index, qualified
+from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
 from ...sqlcheck import normalize_select
 
@@ -105,8 +105,15 @@ def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
     columns, the query as a temporary view. Rolled back: nothing is left, no data is read. An object
     the probe cannot reproduce (no TEMP privilege, a read-only transaction, a missing column) gets no
     signature and is never adopted; why goes to `failures` (reported as "could not be compared")."""
-    indexes = [d for d in desired.indexes if (found_index := catalog.index(d.spec.schema_name, d.spec.name))
-               is not None and not found_index.owned_by(desired.owner)]
+    indexes = [(d.spec.name, d) for d in desired.indexes
+               if (found_index := catalog.index(d.spec.schema_name, d.spec.name)) is not None
+               and not found_index.owned_by(desired.owner)]
+    # A valid index at a declared index's temporary name bound only by our build's intent (the
+    # operator died before it could pin the OID, and the build finished): compared like adoption.
+    indexes += [(temp_name(d.spec.name), d) for d in desired.indexes
+                if (left := catalog.index(d.spec.schema_name, temp_name(d.spec.name))) is not None
+                and left.owned_by(desired.owner) and left.valid and left.record is not None
+                and left.record.how == "building" and not left.record.pinned and left.record.spec_hash == d.hash]
     views = [d for d in desired.views if (found_view := catalog.view(d.spec.schema_name, d.spec.name))
              is not None and not found_view.owned_by(desired.owner)]
     found: list[tuple[tuple[str, str], str]] = []
@@ -116,9 +123,9 @@ def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
         _pin_session(conn)
         saved = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
         path = str(saved[0]) if saved else "\"$user\", public"
-        for number, d in enumerate(indexes):
+        for number, (key, d) in enumerate(indexes):
             table, name = f"mdb_probe_table_{number}", f"mdb_probe_index_{number}"
-            with _probe(failures, d.spec.schema_name, d.spec.name), conn.transaction():
+            with _probe(failures, d.spec.schema_name, key), conn.transaction():
                 conn.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
                     sql.Identifier(table), qualified(d.spec.schema_name, d.spec.table)))
                 probe = d.spec.model_copy(update={"schema_name": "pg_temp", "table": table})
@@ -133,7 +140,7 @@ def expected_signatures(conn: Connection, desired: Desired, catalog: Catalog,
                                    "FROM pg_catalog.pg_index i WHERE i.indexrelid = pg_catalog.to_regclass(%s)",
                                    [path, f"pg_temp.{name}"]).fetchone()
                 if row and row[1]:
-                    found.append(((d.spec.schema_name, d.spec.name), str(row[1])))
+                    found.append(((d.spec.schema_name, key), str(row[1])))
         for number, view in enumerate(views):
             name = f"mdb_probe_view_{number}"
             with _probe(failures, view.spec.schema_name, view.spec.name), conn.transaction():
