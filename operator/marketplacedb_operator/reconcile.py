@@ -404,7 +404,8 @@ def _refreshes(ctx: Context, database: Database, report: Report) -> None:
         else:  # no background pool (the CLI): inline
             outcomes = [database.refresh(view, ctx.now, requested) for view in wanted]
             attempted |= {view.name for view in wanted}
-            failures += [f"{r.view}: {r.error or r.reason}" for r in outcomes if not r.ok]
+            failures += [f"{v.schema_name}.{v.name}: {r.error or r.reason}"
+                         for v, r in zip(wanted, outcomes, strict=True) if not r.ok]
             if requested and all(r.outcome != "skipped-busy" for r in outcomes):
                 report.handled_refresh_request = request
             elif requested:
