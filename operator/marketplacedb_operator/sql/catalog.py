@@ -170,12 +170,17 @@ class Catalog:
     # index, partition schema, partition). Read by gateway.observe (PARTITIONS, ATTACHED below).
     partitions: tuple[tuple[str, str, str, str, str], ...] = ()
     attached: tuple[tuple[str, str, str, str, str, str], ...] = ()
+    invalid_children: tuple[tuple[str, str], ...] = ()  # (schema, name) of attached partition indexes not valid
 
     def partitions_of(self, schema: str, table: str) -> tuple[tuple[str, str, str], ...]:
         return tuple((ps, p, k) for s, t, ps, p, k in self.partitions if (s, t) == (schema, table))
 
     def attached_partitions(self, schema: str, index: str) -> tuple[tuple[str, str], ...]:
         return tuple((ps, p) for s, i, _, _, ps, p in self.attached if (s, i) == (schema, index))
+
+    def children(self, schema: str, index: str) -> tuple[tuple[str, str, str, str], ...]:
+        """(child schema, child index, partition schema, partition) attached to `schema.index`."""
+        return tuple((cs, c, ps, p) for s, i, cs, c, ps, p in self.attached if (s, i) == (schema, index))
 
     def is_attached_child(self, schema: str, name: str) -> bool:
         return any((cs, c) == (schema, name) for _, _, cs, c, _, _ in self.attached)
@@ -233,7 +238,8 @@ SELECT pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, c.r
 
 # Children of declared partitioned indexes and of indexes recorded as this resource's (by OID).
 ATTACHED = """
-SELECT pn.nspname::text, pc.relname::text, cn.nspname::text, cc.relname::text, tn.nspname::text, t.relname::text
+SELECT pn.nspname::text, pc.relname::text, cn.nspname::text, cc.relname::text, tn.nspname::text, t.relname::text,
+       x.indisvalid
   FROM pg_catalog.pg_inherits h
   JOIN pg_catalog.pg_class pc ON pc.oid = h.inhparent AND pc.relkind = 'I'
   JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace

@@ -31,7 +31,7 @@ from . import ddl, ownership
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_guards import fk_conflict as _fk_conflict
-from .plan_partitions import partitioned_index_steps
+from .plan_partitions import observed_child_names, partitioned_index_steps
 from .plan_views import drop_view_step, view_steps
 from .prerequisites import prerequisites
 from .steps import (
@@ -207,9 +207,10 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     steps: list[Step] = []
     notes: list[str] = []
     temp_taken = finished = False
+    partitioned = cat.other_relation(schema, spec.table) == "p"
     for leftover in (ddl.temp_name(name), ddl.old_name(name)):
         info = cat.index(schema, leftover)
-        if info is None or (schema, leftover) in declared:
+        if info is None or (schema, leftover) in declared or partitioned:  # plan_partitions sees to its own
             continue
         if _finished_build(d, info, cat) and cat.index(schema, name) is None:
             steps.append(_finish_build_step(d, owner))
@@ -224,9 +225,9 @@ def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     if other:
         return [], [f"{d.field}: {schema}.{name} already exists as a {relkind(other)}; left alone"], notes
     existing = cat.index(schema, name)
-    if cat.other_relation(schema, spec.table) == "p":
-        found, conflicts = partitioned_index_steps(d, owner, cat, existing)
-        return steps + found, conflicts, notes
+    if partitioned:
+        found, conflicts, found_notes = partitioned_index_steps(d, owner, cat, existing, declared)
+        return steps + found, conflicts, notes + found_notes
     needs_build = existing is None or not existing.owned_by(owner) and spec.adopt == "Replace" \
         or existing.owned_by(owner) and (not existing.valid or bool(index_drift(d, existing)))
     if needs_build and temp_taken:
@@ -294,6 +295,7 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
     keep = set()
     for schema, name in _declared(desired):
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
+    keep |= set(observed_child_names(desired, cat.partitions))  # partitions' indexes: plan_partitions
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
     dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
     indexes = [i for i in cat.indexes if _sweepable(i, desired.owner) and not cat.is_attached_child(i.schema, i.name)
