@@ -12,7 +12,16 @@ import psycopg
 from psycopg import sql
 
 from ...sql import ownership
-from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
+from ...sql.catalog import (
+    ATTACHED,
+    EXTENSIONS,
+    NO_DEFAULT_OPCLASS,
+    PARTITIONS,
+    Catalog,
+    observe_params,
+    observe_query,
+    parse_catalog,
+)
 from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
 from ...sql.plan_partitions import observed_child_names
@@ -64,12 +73,19 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         cur = conn.execute(observe_query(bool(trust[0])), observe_params(desired.owner, names))
         row = cur.fetchone()
         found = conn.execute(EXTENSIONS).fetchone()
+        plain = [(d.spec.schema_name, d.spec.table, c.name, d.spec.method) for d in desired.indexes
+                 if d.spec.method in ("gin", "gist") for c in d.spec.columns if c.name and not c.opclass]
+        no_default = conn.execute(NO_DEFAULT_OPCLASS, {
+            "schemas": [p[0] for p in plain], "tables": [p[1] for p in plain], "columns": [p[2] for p in plain],
+            "methods": [p[3] for p in plain]}).fetchall() if plain else []
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
     if found is not None:
         catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
-    catalog = dataclasses.replace(catalog, partitions=partitions)
+    catalog = dataclasses.replace(catalog, partitions=partitions,
+                                  no_default_opclass=tuple((str(a), str(b), str(c), str(m), str(t))
+                                                           for a, b, c, m, t in no_default))
     attached = _attached(conn, desired, catalog)
     catalog = dataclasses.replace(catalog, attached=tuple(row[:6] for row in attached),
                                   invalid_children=tuple((row[2], row[3]) for row in attached if not row[6]))
