@@ -343,3 +343,28 @@ def test_an_interrupted_rebuild_resumes_and_a_taken_build_name_is_refused(orders
         conn.execute(f"CREATE INDEX {other} ON orders_2026_01 (status)")
     p = planned(orders, desired([INDEX]))
     assert not p.steps and "partition public.orders_2026_01" in p.conflicts[0] and other in p.conflicts[0], p
+
+
+def test_a_partitioned_index_made_by_hand_is_adopted_when_identical_else_replaced_on_request(
+        orders: FreshDatabase) -> None:
+    with orders.connect() as conn:  # as a migration would: a plain CREATE INDEX on the parent
+        conn.execute("CREATE INDEX ix_orders_customer ON orders (customer_id, created_at DESC)")
+        conn.execute("CREATE INDEX ix_orders_status ON orders (status)")
+    made = oid_of(orders, "ix_orders_customer")
+    other = {**INDEX, "name": "ix_orders_status", "columns": [{"name": "status"}, {"name": "id"}]}
+    d = desired([INDEX, other])
+    p = planned(orders, d)
+    assert [s.kind for s in p.steps] == ["adopt"] and "ix_orders_customer" in p.steps[0].description
+    assert len(p.conflicts) == 1 and "ix_orders_status" in p.conflicts[0] and "adopt: Replace" in p.conflicts[0]
+    assert all(o.ok for o in apply(orders, d))
+    assert oid_of(orders, "ix_orders_customer") == made and "ix_orders_customer" in owned_adopted(orders)
+    replace = desired([INDEX, {**other, "adopt": "Replace"}])
+    assert all(o.ok for o in apply(orders, replace))
+    children = partition_indexes(orders, "ix_orders_status")
+    assert len(children) == 3 and all(v for _, v in children.values()) and parent_valid(orders, "ix_orders_status")
+    assert all("(status, id)" in text for text in definitions(orders, "ix_orders_status"))
+    assert not planned(orders, replace).steps and oid_of(orders, "ix_orders_customer") == made
+
+
+def owned_adopted(db: FreshDatabase) -> set[str]:
+    return {r[0] for r in rows(db, "SELECT name FROM marketplacedb.owned_objects WHERE how = 'adopted'")}

@@ -207,16 +207,46 @@ def _leftover(d: DesiredIndex, owner: str, cat: Catalog, declared: set[tuple[str
     return [], f"index {schema}.{name} ({bound(info) or foreign_reason(info, owner)})"
 
 
+def _foreign_index(d: DesiredIndex, owner: str, cat: Catalog, existing: IndexInfo) -> Found | None:
+    """An index under the declared name that is not ours: adopted when identical (as the server deparses
+    it) and valid, rebuilt with `adopt: Replace` (None: go on with the rebuild), else left alone."""
+    spec = d.spec
+    schema, name = spec.schema_name, spec.name
+    reason = foreign_reason(existing, owner)
+    if existing.record is not None or existing.building_pid is not None or existing.primary \
+            or existing.constraint is not None:
+        return [], [f"{d.field}: index {schema}.{name} exists, {reason}; left alone"], []
+    expected = cat.expected_of(schema, name)
+    if expected and existing.signature == expected and existing.valid and existing.ready \
+            and (existing.table_schema, existing.table) == (schema, spec.table):
+        # Its partitions' indexes are not recorded: a later rebuild asks for adopt: Replace (they go with it).
+        return [Step("adopt", d.object, f"adopt partitioned index {schema}.{name}: its definition equals the "
+                     "declared one and every partition has it (recorded as owned, no rebuild)",
+                     ownership.record(owner, "index", schema, name, d.hash, "adopted"), transactional=True)], [], []
+    if spec.adopt == "Replace":
+        return None
+    uncompared = cat.uncompared_why(schema, name)
+    differs = "INVALID: a partition has no valid index attached" if not existing.valid else \
+        f"its definition could not be compared ({uncompared})" if uncompared else \
+        "its definition differs from the declared one"
+    return [], [f"{d.field}: partitioned index {schema}.{name} exists, {reason} ({differs}); left alone. "
+                f"Set {d.field}.adopt: Replace to rebuild it"], []
+
+
 def partitioned_index_steps(d: DesiredIndex, owner: str, cat: Catalog, existing: IndexInfo | None,
                             declared: set[tuple[str, str]]) -> Found:
     """(steps, conflicts, notes) for a declared index whose table is partitioned."""
     spec = d.spec
     schema, name = spec.schema_name, spec.name
     build, old = ddl.temp_name(name), ddl.old_name(name)
+    why = ""
     if existing is not None and not existing.owned_by(owner):
-        return [], [f"{d.field}: index {schema}.{name} on partitioned table {spec.table} exists and is not this "
-                    "resource's; left alone (adoption of partitioned indexes is not supported)"], []
-    why = _rebuild_reason(d, owner, cat, existing) if existing is not None else ""
+        foreign = _foreign_index(d, owner, cat, existing)
+        if foreign is not None:
+            return foreign
+        why = "adopt: Replace"
+    elif existing is not None:
+        why = _rebuild_reason(d, owner, cat, existing)
     pending = cat.index(schema, build)
     resume = bool(why) and pending is not None and pending.owned_by(owner) and pending.record is not None \
         and pending.record.how == "created" and pending.record.spec_hash == d.hash and pending.table_kind == "p" \
