@@ -31,6 +31,7 @@ from .report_kit import (
     table,
 )
 from .report_rest import build_section, operator_section, refresh_section, setup_notes, skip_section
+from .report_search import search_section
 from .stats import median
 
 __all__ = ["compact", "num", "render"]
@@ -51,6 +52,7 @@ def render(results: dict[str, Any], plot_files: dict[str, str], command: str) ->
     lines += skip_section(results, targets)
     lines += build_section(results, targets)
     lines += operator_section(results, targets, plot_files)
+    lines += search_section(results)
     lines += setup_notes(results)
     head = _headline(results, targets)
     return "\n".join(lines[:headline_at] + head + lines[headline_at:]) + "\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import env, load, machine, plots, report
-from .scenarios import home, indexes, operator_scale, pooling, refresh
+from .scenarios import home, indexes, operator_scale, pooling, refresh, search
 from .scripts import Scripts
 
 HERE = Path(__file__).resolve().parent
@@ -128,6 +128,8 @@ def run_workbench(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
         out: dict[str, Any] = {"timings": bench.timings}
         out["home_before"] = _runs(log, "1. home page before the operator", scale.runs,
                                    lambda _: home.before_operator(bench, scripts, scale.base_pages))
+        out["search"] = _runs(log, "7. product search without/with the trigram index", scale.runs,
+                              lambda n: search.product_search(bench, workdir / "search"))
         log("marketplacedb apply -f examples/marketplacedb.yaml")
         out["apply"] = bench.apply_example()
         bench.start_pooler()
