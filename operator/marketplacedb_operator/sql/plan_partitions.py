@@ -17,7 +17,9 @@ partitioned index drops every index attached to it, so the rebuild is refused wh
 not recorded as this resource's (PostgreSQL attaches a DBA's matching index when a table is
 attached as a partition), unless the spec says `adopt: Replace`. A partition's index alternates
 between two names (`<partition>_<name>` and `<partition>_<name>__new`): a rebuild builds under the
-one the current index does not hold, so no index of a partition is ever renamed.
+one the current index does not hold, so no index of a partition is ever renamed. A partitioned
+index made by hand is adopted when the server deparses it as the declared one and it is valid;
+`adopt: Replace` rebuilds a different one the same zero-downtime way.
 """
 
 from __future__ import annotations
