@@ -31,6 +31,8 @@ from .report_kit import (
     table,
 )
 from .report_rest import build_section, operator_section, refresh_section, setup_notes, skip_section
+from .scenarios.home import PEAK_CLIENTS, PEAK_PAGES_PER_SECOND
+from .scenarios.pooling import UTILISATION
 from .stats import median
 
 __all__ = ["compact", "num", "render"]
@@ -227,7 +229,8 @@ def _home(results: dict[str, Any], targets: Targets, plot_files: dict[str, str])
     rows.append(ratio_row("ratio before / views, p99", ratios99))
     rows.append(ratio_row("ratio indexes only / views, p50", ratios_idx))
     lines += table(runs_header("home page", before), rows)
-    lines += ["At the design's peak, **1,160 home pages/s through pgbouncer** (50 clients, pgbench `-R 1160`, "
+    lines += [f"At the design's peak, **{PEAK_PAGES_PER_SECOND:,} home pages/s through pgbouncer** ({PEAK_CLIENTS} "
+              f"clients, pgbench `-R {PEAK_PAGES_PER_SECOND}`, "
               "latency counted from each page's scheduled start), and primary-key lookups at the same rate, "
               "clients and path (d: what the path itself costs):", ""]
     lines += table(runs_header("", after), run_rows(after, [
@@ -290,13 +293,15 @@ def _pooling(results: dict[str, Any], targets: Targets, plot_files: dict[str, st
              "The marketplace's query mix (`bench/scripts.py`: product pages 40%, category pages 15%, the two "
              "home-page views 10% each, search suggestions 10%, recent searches 10%, seller orders 5%), one query per "
              f"transaction. {clients:,} clients flat out first (each path's throughput, and the server's memory), "
-             "then both paths at 60% of the direct path's flat-out throughput measured in the same run (pgbench "
+             f"then both paths at {UTILISATION:.0%} of the direct path's flat-out throughput measured in the same run "
+             "(pgbench "
              "`-R`, open loop: latency counts from the scheduled start). Each figure covers the steady state after "
              "every client connected. The server runs with max_connections = 600 for these (the default 100 would "
              f"refuse the direct clients); pgbouncer's pool was sized by the operator from it: default_pool_size "
              f"{sizes.get('pool_size_at_600', '?')}. pgbouncer's CPU use and its wait for a CPU (runnable, not "
              "running: /proc/PID/schedstat) are fractions of the run's wall time.", ""]
-    lines += [f"**(a) latency at 60% of the direct path's flat-out throughput** ({num(rate)} tx/s, median):", ""]
+    lines += [f"**(a) latency at {UTILISATION:.0%} of the direct path's flat-out throughput** ({num(rate)} tx/s, "
+              "median):", ""]
     lines += table(runs_header(f"{clients:,} clients", peak), run_rows(peak, [
         ("flat out, direct: tx/s", "direct_flat_tps", ""), ("flat out, pooled: tx/s", "pooled_flat_tps", ""),
         ("throughput ratio pooled / direct", "flat_ratio", ""), ("rate of the comparison (tx/s)", "rate", ""),

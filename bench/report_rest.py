@@ -19,13 +19,16 @@ from .report_kit import (
     runs_header,
     table,
 )
+from .scenarios.indexes import WRITE_CLIENTS, WRITE_RATE
+from .scenarios.refresh import READ_CLIENTS, READ_RATE
 
 
 def refresh_section(results: dict[str, Any], targets: Targets, plot_files: dict[str, str]) -> list[str]:
     wb = results["workbench"]
     runs = wb["refresh"]
     lines = ["## 3. Refreshing the views under read load", "",
-             "Home pages are read through the views at 1,160 pages/s (8 clients, pgbench `-R`) while both views "
+             f"Home pages are read through the views at {READ_RATE:,} pages/s ({READ_CLIENTS} clients, pgbench `-R`) "
+             "while both views "
              "are refreshed: *plain* is `REFRESH MATERIALIZED VIEW` (what a pg_cron job usually runs: an ACCESS "
              "EXCLUSIVE lock, readers wait), *concurrent* is the project's refresh (`run_refresh`, the code behind "
              "`marketplacedb refresh` and the CronJobs: advisory lock, `REFRESH ... CONCURRENTLY`, state table). "
@@ -141,11 +144,14 @@ def why_check(p50: float, pk50: float, r50: float, server: float, pk_server: flo
             "reply): which of them is not established by this run's figures.")
 
 
+SALE = "`UPDATE seller_products SET sold_count = sold_count + 1`"  # bench/scripts.py "sale", as described
+
+
 def build_section(results: dict[str, Any], targets: Targets) -> list[str]:
     wb = results["workbench"]
     runs = wb["build"]
     lines = ["## 5. Index builds under a write load", "",
-             "Writes (a sale: `UPDATE seller_products SET sold_count = sold_count + 1`, 500/s, 8 clients) while an "
+             f"Writes (a sale: {SALE}, {WRITE_RATE}/s, {WRITE_CLIENTS} clients) while an "
              "index on seller_products (price, id) is built: *plain* `CREATE INDEX` (a SHARE lock: writes wait for "
              "the whole build) vs the operator's executor (the code behind `marketplacedb apply`), which builds "
              "`CONCURRENTLY`. Each build runs under a write load of its own (the order alternates between runs); "
@@ -192,6 +198,9 @@ def operator_section(results: dict[str, Any], targets: Targets, plot_files: dict
              "same level-based reconcile its 300 s timer runs; a restart makes all N happen now instead of over "
              "five minutes). API writes and DDL are counted on the API emulator and in PostgreSQL's log "
              "(`log_statement = ddl`).", ""]
+    if "workbench" in results:
+        lines += ["N = 1,000 does not fit in this run's time limit: `make bench-fleet` measures it once, in a run "
+                  "of its own ([REPORT-fleet.md](REPORT-fleet.md), when it has been run).", ""]
     for count, runs in ((k, v) for k, v in fleet.items() if k.isdigit()):
         lines += [f"### N = {int(count):,}", ""]
         lines += table(runs_header(f"{int(count):,} resources", runs), run_rows(runs, [
