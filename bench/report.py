@@ -339,6 +339,8 @@ def _pooling(results: dict[str, Any], targets: Targets, plot_files: dict[str, st
         ("pooled: transactions", "many_pooled_processed", ""), ("pooled: tx/s", "many_pooled_tps", ""),
         ("**pooled tx/s / best direct tx/s**", "many_pooled_fraction", ""),
         ("pooled: p99", "many_pooled_p99_ms", "ms"), ("pooled: failed", "many_pooled_failed", ""),
+        ("pooled: connecting all clients took", "many_pooled_connect_s", "s"),
+        ("pooled: steady window measured", "many_pooled_window_s", "s"),
         ("pooled: pgbench finished cleanly", "many_pooled_ok", "")]))
     lines += load_line(results, f"2. {many_clients:,} clients")
     errors = {r.get("many_direct_error") for r in many if r.get("many_direct_error")}

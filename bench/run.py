@@ -74,24 +74,40 @@ FULL = Scale("full", products=1_000_000, base_pages=1, indexed_pages=5, view_pag
 # resync: the writes after a restart and the peak memory of issue 14). ~9 minutes on its own.
 FLEET = dataclasses.replace(FULL, name="fleet", fleet=((1000, 1),), idle_resync_max=1000)
 
-BUDGET: dict[str, dict[str, float]] = {  # scale -> segment (the log's text before ":") -> seconds
-    "full": {
-        "bench full": 3,
-        f"PostgreSQL + workload ({FULL.products:,} products)": 25,
-        "1. home page before the operator": 20,  # 3 x one base page (~6 s at 1 M)
-        "marketplacedb apply -f examples/marketplacedb.yaml": 25,  # 7 indexes incl. 2 GIN at 1 M, 2 views
-        "1. home page after": 42,  # 3 x (5 indexed pages ~3 s, 3 x 2,000 single-client, 2 x 4 s at 1,160/s)
-        f"2. {FULL.peak_clients:,} clients": 75,  # 3 x 4 pgbench runs of 500 clients (2-3 s + connecting)
-        "restart PostgreSQL with max_connections = 100 (and the pooler re-rendered for it)": 3,
-        f"2. {FULL.many_clients:,} clients": 55,  # 3 x (best direct, 2,000 direct refused, 2,000 pooled)
-        "3. refresh under reads": 33,  # 3 x 2 modes x 5 s
-        "4. skip-if-unchanged": 12,  # 3 x (2 forced refreshes, 1.2 s for statistics, 18 checks)
-        "4b. refresh check beside a primary-key lookup": 9,  # 3 x (refresh, 1 s, 2 x 500 round trips)
-        "5. index builds under writes": 36,  # 3 x 2 modes x (5 s + the cleanup apply)
-        "6. fleet server and template database": 3,
-        "6. operator with 100 resources": 140,  # 3 x (~30 s to Ready, restart, ~10 s idle resync)
-        "writing the report and plots": 5,
-    },
+
+
+def segments(scale: Scale) -> dict[str, str]:
+    """The log's segment labels (its text before ":"), by key: the budget and the runner share them."""
+    return {
+        "describe": f"bench {scale.name}", "setup": f"PostgreSQL + workload ({scale.products:,} products)",
+        "before": "1. home page before the operator", "apply": "marketplacedb apply -f examples/marketplacedb.yaml",
+        "after": "1. home page after", "peak": f"2. {scale.peak_clients:,} clients",
+        "restart": "restart PostgreSQL with max_connections = 100 (and the pooler re-rendered for it)",
+        "many": f"2. {scale.many_clients:,} clients", "refresh": "3. refresh under reads",
+        "skip": "4. skip-if-unchanged", "check": "4b. refresh check beside a primary-key lookup",
+        "build": "5. index builds under writes", "fleet": "6. fleet server and template database",
+        **{f"fleet {count}": f"6. operator with {count:,} resources" for count, _ in scale.fleet},
+    }
+
+
+FULL_BUDGET = {  # seconds per segment of `make bench` on a quiet machine
+    "describe": 3,
+    "setup": 25,
+    "before": 20,  # 3 x one base page (~6 s at 1 M)
+    "apply": 25,  # 7 indexes (2 GIN) and 2 views at 1 M
+    "after": 42,  # 3 x (5 indexed pages ~3 s, 3 x 2,000 single-client round trips, 2 x 4 s at 1,160/s)
+    "peak": 75,  # 3 x 4 pgbench runs of 500 clients (2-3 s + connecting)
+    "restart": 3,
+    "many": 55,  # 3 x (best direct, 2,000 direct refused, 2,000 pooled: 1 s + connecting)
+    "refresh": 33,  # 3 x 2 modes x 5 s
+    "skip": 12,  # 3 x (2 forced refreshes, 1.2 s for statistics, 18 checks)
+    "check": 9,  # 3 x (a refresh, 1 s for statistics, 2 x 500 round trips, 2 x 100 EXPLAIN ANALYZE)
+    "build": 36,  # 3 x 2 modes x (5 s + the cleanup apply)
+    "fleet": 3,
+    "fleet 100": 140,  # 3 x (~30 s to Ready, restart, ~10 s idle resync)
+}
+BUDGET: dict[str, dict[str, float]] = {  # scale -> segment label -> seconds
+    "full": {segments(FULL)[key]: seconds for key, seconds in FULL_BUDGET.items()},
 }
 # Time kept free for scenarios other helpers are adding (not run yet: no segment in the log).
 RESERVED: dict[str, dict[str, float]] = {"full": {"search: ILIKE before/after the trigram index (issue 18)": 25}}
@@ -154,34 +170,35 @@ def _runs(log: Log, label: str, count: int, once: Callable[[int], dict[str, Any]
 
 def run_workbench(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
     """Scenarios 1 to 5 on one server with the reference workload."""
-    log(f"PostgreSQL + workload ({scale.products:,} products)")
+    seg = segments(scale)
+    log(seg["setup"])
     bench = env.start(scale.products, workdir)
     try:
         scripts = Scripts(workdir / "scripts", scale.products)
         out: dict[str, Any] = {"timings": bench.timings}
-        out["home_before"] = _runs(log, "1. home page before the operator", scale.runs,
+        out["home_before"] = _runs(log, seg["before"], scale.runs,
                                    lambda _: home.before_operator(bench, scripts, scale.base_pages))
-        log("marketplacedb apply -f examples/marketplacedb.yaml")
+        log(seg["apply"])
         out["apply"] = bench.apply_example()
         bench.start_pooler()
-        out["home_after"] = _runs(log, "1. home page after", scale.runs, lambda _: home.after_operator(
+        out["home_after"] = _runs(log, seg["after"], scale.runs, lambda _: home.after_operator(
             bench, scripts, indexed_pages=scale.indexed_pages, pages=scale.view_pages,
             peak_seconds=scale.home_peak_seconds))
-        out["peak"] = _runs(log, f"2. {scale.peak_clients} clients", scale.runs, lambda _: pooling.peak(
+        out["peak"] = _runs(log, seg["peak"], scale.runs, lambda _: pooling.peak(
             bench, scripts, seconds=scale.peak_seconds, flat_seconds=scale.flat_seconds, clients=scale.peak_clients))
-        log("restart PostgreSQL with max_connections = 100 (and the pooler re-rendered for it)")
+        log(seg["restart"])
         bench.set_max_connections(100)
-        out["many"] = _runs(log, f"2. {scale.many_clients:,} clients", scale.runs,
+        out["many"] = _runs(log, seg["many"], scale.runs,
                             lambda _: pooling.many_clients(bench, scripts, seconds=scale.many_seconds,
                                                          clients=scale.many_clients))
-        out["refresh"] = _runs(log, "3. refresh under reads", scale.runs, lambda n: refresh.under_reads(
+        out["refresh"] = _runs(log, seg["refresh"], scale.runs, lambda n: refresh.under_reads(
             bench, scripts, seconds=scale.refresh_seconds, lead=scale.lead_seconds, number=n))
-        out["skip"] = _runs(log, "4. skip-if-unchanged", scale.runs,
+        out["skip"] = _runs(log, seg["skip"], scale.runs,
                             lambda _: refresh.skip_if_unchanged(bench, forced=scale.forced))
         # Right after 4 (nothing written since its refreshes): every check must skip.
-        out["check"] = _runs(log, "4b. refresh check beside a primary-key lookup", scale.runs,
+        out["check"] = _runs(log, seg["check"], scale.runs,
                              lambda _: refresh_check.side_by_side(bench, scale.check_runs))
-        out["build"] = _runs(log, "5. index builds under writes", scale.runs, lambda n: indexes.under_writes(
+        out["build"] = _runs(log, seg["build"], scale.runs, lambda n: indexes.under_writes(
             bench, scripts, seconds=scale.build_seconds, lead=scale.lead_seconds, number=n))
         out["pool_sizes"] = {k: v for k, v in bench.timings.items() if k.startswith("pool_size")}
         return out
@@ -191,13 +208,14 @@ def run_workbench(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
 
 def run_fleet(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
     """Scenario 6 on its own server (a database per resource)."""
-    log("6. fleet server and template database")
+    seg = segments(scale)
+    log(seg["fleet"])
     fleet = operator_scale.Fleet(workdir / "fleet")
     try:
         out: dict[str, Any] = {}
         for count, runs in scale.fleet:
             timeout = 120 + count * 1.0
-            out[str(count)] = _runs(log, f"6. operator with {count} resources", runs, lambda _, c=count, t=timeout:
+            out[str(count)] = _runs(log, seg[f"fleet {count}"], runs, lambda _, c=count, t=timeout:
                                     operator_scale.run_once(fleet, c, workdir / f"fleet-{c}-{time.monotonic_ns()}",
                                                             ready_timeout=t, idle_timeout=t,
                                                             idle_resync=c <= scale.idle_resync_max))
@@ -234,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = load.LoadSampler()
     budget = BUDGET.get(scale.name, {})
     log = Log(sampler, budget)
-    log(f"bench {scale.name}: describing the machine")
+    log(f"{segments(scale)['describe']}: describing the machine")
     facts = machine.describe()
     started = datetime.datetime.now(datetime.UTC)
     workdir = Path(tempfile.mkdtemp(prefix="mdb-bench-"))

@@ -170,3 +170,12 @@ def test_the_fleet_run_renders_on_its_own() -> None:
     text = report.render(results, {}, command="make bench-fleet")
     assert text.startswith("# Benchmark: the operator at N = 1,000 resources")
     assert "yes" in target_row(text, "1,000 resources Ready")
+
+
+def test_the_full_runs_budget_leaves_a_margin_under_ten_minutes() -> None:
+    """The design, not a timing: every segment `make bench` logs has a budget, and all of them with
+    the time reserved for scenarios being added stay at or under 90% of the 10-minute limit."""
+    labels = run.segments(run.FULL)
+    assert set(run.BUDGET["full"]) == set(labels.values())
+    total = sum(run.BUDGET["full"].values()) + sum(run.RESERVED["full"].values())
+    assert total <= 0.9 * run.LIMIT_SECONDS["full"], total
