@@ -96,7 +96,7 @@ FULL_BUDGET = {  # seconds per segment of `make bench` on a quiet machine
     "before": 20,  # 3 x one base page (~6 s at 1 M)
     "apply": 25,  # 7 indexes (2 GIN) and 2 views at 1 M
     "after": 42,  # 3 x (5 indexed pages ~3 s, 3 x 2,000 single-client round trips, 2 x 4 s at 1,160/s)
-    "peak": 75,  # 3 x 4 pgbench runs of 500 clients (2-3 s + connecting)
+    "peak": 90,  # 3 x 4 pgbench runs of 500 clients (2-3 s + connecting: 4-12 ms per client measured)
     "restart": 3,
     "many": 55,  # 3 x (best direct, 2,000 direct refused, 2,000 pooled: 1 s + connecting)
     "refresh": 33,  # 3 x 2 modes x 5 s
@@ -111,7 +111,7 @@ BUDGET: dict[str, dict[str, float]] = {  # scale -> segment label -> seconds
 }
 # Time kept free for scenarios other helpers are adding (not run yet: no segment in the log).
 RESERVED: dict[str, dict[str, float]] = {"full": {"search: ILIKE before/after the trigram index (issue 18)": 25}}
-LIMIT_SECONDS = {"full": 600.0, "quick": 180.0, "fleet": 600.0}  # what the Makefile promises
+LIMIT_SECONDS = {"full": 600.0}  # issue 19: `make bench` at most 10 minutes (no limit for the others)
 
 
 class Log:
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results["load"] = sampler.summary()
     results["durations"] = log.durations
     results["budget"] = {"segments": budget, "reserved": RESERVED.get(scale.name, {}),
-                         "limit_seconds": LIMIT_SECONDS[scale.name]}
+                         "limit_seconds": LIMIT_SECONDS.get(scale.name)}
     facts["load_end"] = os.getloadavg()
     log("writing the report and plots")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -282,10 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{name}.md").write_text(text)
     data = "results-fleet.json" if scale.name == "fleet" else "results.json"
     (args.out / data).write_text(json.dumps(report.compact(results), indent=1, default=str) + "\n")
-    total = time.monotonic() - log.started
-    print(f"done in {total:.0f} s (limit {LIMIT_SECONDS[scale.name]:.0f} s"
-          f"{', OVER' if total > LIMIT_SECONDS[scale.name] else ''}): {args.out / (name + '.md')}",
-          file=sys.stderr, flush=True)
+    total, limit = time.monotonic() - log.started, LIMIT_SECONDS.get(scale.name)
+    verdict = f" (limit {limit:.0f} s{', OVER' if total > limit else ''})" if limit else ""
+    print(f"done in {total:.0f} s{verdict}: {args.out / (name + '.md')}", file=sys.stderr, flush=True)
     return 0
 
 
