@@ -110,11 +110,12 @@ class Targets:
     figure the issue asks to show without a threshold; its explanation is always given."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, bool | None, str]] = []
+        self.rows: list[tuple[str, str, str, bool | None, str, str]] = []
 
     def add(self, what: str, measured: str, reached: bool | None, why_not: Callable[[], str],
-            issue: str = "") -> None:
-        self.rows.append((issue, what, measured, reached, "" if reached else why_not()))
+            issue: str = "", values: Sequence[Any] = ()) -> None:
+        """`values`: the figure of each run, for its spread (how stable the measured figure is)."""
+        self.rows.append((issue, what, measured, reached, "" if reached else why_not(), spread(values)))
 
 
 UNKNOWN = "The cause is not established by this run's figures."

@@ -10,6 +10,7 @@ from .report_kit import (
     UNKNOWN,
     Targets,
     against_expectation,
+    col,
     load_line,
     loaded_note,
     med,
@@ -122,11 +123,12 @@ def check_section(results: dict[str, Any], targets: Targets) -> list[str]:
     pk_server = med(runs, "rt_pk_server_p50_ms")
     targets.add("one-round-trip refresh check p50 <= 1 ms", f"p50 {num(p50, 'ms')}, p99 {num(p99, 'ms')}",
                 p50 <= 1, lambda: why_check(p50, pk50, r50, server, pk_server) + loaded_note(results, "4b."),
-                issue="#16")
+                issue="#16", values=col(runs, "rt_check_p50_ms"))
     targets.add("the check against the floor (a primary-key lookup, same session, side by side)",
                 f"p50 {ratio(r50)} the lookup's {num(pk50, 'ms')}, p99 {ratio(med(runs, 'rt_ratio_p99'))}", None,
                 lambda: ("explained under *one-round-trip refresh check* above." if p50 > 1 else
-                         why_check(p50, pk50, r50, server, pk_server) + loaded_note(results, "4b.")), issue="#16")
+                         why_check(p50, pk50, r50, server, pk_server) + loaded_note(results, "4b.")), issue="#16",
+                values=col(runs, "rt_ratio_p50"))
     return lines
 
 

@@ -179,3 +179,12 @@ def test_the_full_runs_budget_leaves_a_margin_under_ten_minutes() -> None:
     assert set(run.BUDGET["full"]) == set(labels.values())
     total = sum(run.BUDGET["full"].values()) + sum(run.RESERVED["full"].values())
     assert total <= 0.9 * run.LIMIT_SECONDS["full"], total
+
+
+def test_the_targets_show_how_stable_each_figure_was_across_the_runs() -> None:
+    """Issue 19: say how stable the figures are: the spread of the three runs beside each median."""
+    results = figures()
+    for value, run_figures in zip((3.0, 4.0, 5.0), results["workbench"]["check"], strict=True):
+        run_figures["rt_ratio_p50"] = value
+    row = target_row(render(results), "the check against the floor")
+    assert "p50 4.0x" in row and "| 50% |" in row  # (5 - 3) / 4
