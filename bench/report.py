@@ -329,6 +329,9 @@ def _pooling(results: dict[str, Any], targets: Targets, plot_files: dict[str, st
         ("pooled: sum of RSS", "pooled_flat_backend_rss_mib", "MiB"),
         ("pooled: sum of private", "pooled_flat_backend_private_mib", "MiB"),
         ("**RSS ratio direct / pooled**", "memory_ratio", "")]))
+    lines += against_expectation("fewer server connections should take less server memory",
+                                 med(peak, "direct_flat_backend_rss_mib"), med(peak, "pooled_flat_backend_rss_mib"),
+                                 "direct, sum of RSS", "pooled, sum of RSS", unit="MiB")
     lines += load_line(results, f"2. {clients:,} clients")
     if "pooling" in plot_files:
         lines += [f"![latency at 60% of direct throughput]({plot_files['pooling']})", ""]

@@ -118,6 +118,8 @@ def check_section(results: dict[str, Any], targets: Targets) -> list[str]:
         ("check, server execution p50", "rt_check_server_p50_ms", "ms"),
         ("lookup, server execution p50", "rt_pk_server_p50_ms", "ms")]))
     lines += load_line(results, "4b.")
+    lines += against_expectation("a check is a round trip plus server work: it should not be cheaper than a lookup",
+                                 med(runs, "rt_check_p50_ms"), med(runs, "rt_pk_p50_ms"), "check p50", "lookup p50")
     p50, p99, pk50 = med(runs, "rt_check_p50_ms"), med(runs, "rt_check_p99_ms"), med(runs, "rt_pk_p50_ms")
     r50, server = med(runs, "rt_ratio_p50"), med(runs, "rt_check_server_p50_ms")
     pk_server = med(runs, "rt_pk_server_p50_ms")

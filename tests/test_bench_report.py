@@ -188,3 +188,15 @@ def test_the_targets_show_how_stable_each_figure_was_across_the_runs() -> None:
         run_figures["rt_ratio_p50"] = value
     row = target_row(render(results), "the check against the floor")
     assert "p50 4.0x" in row and "| 50% |" in row  # (5 - 3) / 4
+
+
+def test_a_check_cheaper_than_a_lookup_and_pooled_memory_above_direct_are_flagged() -> None:
+    results = figures(check50=0.15, pk50=0.25)
+    for run_figures in results["workbench"]["peak"]:
+        run_figures["pooled_flat_backend_rss_mib"] = 3500.5
+    text = render(results)
+    assert "**Contradicts the expected direction** (a check is a round trip plus server work: it should not be " \
+        "cheaper than a lookup): lookup p50 0.250 ms is worse than check p50 0.150 ms." in text
+    assert "(fewer server connections should take less server memory): pooled, sum of RSS 3,500 MiB is worse than " \
+        "direct, sum of RSS 3,000 MiB" in text
+    assert "Contradicts" not in render(figures())
