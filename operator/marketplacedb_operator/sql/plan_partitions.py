@@ -265,10 +265,12 @@ def partitioned_index_steps(d: DesiredIndex, owner: str, cat: Catalog, existing:
         found, conflicts = _child_steps(d, owner, cat, name)
         if existing is None:
             found = [_parent_step(d, owner, name, ""), *found]
-        if found:
+        if found:  # an adopted index stays adopted (kept, never dropped, by a teardown)
+            how: ownership.How = "adopted" if existing is not None and existing.record is not None \
+                and existing.record.how == "adopted" else "created"
             found.append(Step("mark", d.object, f"record {schema}.{name} (valid once every partition is attached)",
                               (ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
-                               *ownership.record(owner, "index", schema, name, d.hash, "created")),
+                               *ownership.record(owner, "index", schema, name, d.hash, how)),
                               transactional=True))
         return steps + found, conflicts, notes
     return _rebuild(d, owner, cat, existing, why, resume, taken, steps, notes)
