@@ -338,7 +338,7 @@ def test_an_interrupted_rebuild_resumes_and_a_taken_build_name_is_refused(orders
     # Someone's index at the name the next rebuild of one partition would take, and the current index at
     # the other: refused with the names, nothing touched.
     taken = partition_indexes(orders, "ix_orders_customer")["orders_2026_01"][0]
-    other = "orders_2026_01_ix_orders_customer" if taken.endswith("__new") else "orders_2026_01_ix_orders_customer__new"
+    other = "orders_2026_01_ix_orders_customer" if taken.endswith("_alt") else "orders_2026_01_ix_orders_customer_alt"
     with orders.connect() as conn:
         conn.execute(f"CREATE INDEX {other} ON orders_2026_01 (status)")
     p = planned(orders, desired([INDEX]))
@@ -368,3 +368,26 @@ def test_a_partitioned_index_made_by_hand_is_adopted_when_identical_else_replace
 
 def owned_adopted(db: FreshDatabase) -> set[str]:
     return {r[0] for r in rows(db, "SELECT name FROM marketplacedb.owned_objects WHERE how = 'adopted'")}
+
+
+def test_our_unattached_index_left_at_a_partitions_other_name_is_dropped(orders: FreshDatabase) -> None:
+    """A build that outlived the operator (its backend went on after the client died) finishes at one
+    name while the next reconcile built and attached the partition's index at the other: swept."""
+    from marketplacedb_operator.sql import ddl, ownership
+
+    d = desired([INDEX])
+    assert all(o.ok for o in apply(orders, d))
+    spec = d.indexes[0].spec
+    orphan = "orders_2026_02_ix_orders_customer_alt"
+    with orders.connect() as conn:  # what the operator's intent, build and record steps leave
+        conn.execute(ownership.intent(OWNER, "public", orphan, "public", "orders_2026_02", d.indexes[0].hash))
+        conn.execute(ddl.create_index_on(spec, orphan, table="orders_2026_02", schema="public"))
+        with conn.transaction():
+            for statement in ownership.record(OWNER, "index", "public", orphan, d.indexes[0].hash, "created"):
+                conn.execute(statement)
+        conn.execute("CREATE INDEX dba_orders_02 ON orders_2026_02 (customer_id, created_at DESC)")
+    p = planned(orders, d)
+    assert [(s.kind, orphan in s.sql_text) for s in p.steps] == [("drop-index", True)], p.descriptions()
+    assert all(o.ok for o in apply(orders, d))
+    assert oid_of(orders, orphan) is None and oid_of(orders, "dba_orders_02") is not None
+    assert not planned(orders, d).steps and parent_valid(orders, "ix_orders_customer")

@@ -16,7 +16,7 @@ ACCESS EXCLUSIVE lock on the table and its partitions, under ddl.lockTimeout). D
 partitioned index drops every index attached to it, so the rebuild is refused while one of them is
 not recorded as this resource's (PostgreSQL attaches a DBA's matching index when a table is
 attached as a partition), unless the spec says `adopt: Replace`. A partition's index alternates
-between two names (`<partition>_<name>` and `<partition>_<name>__new`): a rebuild builds under the
+between two names (`<partition>_<name>` and `<partition>_<name>_alt`): a rebuild builds under the
 one the current index does not hold, so no index of a partition is ever renamed. A partitioned
 index made by hand is adopted when the server deparses it as the declared one and it is valid;
 `adopt: Replace` rebuilds a different one the same zero-downtime way.
@@ -46,8 +46,9 @@ def partition_index_name(name: str, partition: str) -> str:
 
 
 def child_names(name: str, partition: str) -> tuple[str, str]:
-    """The two names the index of declared index `name` on `partition` alternates between."""
-    return partition_index_name(name, partition), partition_index_name(ddl.temp_name(name), partition)
+    """The two names the index of declared index `name` on `partition` alternates between (neither
+    looks like a temporary name: both are live, attached indexes in turn)."""
+    return partition_index_name(name, partition), partition_index_name(f"{name}_alt", partition)
 
 
 def observed_child_names(desired: Desired,
@@ -127,6 +128,7 @@ def _child_steps(d: DesiredIndex, owner: str, cat: Catalog, parent: str) -> tupl
     attached = set(cat.attached_partitions(spec.schema_name, parent))
     for p_schema, partition, kind in cat.partitions_of(spec.schema_name, spec.table):
         if (p_schema, partition) in attached:
+            steps += _orphans(d, owner, cat, p_schema, partition)
             continue
         if kind != "r":
             conflicts.append(f"{d.field}: partition {p_schema}.{partition} of {spec.table} is a "
@@ -158,6 +160,19 @@ def _child_steps(d: DesiredIndex, owner: str, cat: Catalog, parent: str) -> tupl
                              f"it may take are in use: {'; '.join(taken)}; left alone (drop or rename the one that "
                              "is not this resource's by hand)")
     return steps, conflicts
+
+
+def _orphans(d: DesiredIndex, owner: str, cat: Catalog, p_schema: str, partition: str) -> list[Step]:
+    """Drop our unattached index at a partition's other name: a build that outlived the operator
+    (its backend went on after the client died) while the next reconcile built one elsewhere."""
+    steps = []
+    for child in child_names(d.spec.name, partition):
+        info = cat.index(p_schema, child)
+        if info is not None and not cat.is_attached_child(p_schema, child) and _sweepable(info, owner) \
+                and (info.table_schema, info.table) == (p_schema, partition):
+            steps.append(_drop_step(d, owner, info, "left over by an interrupted build (the partition has its "
+                                    "index)", []))
+    return steps
 
 
 def _rebuild_reason(d: DesiredIndex, owner: str, cat: Catalog, existing: IndexInfo) -> str:
@@ -265,7 +280,7 @@ def partitioned_index_steps(d: DesiredIndex, owner: str, cat: Catalog, existing:
         found, conflicts = _child_steps(d, owner, cat, name)
         if existing is None:
             found = [_parent_step(d, owner, name, ""), *found]
-        if found:  # an adopted index stays adopted (kept, never dropped, by a teardown)
+        if any(s.kind == "attach-index" for s in found):  # an adopted index stays adopted (kept by a teardown)
             how: ownership.How = "adopted" if existing is not None and existing.record is not None \
                 and existing.record.how == "adopted" else "created"
             found.append(Step("mark", d.object, f"record {schema}.{name} (valid once every partition is attached)",
