@@ -374,3 +374,29 @@ def test_the_server_side_skip_agrees_with_decide(prices_db: Any) -> None:
             assert locked and skipped == expected, (view, options, at, force, expected)
             skips.append(skipped)
     assert skips == [True, False, False, False, True, False, False, False, False]
+
+
+def test_names_given_to_to_regclass_are_quoted_by_psycopg_not_by_hand(fresh_db: Any) -> None:
+    """A schema with capitals and a view name with a double quote: the regclass text of the row count
+    and of an unqualified dependsOn table is the identifiers as psycopg quotes them (an f-string
+    `"{schema}"."{name}"` broke on the quote, and `{schema}.{table}` folded "Shop" to shop)."""
+    with fresh_db.connect() as conn:
+        conn.execute("""
+            CREATE SCHEMA "Shop";
+            CREATE TABLE "Shop".products (id int PRIMARY KEY);
+            CREATE TABLE "Shop".prices (product_id int PRIMARY KEY, price numeric NOT NULL);
+            INSERT INTO "Shop".products SELECT generate_series(1, 9);
+            INSERT INTO "Shop".prices SELECT generate_series(1, 9), 5;
+            CREATE FUNCTION "Shop".price_of(p int) RETURNS numeric LANGUAGE sql STABLE
+              AS 'SELECT price FROM "Shop".prices WHERE product_id = p';
+            CREATE MATERIALIZED VIEW "Shop"."mv""q" AS SELECT id, "Shop".price_of(id) AS price FROM "Shop".products;
+            CREATE UNIQUE INDEX ON "Shop"."mv""q" (id);
+        """)
+    target = ViewTarget("Shop", 'mv"q')
+    options = RefreshOptions(max_staleness=3600, timeout=60, lock_timeout=5, depends_on=("prices",))
+    with connect(fresh_db) as conn:
+        first = refresh_view(PostgresRefresh(conn), target, options, utcnow())
+        assert first.outcome == "refreshed" and first.rows == 9, first
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        second = refresh_view(PostgresRefresh(conn), target, options, utcnow())
+    assert second.outcome == "skipped-unchanged", second  # "Shop".prices found: dependsOn honoured
