@@ -123,6 +123,9 @@ def _print_plan(doc: dict[str, Any]) -> None:
         print(f"  {number}. [{step['kind']}] {step['description']} ({mode}, {step['lockPolicy']} lock policy)")
         for line in step["sql"].splitlines():
             print(f"       {line}")
+    for view in doc["materializedViews"]:
+        rule = view.get("refreshRule") or "skip-if-unchanged: decided at each refresh (the query was not analyzed)"
+        print(f"  view {view['name']}: {rule}")
     for label in ("conflicts", "notes"):
         for line in the_plan[label]:
             print(f"  {label[:-1]}: {line}")

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec
 from ..sqlcheck import normalize_predicate, normalize_select
-from . import ddl, ownership
+from . import ddl, ownership, view_calls
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_indexes import drop_index_step, index_steps, sweepable
@@ -176,6 +176,14 @@ def _on_declared_view(d: DesiredIndex, desired: Desired) -> bool:
     return any(v.spec.schema_name == d.spec.schema_name and v.spec.name == d.spec.table for v in desired.views)
 
 
+def _view_refused(d: DesiredIndex, desired: Desired, cat: Catalog) -> bool:
+    """The index is declared on a view that does not exist and whose creation is refused."""
+    schema, table = d.spec.schema_name, d.spec.table
+    return cat.view(schema, table) is None and any(
+        view_calls.refusal(v.spec, v.field, cat.calls_of(schema, table)) is not None
+        for v in desired.views if (v.spec.schema_name, v.spec.name) == (schema, table))
+
+
 def plan(desired: Desired, observed: Catalog) -> Plan:
     """The steps that bring `observed` to `desired`; empty when they already match."""
     notes: list[str] = []
@@ -190,6 +198,9 @@ def plan(desired: Desired, observed: Catalog) -> Plan:
         found, conflict, note = view_steps(view, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     for index in on_views:  # after their view: it must exist first
+        if _view_refused(index, desired, observed):
+            notes.append(f"{index.field}: not built: its view {index.spec.schema_name}.{index.spec.table} is refused")
+            continue
         found, conflict, note = index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     steps += _setting_steps(desired, observed)
