@@ -51,6 +51,9 @@ CREATE FUNCTION price_of(p text) RETURNS numeric LANGUAGE sql VOLATILE AS $$ SEL
 -- an operator whose function is volatile
 CREATE FUNCTION bump_add(a int, b int) RETURNS int LANGUAGE sql VOLATILE AS $$ SELECT a + b $$;
 CREATE OPERATOR #+# (FUNCTION = bump_add, LEFTARG = int, RIGHTARG = int);
+-- declared STABLE, but its SQL-standard body (stored parsed) calls setval through another function
+CREATE FUNCTION reset_to(p int) RETURNS bigint LANGUAGE sql STABLE BEGIN ATOMIC SELECT setval('s_ids', p); END;
+CREATE FUNCTION wrapped(p int) RETURNS bigint LANGUAGE sql STABLE BEGIN ATOMIC SELECT reset_to(p); END;
 """
 
 REFUSED = [
@@ -60,6 +63,7 @@ REFUSED = [
     ("the volatile overload", "SELECT id, price_of(name) AS p FROM products", "public.price_of(text)"),
     ("an operator", "SELECT id, id #+# 1 AS n FROM products", "public.bump_add(integer, integer)"),
     ("through a plain view", "SELECT id, t FROM touched", "public.touch(integer)"),
+    ("inside a STABLE SQL-standard function", "SELECT id, wrapped(id) AS w FROM products", "setval(regclass, bigint)"),
 ]
 
 

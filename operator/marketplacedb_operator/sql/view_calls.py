@@ -13,10 +13,13 @@ The rule applied, erring on the side of refusing and refreshing:
   overload, refuses the view (no DDL at all) unless `allowVolatileFunctions: true`;
 * a non-built-in function, or a built-in one that is not IMMUTABLE, turns skip-if-unchanged off
   unless `refresh.dependsOn` declares the tables whose writes count: what it reads is unknown;
-* a function's *body* is not read: a function declared STABLE or IMMUTABLE is trusted to be what
-  it says (PostgreSQL itself refuses INSERT/UPDATE/DELETE in such a function, but not a call of
-  `setval()` or `pg_terminate_backend()` inside it). Not seen either: row-level security policies
-  and domain CHECK constraints the query triggers, and type input functions of its constants.
+* the body of an SQL-standard function (`BEGIN ATOMIC ... END`, stored parsed) is read like the
+  query, recursively; any other body (a quoted SQL string, plpgsql, C) is not: a function declared
+  STABLE or IMMUTABLE is trusted to be what it says (PostgreSQL itself refuses INSERT/UPDATE/DELETE
+  in such a function, but not a call of `setval()` or `pg_terminate_backend()` inside it). Not seen
+  either: row-level security policies and domain CHECK constraints the query triggers, and type
+  input functions of its constants. The refresh-time check (sql/refresh_sql.py) reads only what
+  the view's stored rules call, with their declared volatility.
 
 `guard()` repeats the volatility check inside the transaction that creates the view, between
 CREATE ... WITH NO DATA and the first REFRESH: a function made VOLATILE after the plan was
@@ -72,6 +75,16 @@ calls AS (
   SELECT m[1] AS oid, m[2] AS svf FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(rules.action,
     ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)|\{{SQLVALUEFUNCTION :op ([0-8]) ', 'g') AS m
 ),
+called (oid, depth) AS (
+  SELECT calls.oid::pg_catalog.oid, 0 FROM calls WHERE calls.oid IS NOT NULL
+  UNION
+  -- Into the bodies of SQL-standard functions (BEGIN ATOMIC: stored parsed, like a rule).
+  SELECT m[1]::pg_catalog.oid, called.depth + 1 FROM called
+  JOIN pg_catalog.pg_proc AS p ON p.oid = called.oid
+  CROSS JOIN LATERAL pg_catalog.regexp_matches(p.prosqlbody::text,
+    ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') AS m
+  WHERE p.prosqlbody IS NOT NULL AND called.depth < 16
+),
 fn AS (
   SELECT DISTINCT
     CASE WHEN n.nspname = 'pg_catalog' THEN '' ELSE pg_catalog.quote_ident(n.nspname) || '.' END
@@ -79,7 +92,7 @@ fn AS (
     p.provolatile AS volatility, p.oid < {first_normal} AS builtin,
     n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
       'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)) AS clock
-  FROM (SELECT DISTINCT calls.oid::pg_catalog.oid FROM calls WHERE calls.oid IS NOT NULL) AS c
+  FROM (SELECT DISTINCT called.oid FROM called) AS c
   JOIN pg_catalog.pg_proc AS p ON p.oid = c.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
 ),
