@@ -221,12 +221,13 @@ def analyze_query(conn: psycopg.Connection[Any], query: str) -> vc.ViewCalls:
     """What a view query would call and read, before the view exists (sql/view_calls.py).
 
     Stored as a temporary view in a transaction that is always rolled back (resolved by the
-    server, never executed; needs only TEMP, like the adoption probe). The query must already be
-    the parser-checked text (api validation: one plain SELECT).
+    server, never executed; needs only TEMP, like the adoption probe). The query goes through the
+    parser again (one plain SELECT, or SqlCheckError), as api validation does.
     """
+    text = normalize_select(query)
     try:
         with conn.transaction(force_rollback=True):
-            return _analyze_probe(conn, query, "mdb_probe_calls")
+            return _analyze_probe(conn, text, "mdb_probe_calls")
     except psycopg.Error as exc:
         raise _error(exc) from None
 
