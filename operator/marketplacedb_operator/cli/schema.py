@@ -163,7 +163,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(_lost(exc), file=sys.stderr)
         return 1
     _emit(documents, args.output, _print_plan)
-    return 1 if any(d["problems"] for d in documents) else 0
+    # A conflict leaves the declared state unreachable, as for apply: a pipeline gating on
+    # `plan` must not read it as success.
+    return 1 if any(d["problems"] or d["plan"]["conflicts"] for d in documents) else 0
 
 
 def _outcome_dict(outcome: StepOutcome) -> dict[str, Any]:
