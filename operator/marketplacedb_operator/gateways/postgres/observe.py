@@ -26,6 +26,7 @@ from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
 from ...sql.plan_partitions import observed_child_names
 from ...sqlcheck import normalize_select
+from .refresh import analyze_views
 
 Connection = psycopg.Connection[Any]
 
@@ -91,7 +92,9 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
                                   invalid_children=tuple((row[2], row[3]) for row in attached if not row[6]))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
-    return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
+    calls, unanalyzed = analyze_views(conn, desired, catalog)  # what each view's query calls (plan refusal)
+    return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)), calls=calls,
+                               unanalyzed=unanalyzed)
 
 
 def _attached(conn: Connection, desired: Desired, catalog: Catalog) -> tuple[tuple[Any, ...], ...]:
