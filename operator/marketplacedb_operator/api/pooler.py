@@ -10,8 +10,8 @@ from pydantic import (
 )
 
 from .bounds import cel
+from .database import SecretRef
 from .parameters import PGBOUNCER_PARAMETERS, check_named
-from .spec import SecretRef
 from .types import DnsName, Model, in_list
 
 # --- pooler -----------------------------------------------------------------------------------
