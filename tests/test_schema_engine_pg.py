@@ -566,3 +566,30 @@ def test_view_key_must_be_a_returned_column(workload_db: FreshDatabase) -> None:
     with workload_db.connect() as conn:
         assert gateway.check_view_columns(conn, "SELECT id, name AS label FROM categories") == ["id", "label"]
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_lock_timeout_retries_wait_by_the_shared_backoff_policy(workload_db: FreshDatabase) -> None:
+    """A DROP that times out on a reader's lock is retried after backoff.delay(): the step capped by
+    nothing but the retry count, jittered between half of it and all of it (the reconcile backoff's
+    policy), never the 1.5x overshoot the runner had on its own."""
+    import random
+
+    from marketplacedb_operator import backoff
+
+    views = [{"name": "mv_category_counts", "query": workload.VIEW_QUERIES["mv_category_counts"],
+              "uniqueKey": list(workload.VIEW_UNIQUE_KEYS["mv_category_counts"])}]
+    d = desired_state(the_spec(indexes=[], materializedViews=views, ddl={"deletionPolicy": "Drop"}), OWNER)
+    assert all(o.ok for o in apply(workload_db, d))
+    policy = ExecutionPolicy(lock_timeout_seconds=0.2, statement_timeout_seconds=30, index_lock_timeout_seconds=1,
+                             retries=3, retry_base_seconds=1.0)
+    slept: list[float] = []
+    with psycopg.connect(workload_db.superuser_dsn) as reader, workload_db.connect() as conn:
+        reader.execute("SELECT count(*) FROM public.mv_category_counts")  # ACCESS SHARE until rollback
+        outcomes = gateway.execute(conn, teardown_plan(d, gateway.observe(conn, d)), policy,
+                                   sleep=slept.append, rng=random.Random(20))
+        reader.rollback()
+    failed = [o for o in outcomes if not o.ok]
+    assert failed and "lock" in failed[0].message.lower() and failed[0].attempts == 4, outcomes
+    expected = random.Random(20)
+    assert slept == [backoff.delay(1.0, attempt, rng=expected) for attempt in range(3)]
+    assert all(2**attempt / 2 <= pause <= 2**attempt for attempt, pause in enumerate(slept))

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from ... import backoff
 from ...sql import ownership
 from ...sql.catalog import (
     BLOCKERS,
@@ -102,11 +103,6 @@ def _set_timeouts(conn: Connection, lock_seconds: float, statement_seconds: floa
     )
 
 
-def _backoff(policy: ExecutionPolicy, attempt: int, rng: random.Random) -> float:
-    # Full jitter around an exponential base, so several operators never retry in lockstep.
-    return float(policy.retry_base_seconds * (2**attempt) * rng.uniform(0.5, 1.5))
-
-
 def _lock_seconds(policy: ExecutionPolicy, step_policy: str) -> float:
     """Index steps honour the resource's lockTimeout too, capped by the operator's index policy."""
     if step_policy == "index":
@@ -163,7 +159,7 @@ class _Runner:
                         raise StepFailed(describe_error(exc)) from exc
                 if not retry or attempt >= self.policy.retries:
                     raise
-                self.sleep(_backoff(self.policy, attempt, self.rng))
+                self.sleep(backoff.delay(self.policy.retry_base_seconds, attempt, rng=self.rng))
 
     def wait_for_build(self, schema: str, table: str) -> None:
         """Before a CONCURRENTLY build: while sessions that would stall its wait phases are open
