@@ -79,6 +79,8 @@ def check_view_columns(conn: Connection, query: str, timeout_seconds: float = 30
         conn.execute("SET TRANSACTION READ ONLY")
         conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
                      [str(max(1, round(timeout_seconds * 1000)))])
+        # The one verbatim SQL text: a whole SELECT cannot be composed from Identifiers/Literals; it
+        # is the parser's deparse of exactly one SELECT (normalize_select), run READ ONLY with LIMIT 0.
         cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS mdb_view_check LIMIT 0").format(sql.SQL(text)))
         columns = [column.name for column in cur.description or ()]
         raise psycopg.Rollback()
