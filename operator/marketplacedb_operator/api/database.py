@@ -128,7 +128,9 @@ class DatabaseSpec(Model):
         max_length=len(DATABASE_SETTINGS),
         description="Per-database settings applied with ALTER DATABASE ... SET (allow-listed, typed, "
         f"range-checked against PostgreSQL 15's bounds): {', '.join(sorted(DATABASE_SETTINGS))}. "
-        "Server-wide settings such as max_connections are reported, never changed.",
+        "Before applying them the operator confirms each value against the connected server's pg_settings "
+        "(type, range, unit, choices): one value the server refuses is a Conflict naming it and the allowed "
+        "range, and none is applied. Server-wide settings such as max_connections are reported, never changed.",
         json_schema_extra=cel(
             (f"self.all(k, k in {in_list(DATABASE_SETTINGS)})", "settings: only the allow-listed names"),
         ),

@@ -30,6 +30,7 @@ from .catalog_sql import (
     observe_query,
 )
 from .ddl import Marker, parse_marker
+from .settings_check import GucFacts
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
            "ATTACHED", "EXTENSIONS", "PARTITIONS",
@@ -170,6 +171,9 @@ class Catalog:
     # index, partition schema, partition). Read by gateway.observe (PARTITIONS, ATTACHED below).
     partitions: tuple[tuple[str, str, str, str, str], ...] = ()
     attached: tuple[tuple[str, str, str, str, str, str], ...] = ()
+    # pg_settings rows of the declared database settings (gateway: settings_check.GUC_FACTS); None when
+    # not read (a catalog built by hand), and then the plan does not confirm values against the server.
+    gucs: tuple[GucFacts, ...] | None = None
 
     def partitions_of(self, schema: str, table: str) -> tuple[tuple[str, str, str], ...]:
         return tuple((ps, p, k) for s, t, ps, p, k in self.partitions if (s, t) == (schema, table))
@@ -206,6 +210,10 @@ class Catalog:
     @property
     def server(self) -> Mapping[str, str]:
         return dict(self.server_settings)
+
+    @property
+    def guc_facts(self) -> Mapping[str, GucFacts] | None:
+        return None if self.gucs is None else {g.name: g for g in self.gucs}
 
 
 # Installed extensions, and the available ones this role may create: a superuser any, otherwise a
