@@ -58,8 +58,23 @@ def _record(value: Mapping[str, Any] | None) -> Record | None:
                   bool(value.get("pinned")))
 
 
+class _Recorded:
+    """What indexes and views share: a comment (maybe with our marker) and an ownership record."""
+
+    comment: str | None
+    record: Record | None
+
+    @property
+    def marker(self) -> Marker | None:
+        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
+        return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
+
+
 @dataclasses.dataclass(frozen=True)
-class IndexInfo:
+class IndexInfo(_Recorded):
     schema: str
     name: str
     table_schema: str
@@ -84,14 +99,6 @@ class IndexInfo:
     clustered: bool = False  # CLUSTER ON mark
     in_tablespace: bool = False  # not in the database's default tablespace
 
-    @property
-    def marker(self) -> Marker | None:
-        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
-        return parse_marker(self.comment)
-
-    def owned_by(self, owner: str) -> bool:
-        return self.record is not None and self.record.owner == owner
-
 
 @dataclasses.dataclass(frozen=True)
 class Grant:
@@ -102,7 +109,7 @@ class Grant:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViewInfo:
+class ViewInfo(_Recorded):
     schema: str
     name: str
     definition: str
@@ -121,13 +128,6 @@ class ViewInfo:
     statistics: tuple[str, ...] = ()  # extended statistics objects on the view
     column_options: tuple[str, ...] = ()  # columns with a statistics target or attribute options
     default_grantees: tuple[str | None, ...] = ()  # what the operator's default privileges grant to
-
-    @property
-    def marker(self) -> Marker | None:
-        return parse_marker(self.comment)
-
-    def owned_by(self, owner: str) -> bool:
-        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
