@@ -128,7 +128,7 @@ class KubeGateway:
         with self._lock:
             if key in self._resources:
                 return self._resources[key]
-            if self._monotonic() - self._missing.get(key, -MISSING_TTL_SECONDS) < MISSING_TTL_SECONDS:
+            if key in self._missing and self._monotonic() - self._missing[key] < MISSING_TTL_SECONDS:
                 return None
             try:
                 dynamic = self._dynamic = self._dynamic or _call(self._discover)
