@@ -30,9 +30,10 @@ def reference_views(refresh: dict[str, Any] | None = None) -> list[dict[str, Any
             for name, query in workload.VIEW_QUERIES.items()]
 
 
-def reference_spec(database: dict[str, Any], *, refresh: dict[str, Any] | None = None,
+def reference_spec(database: dict[str, Any], /, *, refresh: dict[str, Any] | None = None,
                    **overrides: Any) -> dict[str, Any]:
-    """A MarketplaceDB spec (as the API server stores it) with the reference indexes and views."""
+    """A MarketplaceDB spec (as the API server stores it) with the reference indexes and views;
+    `overrides` replace whole top-level fields (`database` included)."""
     spec: dict[str, Any] = {"database": database, "indexes": REFERENCE_INDEXES,
                             "materializedViews": reference_views(refresh)}
     spec.update(overrides)
