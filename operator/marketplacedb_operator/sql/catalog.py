@@ -31,6 +31,7 @@ from .catalog_sql import (
 )
 from .ddl import Marker, parse_marker
 from .settings_check import GucFacts
+from .view_calls import ViewCalls
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
            "ATTACHED", "EXTENSIONS", "PARTITIONS",
@@ -174,6 +175,16 @@ class Catalog:
     # pg_settings rows of the declared database settings (gateway: settings_check.GUC_FACTS); None when
     # not read (a catalog built by hand), and then the plan does not confirm values against the server.
     gucs: tuple[GucFacts, ...] | None = None
+    # What each declared view's query calls and reads, as the server resolved it (sql/view_calls.py,
+    # gateway refresh.analyze_views), and why a query could not be analyzed: {(schema, name): ...}.
+    calls: tuple[tuple[tuple[str, str], ViewCalls], ...] = ()
+    unanalyzed: tuple[tuple[tuple[str, str], str], ...] = ()
+
+    def calls_of(self, schema: str, name: str) -> ViewCalls | None:
+        return next((value for key, value in self.calls if key == (schema, name)), None)
+
+    def unanalyzed_why(self, schema: str, name: str) -> str | None:
+        return next((value for key, value in self.unanalyzed if key == (schema, name)), None)
 
     def partitions_of(self, schema: str, table: str) -> tuple[tuple[str, str, str], ...]:
         return tuple((ps, p, k) for s, t, ps, p, k in self.partitions if (s, t) == (schema, table))

@@ -17,6 +17,7 @@ from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
 from ...sql.settings_check import GUC_FACTS, GucFacts
 from ...sqlcheck import normalize_select
+from .refresh import analyze_views
 
 Connection = psycopg.Connection[Any]
 
@@ -74,7 +75,9 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
                                   gucs=tuple(GucFacts.from_row(r) for r in gucs))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
-    return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)))
+    calls, unanalyzed = analyze_views(conn, desired, catalog)  # what each view's query calls (plan refusal)
+    return dataclasses.replace(catalog, expected=expected, uncompared=tuple(sorted(uncompared)), calls=calls,
+                               unanalyzed=unanalyzed)
 
 
 def _attached(conn: Connection, desired: Desired,
