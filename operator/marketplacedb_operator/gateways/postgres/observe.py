@@ -25,6 +25,7 @@ from ...sql.catalog import (
 from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
 from ...sql.plan_partitions import observed_child_names
+from ...sql.settings_check import GUC_FACTS, GucFacts
 from ...sqlcheck import normalize_select
 from .refresh import analyze_views
 
@@ -79,12 +80,13 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         no_default = conn.execute(NO_DEFAULT_OPCLASS, {
             "schemas": [p[0] for p in plain], "tables": [p[1] for p in plain], "columns": [p[2] for p in plain],
             "methods": [p[3] for p in plain]}).fetchall() if plain else []
+        gucs = conn.execute(GUC_FACTS, {"names": [name for name, _ in desired.settings]}).fetchall()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
     if found is not None:
         catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
-    catalog = dataclasses.replace(catalog, partitions=partitions,
+    catalog = dataclasses.replace(catalog, partitions=partitions, gucs=tuple(GucFacts.from_row(r) for r in gucs),
                                   no_default_opclass=tuple((str(a), str(b), str(c), str(m), str(t))
                                                            for a, b, c, m, t in no_default))
     attached = _attached(conn, desired, catalog)
