@@ -322,7 +322,13 @@ def _schema(ctx: Context, database: Database, report: Report) -> None:
             catalog = database.observe(desired)
     report.indexes = schema_report.index_statuses(desired, catalog, outcomes)
     report.views = schema_report.view_statuses(desired, catalog, outcomes)
-    report.blocking = schema_report.blocking_status(s for o in outcomes for s in o.blocking)
+    # Only a failed build's blockers explain a condition; a build that waited and then succeeded
+    # listed them once and the next reconcile cleared them: a write owed after Ready (a restart
+    # in that window was not quiet). Its waits are in the log instead.
+    report.blocking = schema_report.blocking_status(s for o in outcomes if not o.ok for s in o.blocking)
+    for waited in (o for o in outcomes if o.ok and o.blocking):
+        log.info("%s/%s: %s built after waiting for %d session(s)", ctx.namespace, ctx.name, waited.object,
+                 len(waited.blocking))
     report.drifted = [i.name for i in report.indexes if i.state in ("Drifted", "Invalid")]
     report.drifted += [v.name for v in report.views if v.message.startswith("Drifted")]
     failed = [o for o in outcomes if not o.ok]
