@@ -212,7 +212,7 @@ def _finish(
     )
     status.owned_objects = _owned_list(ctx.owned) if ctx is not None else (previous.owned_objects if previous else [])
     rendered = status.model_dump(by_alias=True, mode="json", exclude_none=True)
-    live = _comparable(body.get("status"))
+    live = comparable_status(body.get("status"))
     if rendered != live:
         # A merge patch keeps keys it does not mention: a field that is gone (progress after a
         # build, plan after approval) is deleted with an explicit null, or it would stay forever
@@ -237,7 +237,7 @@ def _owned_list(record: Record) -> list[OwnedObject]:
     return [OwnedObject(api_version=a, kind=k, name=n, uid=u) for (a, k, n), u in sorted(record.items())]
 
 
-def _comparable(status: Any) -> Any:
+def comparable_status(status: Any) -> Any:
     """The live status as our own dump would render it, so an unchanged status is not rewritten."""
     if not isinstance(status, dict):
         return status

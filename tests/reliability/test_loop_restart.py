@@ -42,7 +42,13 @@ def _changed(api: BenchEmulator, write: tuple[Any, ...]) -> dict[str, Any]:
     earlier = [w for w in api.write_log if w[2] == write[2] and w[3] == write[3] and w[0] < write[0]]
     new = (write[4] or {}).get("status") or write[4] or {}
     old = ((earlier[-1][4] or {}).get("status") or earlier[-1][4] or {}) if earlier else {}
-    return {write[3]: {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}}
+    changed = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if "conditions" in changed:  # only the conditions that differ, without their timestamps
+        before, after = ({c.get("type"): (c.get("status"), c.get("reason"), c.get("message")) for c in side or []}
+                         for side in changed["conditions"])
+        changed["conditions"] = {t: (before.get(t), after.get(t)) for t in set(before) | set(after)
+                                 if before.get(t) != after.get(t)} or "lastTransitionTime only"
+    return {f"{write[1]} {write[2]} {write[3]}": changed or "identical to its previous write"}
 
 
 @pytest.fixture
