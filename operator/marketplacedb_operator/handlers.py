@@ -14,6 +14,8 @@ import asyncio
 import concurrent.futures
 import contextvars
 import datetime
+import hashlib
+import json
 import logging
 import random
 import threading
@@ -68,9 +70,10 @@ class ResourceState:
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
         self.released: set[str] = set()  # Deployments whose probes teardown already released
         self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
-        # The status this process last wrote (or found in place): a body with another status
-        # may predate that write, and is read again before it is reconciled (_current).
-        self.written: dict[str, Any] | None = None
+        # A digest of the status this process last wrote (or found in place): a body with another
+        # status may predate that write, and is read again before it is reconciled (_current).
+        # A digest, not the status: 32 bytes instead of a copy of it for every resource.
+        self.written: bytes | None = None
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -101,7 +104,7 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
             state.handled_triggers = _triggers(current)
             outcome: Outcome | None = reconcile(current, deps)
             if outcome is not None and outcome.status is not None:
-                state.written = outcome.status
+                state.written = _digest(outcome.status)
         except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)
             logger.warning("reconcile failed, retrying with backoff: %s", type(exc).__name__)
             outcome = None
@@ -128,13 +131,17 @@ def _current(deps: Deps, body: kopf.Body, state: ResourceState) -> dict[str, Any
     again and its condition transitions posted as Events again. resourceVersions are opaque
     (no ordering), so the API server is asked; a steady state never needs to (same status)."""
     current = dict(body)
-    if state.written is None or comparable_status(current.get("status")) == state.written:
+    if state.written is None or _digest(comparable_status(current.get("status"))) == state.written:
         return current
     meta = current.get("metadata", {})
     fresh = deps.kube.get(naming.API_VERSION, naming.KIND, str(meta.get("namespace")), str(meta.get("name")))
     if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
         return None
     return fresh
+
+
+def _digest(status: Any) -> bytes:
+    return hashlib.sha256(json.dumps(status, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 def _teardown_deadline(body: kopf.Body, deps: Deps, state: ResourceState) -> float:
