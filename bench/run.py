@@ -67,7 +67,7 @@ QUICK = Scale("quick", products=100_000, base_pages=1, indexed_pages=5, view_pag
 FULL = Scale("full", products=1_000_000, base_pages=1, indexed_pages=5, view_pages=2000, home_peak_seconds=4,
              peak_seconds=3,
              flat_seconds=2, many_seconds=1, refresh_seconds=6, build_seconds=5, lead_seconds=1.0,
-             checks=200, forced=1, fleet=((100, 3), (1000, 1)), idle_resync_max=100)
+             checks=200, forced=1, fleet=((100, 3), (1000, 1)), idle_resync_max=1000)
 
 
 class Log:
