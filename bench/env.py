@@ -59,6 +59,21 @@ def example_body() -> dict[str, Any]:
                      "materializedViews": views, "pooler": {"enabled": True}}}
 
 
+def example_facts(body: dict[str, Any]) -> dict[str, Any]:
+    """What the example declares, counted (the report describes the resource from these)."""
+    spec = body["spec"]
+    indexes = spec.get("indexes", [])
+    return {
+        "indexes": len(indexes),
+        "non_btree": sum(1 for i in indexes if i.get("method", "btree") != "btree"),
+        "views": len(spec.get("materializedViews", [])),
+        "settings": len(spec["database"].get("settings", {})),
+        "extensions": list(spec["database"].get("extensions", [])),
+        "probes": len(spec.get("healthProbes", [])),
+        "pooler_replicas": spec.get("pooler", {}).get("replicas"),
+    }
+
+
 def pointed_at(body: dict[str, Any], host: str, port: int, dbname: str) -> dict[str, Any]:
     """The example resource, pointed at a bench database (loopback: no TLS)."""
     body = copy.deepcopy(body)
@@ -87,7 +102,7 @@ class Workbench:
     def pooled(self) -> pgbench.Target:
         if self.bouncer is None:
             raise RuntimeError("the pooler is not running")
-        return pgbench.Target(self.bouncer.host, self.bouncer.port, DB, OWNER, self.password)
+        return pgbench.Target(self.bouncer.host, self.bouncer.port, DB, OWNER, self.password, "pooled")
 
     def dsn(self) -> str:
         return str(self.pg.dsn(DB, OWNER, self.password))

@@ -34,6 +34,7 @@ class Target:
     dbname: str
     user: str
     password: str = dataclasses.field(repr=False)
+    path: str = "direct"  # "direct" or "pooled": each has its own connection cost (CONNECT below)
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class Result:
     starts: list[float]
     scripts: list[int]
     error: str = ""
+    connect_seconds: float = float("nan")  # pgbench's "initial connection time" (all clients)
 
     def p(self, q: float) -> float:
         return stats.percentile(self.latencies_ms, q)
@@ -80,11 +82,31 @@ def write_scripts(directory: Path, scripts: Mapping[str, str]) -> dict[str, Path
     return paths
 
 
-# pgbench's -T clock starts before the clients connect, and a SCRAM login costs a PBKDF2 (4,096
-# rounds) on each side: ~9 ms per client on this machine when busy. The run is stretched by this
-# allowance per client, and only the `seconds` after a short warm-up are measured (from the log).
-CONNECT_SECONDS_PER_CLIENT = 0.010
+# pgbench's -T clock starts before the clients connect (measured: 500 clients with -T 1 processed
+# nothing), and a SCRAM login costs a PBKDF2 (4,096 rounds) on the client plus, directly, a backend
+# fork: 12 ms per client on this machine when loaded, a few ms when quiet. The run is stretched by
+# an allowance for connecting, and only the `seconds` after a short warm-up are measured (from the
+# log). The allowance is calibrated per path from the connection time pgbench itself reported on
+# the previous run (with a margin): a fixed 10 ms per client wasted ~15 s per 2,000-client run on a
+# quiet machine. Too short an allowance only shortens the measured window (figures stay right:
+# tps is computed over the window that was measured; `seconds` in the result says how long).
+CONNECT_SECONDS_PER_CLIENT = 0.010  # before the first run on a path has been measured
+CONNECT_MARGIN = 1.5
+CONNECT_BOUNDS = (0.002, 0.025)  # per client
 WARMUP_SECONDS = 0.3
+_connect_cost: dict[str, float] = {}  # path -> measured seconds per client
+
+
+def connect_allowance(path: str, clients: int) -> float:
+    """Seconds to add to -T for `clients` to connect on `path` (direct or pooled)."""
+    per_client = _connect_cost.get(path, CONNECT_SECONDS_PER_CLIENT / CONNECT_MARGIN) * CONNECT_MARGIN
+    low, high = CONNECT_BOUNDS
+    return clients * min(high, max(low, per_client))
+
+
+def _learn_connect_cost(path: str, clients: int, seconds: float) -> None:
+    if clients >= 20 and seconds == seconds and seconds > 0:  # small runs say little per client
+        _connect_cost[path] = seconds / clients
 
 
 def run(label: str, target: Target, scripts: Sequence[tuple[Path, int]], *, clients: int, seconds: float | None = None,
@@ -97,7 +119,7 @@ def run(label: str, target: Target, scripts: Sequence[tuple[Path, int]], *, clie
     (tps too is computed over that window)."""
     if (seconds is None) == (transactions is None):
         raise ValueError("pass exactly one of seconds or transactions")
-    total = None if seconds is None else seconds + WARMUP_SECONDS + clients * CONNECT_SECONDS_PER_CLIENT
+    total = None if seconds is None else seconds + WARMUP_SECONDS + connect_allowance(target.path, clients)
     with tempfile.TemporaryDirectory(prefix="mdb-pgbench-") as tmp:
         prefix = str(Path(tmp) / "log")
         args = [binary(), "-n", "-h", target.host, "-p", str(target.port), "-U", target.user,
@@ -118,6 +140,8 @@ def run(label: str, target: Target, scripts: Sequence[tuple[Path, int]], *, clie
         proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=limit, cwd=tmp)
         latencies, completions, starts, script_ids = _read_logs(Path(tmp))
     result = _result(label, clients, rate, seconds or 0.0, proc, latencies, completions, starts, script_ids)
+    if proc.returncode == 0:
+        _learn_connect_cost(target.path, clients, result.connect_seconds)
     return steady(result, seconds) if seconds is not None else result
 
 
@@ -166,6 +190,7 @@ def _result(label: str, clients: int, rate: float | None, seconds: float, proc: 
     processed = _number(r"number of transactions actually processed: (\d+)", out)
     failed = _number(r"number of failed transactions: (\d+)", out) or 0
     tps = _number(r"tps = ([0-9.]+) \(without initial connection time\)", out) or 0.0
+    connect_ms = _number(r"initial connection time = ([0-9.]+) ms", out)
     aborted = len(set(re.findall(r"client (\d+) aborted", out)))
     error = ""
     if proc.returncode != 0:
@@ -174,4 +199,5 @@ def _result(label: str, clients: int, rate: float | None, seconds: float, proc: 
     return Result(label=label, clients=clients, rate=rate, seconds=seconds,
                   processed=int(processed) if processed is not None else len(latencies), failed=int(failed),
                   aborted_clients=aborted, tps=tps, exit_code=proc.returncode, latencies_ms=latencies,
-                  completions=completions, starts=starts, scripts=scripts, error=error)
+                  completions=completions, starts=starts, scripts=scripts, error=error,
+                  connect_seconds=connect_ms / 1000 if connect_ms is not None else float("nan"))

@@ -23,9 +23,12 @@ def draw(results: dict[str, Any], directory: Path) -> dict[str, str]:
         return {}
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    wb, fleet = results["workbench"], results["fleet"]
-    for name, painter in (("home", _home), ("pooling", _pooling), ("refresh", _refresh), ("operator", _operator)):
-        fig = painter(plt, wb, fleet)
+    wb, fleet = results.get("workbench"), results["fleet"]
+    painters = (("home", _home), ("pooling", _pooling), ("refresh", _refresh)) if wb is not None else ()
+    # `make bench-fleet` writes its own operator plot beside the main run's.
+    operator = "operator-fleet" if wb is None else "operator"
+    for name, painter in (*painters, (operator, _operator)):
+        fig = painter(plt, wb or {}, fleet)
         if fig is None:
             continue
         path = directory / f"{name}.png"

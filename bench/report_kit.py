@@ -106,13 +106,16 @@ def per_run_ratio(numerators: Sequence[dict[str, Any]], num_key: str, denominato
 
 
 class Targets:
-    """The issue's targets: (what, measured, reached, explanation)."""
+    """The open issues' targets: (issue, what, measured, reached, explanation). `reached` None is a
+    figure the issue asks to show without a threshold; its explanation is always given."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, bool, str]] = []
+        self.rows: list[tuple[str, str, str, bool | None, str, str]] = []
 
-    def add(self, what: str, measured: str, reached: bool, why_not: Callable[[], str]) -> None:
-        self.rows.append((what, measured, reached, "" if reached else why_not()))
+    def add(self, what: str, measured: str, reached: bool | None, why_not: Callable[[], str],
+            issue: str = "", values: Sequence[Any] = ()) -> None:
+        """`values`: the figure of each run, for its spread (how stable the measured figure is)."""
+        self.rows.append((issue, what, measured, reached, "" if reached else why_not(), spread(values)))
 
 
 UNKNOWN = "The cause is not established by this run's figures."

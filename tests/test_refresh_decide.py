@@ -76,3 +76,29 @@ def test_functions_time_and_depends_on_rules() -> None:
     assert allowed.action == "refresh" and "volatile" in allowed.reason
     assert "not found: public.nope" in decide(observed(missing_depends=("public.nope",)), declared, now).reason
     assert rule_for(observed(), OPTIONS) == "skipped when unchanged: write counters of 2 table(s) tracked"
+
+
+def test_the_plan_skip_rule_covers_every_case_in_decide_order() -> None:
+    from marketplacedb_operator.api.v1alpha1 import MaterializedViewSpec
+    from marketplacedb_operator.sql.view_calls import ViewCalls, refusal, skip_rule
+
+    def spec(**extra: Any) -> MaterializedViewSpec:
+        return MaterializedViewSpec.model_validate({"name": "mv", "query": "SELECT 1 AS id", "uniqueKey": ["id"],
+                                                    **extra})
+
+    plain = spec()
+    assert skip_rule(plain, None, "42501 insufficient_privilege") == \
+        "skip-if-unchanged: decided at each refresh (the query could not be analyzed: 42501 insufficient_privilege)"
+    assert skip_rule(plain, ViewCalls(foreign=("public.remote",), tables=("public.t",))) == \
+        "skip-if-unchanged: off: reads foreign table(s) public.remote (no write counters)"
+    assert skip_rule(plain, ViewCalls()) == "skip-if-unchanged: off: reads no table (nothing to track)"
+    # volatile before time before untracked functions, as in decide()
+    both = ViewCalls(volatile=("public.f()",), time=("now()",), untracked=("public.g() (stable)",))
+    assert skip_rule(plain, both) == "skip-if-unchanged: off: calls volatile function(s) public.f() (refused)"
+    assert refusal(plain, "spec.materializedViews[0]", both) is not None
+    allowed = spec(allowVolatileFunctions=True)
+    assert refusal(allowed, "spec.materializedViews[0]", both) is None
+    assert "(allowed by allowVolatileFunctions)" in skip_rule(allowed, both)
+    declared = spec(refresh={"schedule": "*/5 * * * *", "dependsOn": ["prices"]})
+    assert skip_rule(declared, ViewCalls(untracked=("public.g() (stable)",))) == \
+        "skip-if-unchanged: on (no table read directly; dependsOn declared: prices, trusted for public.g() (stable))"

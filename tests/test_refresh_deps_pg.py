@@ -292,17 +292,16 @@ def test_a_query_is_analyzed_from_the_catalog_before_the_view_exists(prices_db: 
     with connect(prices_db) as conn:
         conn.execute("CREATE SEQUENCE s_ids")
         conn.execute("CREATE FUNCTION bump() RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('s_ids') $$")
-        bumped = analyze_query(conn, "public", "SELECT id, bump() AS n FROM products")
-        priced = analyze_query(conn, "public", "SELECT id, price_of(id) AS p FROM products WHERE created_at < now()")
-        plain = analyze_query(conn, "public", "SELECT p.id, x.price FROM products AS p JOIN prices AS x "
-                                              "ON x.product_id = p.id")
+        bumped = analyze_query(conn, "SELECT id, bump() AS n FROM products")
+        priced = analyze_query(conn, "SELECT id, price_of(id) AS p FROM products WHERE created_at < now()")
+        plain = analyze_query(conn, "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id")
         assert conn.execute("SELECT last_value, is_called FROM s_ids").fetchone() == (1, False)  # never ran
-        assert conn.execute("SELECT to_regnamespace('marketplacedb')").fetchone() == (None,)  # rolled back
-        assert conn.execute("SELECT count(*) FROM pg_matviews WHERE matviewname LIKE 'mdb_analyze%'").fetchone() == (0,)
-    assert bumped.volatile_functions == ("public.bump",)
-    assert priced.untracked_functions == ("public.price_of",) and priced.time_functions == ("now()",)
-    assert (plain.volatile_functions, plain.time_functions, plain.untracked_functions) == ((), (), ())
-    assert plain.base_tables == 2
+        assert conn.execute("SELECT to_regnamespace('marketplacedb')").fetchone() == (None,)  # nothing created
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'mdb_probe%'").fetchone() == (0,)
+    assert bumped.volatile == ("public.bump()",)
+    assert priced.untracked == ("public.price_of(integer) (stable)",) and priced.time == ("now()",)
+    assert (plain.volatile, plain.time, plain.untracked) == ((), (), ())
+    assert plain.tables == ("public.prices", "public.products")
 
 
 def test_row_count_after_a_refresh_does_not_rescan_the_view(prices_db: Any) -> None:
@@ -374,3 +373,29 @@ def test_the_server_side_skip_agrees_with_decide(prices_db: Any) -> None:
             assert locked and skipped == expected, (view, options, at, force, expected)
             skips.append(skipped)
     assert skips == [True, False, False, False, True, False, False, False, False]
+
+
+def test_names_given_to_to_regclass_are_quoted_by_psycopg_not_by_hand(fresh_db: Any) -> None:
+    """A schema with capitals and a view name with a double quote: the regclass text of the row count
+    and of an unqualified dependsOn table is the identifiers as psycopg quotes them (an f-string
+    `"{schema}"."{name}"` broke on the quote, and `{schema}.{table}` folded "Shop" to shop)."""
+    with fresh_db.connect() as conn:
+        conn.execute("""
+            CREATE SCHEMA "Shop";
+            CREATE TABLE "Shop".products (id int PRIMARY KEY);
+            CREATE TABLE "Shop".prices (product_id int PRIMARY KEY, price numeric NOT NULL);
+            INSERT INTO "Shop".products SELECT generate_series(1, 9);
+            INSERT INTO "Shop".prices SELECT generate_series(1, 9), 5;
+            CREATE FUNCTION "Shop".price_of(p int) RETURNS numeric LANGUAGE sql STABLE
+              AS 'SELECT price FROM "Shop".prices WHERE product_id = p';
+            CREATE MATERIALIZED VIEW "Shop"."mv""q" AS SELECT id, "Shop".price_of(id) AS price FROM "Shop".products;
+            CREATE UNIQUE INDEX ON "Shop"."mv""q" (id);
+        """)
+    target = ViewTarget("Shop", 'mv"q')
+    options = RefreshOptions(max_staleness=3600, timeout=60, lock_timeout=5, depends_on=("prices",))
+    with connect(fresh_db) as conn:
+        first = refresh_view(PostgresRefresh(conn), target, options, utcnow())
+        assert first.outcome == "refreshed" and first.rows == 9, first
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        second = refresh_view(PostgresRefresh(conn), target, options, utcnow())
+    assert second.outcome == "skipped-unchanged", second  # "Shop".prices found: dependsOn honoured

@@ -129,6 +129,7 @@ def test_look_alikes_are_left_alone_under_every_policy(workload_db: FreshDatabas
     manifest = str(write_manifest(tmp_path, reference_document(ddl=DROP)))
     code, out, err = cli(capsys, "plan", "-f", manifest, "--dsn", workload_db.dsn)
     assert "Traceback" not in err
+    assert code == 1, "a plan with a conflict must not exit as success (a CI gate reads the code)"
     for name in ("idx_search_history_user_recent__old", "idx_popular_searches_ranking__new",
                  "mv_category_counts__new", "mv_category_counts__key"):
         assert f"note: left alone: {'materialized view' if name.endswith('__new') and 'mv_' in name else 'index'} " \

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import pgbench
+from .. import load, pgbench
 from ..env import Workbench
 from ..scripts import Scripts
 
@@ -40,11 +40,13 @@ def after_operator(bench: Workbench, scripts: Scripts, *, indexed_pages: int, pa
     views = pgbench.run("home-views", direct, scripts.one("home_views"), clients=1, transactions=pages)
     floor = pgbench.run("pk", direct, scripts.one("pk"), clients=1, transactions=pages)
     floor_pooled = pgbench.run("pk-pooled", pooled, scripts.one("pk"), clients=1, transactions=pages)
-    peak = pgbench.run("home-views-peak", pooled, scripts.one("home_views"), clients=PEAK_CLIENTS,
-                       rate=PEAK_PAGES_PER_SECOND, seconds=peak_seconds)
-    # The same rate, clients and path with the cheapest useful query: what the path itself costs.
-    pk_peak = pgbench.run("pk-pooled-peak", pooled, scripts.one("pk"), clients=PEAK_CLIENTS,
-                          rate=PEAK_PAGES_PER_SECOND, seconds=peak_seconds)
+    pid = bench.bouncer.pid if bench.bouncer is not None else 0
+    with load.CpuShare(pid) as share:  # pgbouncer's CPU use and CPU wait, both runs together
+        peak = pgbench.run("home-views-peak", pooled, scripts.one("home_views"), clients=PEAK_CLIENTS,
+                           rate=PEAK_PAGES_PER_SECOND, seconds=peak_seconds)
+        # The same rate, clients and path with the cheapest useful query: what the path itself costs.
+        pk_peak = pgbench.run("pk-pooled-peak", pooled, scripts.one("pk"), clients=PEAK_CLIENTS,
+                              rate=PEAK_PAGES_PER_SECOND, seconds=peak_seconds)
     result: dict[str, Any] = {}
     result |= _page(indexed, "indexed") | _page(views, "views")
     result |= {"floor_p50_ms": floor.p(50), "floor_p99_ms": floor.p(99),
@@ -54,6 +56,7 @@ def after_operator(bench: Workbench, scripts: Scripts, *, indexed_pages: int, pa
                "peak_ok": peak.ok, "pk_peak_p50_ms": pk_peak.p(50), "pk_peak_p99_ms": pk_peak.p(99),
                "pk_peak_failed": pk_peak.failed + pk_peak.aborted_clients}
     result["peak_over_pk_p99"] = result["peak_p99_ms"] / result["pk_peak_p99_ms"]
+    result |= share.facts("bouncer_peak")
     result |= {"indexed_latencies": indexed.latencies_ms, "views_latencies": views.latencies_ms,
                "peak_latencies": peak.latencies_ms}
     return result

@@ -34,6 +34,8 @@ def _summary(result: pgbench.Result, prefix: str) -> dict[str, Any]:
         f"{prefix}_tps": result.tps, f"{prefix}_processed": result.processed,
         f"{prefix}_failed": result.failed + result.aborted_clients + (0 if result.exit_code == 0 else 1),
         f"{prefix}_error": result.error,
+        # The window measured: shorter than asked when connecting overran pgbench's allowance.
+        f"{prefix}_window_s": result.seconds, f"{prefix}_connect_s": result.connect_seconds,
     }
 
 

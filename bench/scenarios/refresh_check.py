@@ -1,12 +1,15 @@
-"""The skip check beside a primary-key lookup, in one run, on one session.
+"""Scenario 4b: the one-round-trip skip check beside a primary-key lookup, on one session.
+
+The check (`marketplacedb.refresh_check_v1`, called by `refresh_view` exactly as the CronJob runs
+it: advisory lock, catalog check, skip record and unlock in one statement) and the floor, a
+primary-key lookup of a random product, alternate on the same psycopg connection: the same
+client library, the same socket, the same moment, so their ratio says how many round trips' worth
+the check costs. The server's own execution time of each (EXPLAIN ANALYZE) is measured too: a
+loaded machine disturbs it less than the client-side figure.
+
+Part of every `bench.run`; also standalone on a throwaway server:
 
     .venv/bin/python -m bench.scenarios.refresh_check [--runs 500]
-
-Starts a throwaway PostgreSQL 15 (the test harness's), loads the reference workload, creates the
-example's views, refreshes once, then alternates N skip checks (`refresh_view`, as the CronJob
-runs it: one round trip to the server-side check function) with N primary-key lookups. Prints
-p50/p99 of each measured at the client, and the server's own execution time of each (EXPLAIN
-ANALYZE), which a loaded machine disturbs less. Standalone: not part of `bench.run`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
+import random
 import time
 from typing import Any
 
@@ -23,52 +26,64 @@ from psycopg import sql
 
 from marketplacedb_operator import workload
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, lock_key, refresh_view
+from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, lock_key, options_for, refresh_view
 from marketplacedb_operator.sql import refresh_check
 
+from .. import stats
 from .._harness import PostgresServer
+from ..env import Workbench
 
-VIEW = ViewTarget("public", "mv_hot_products")
-OPTIONS = RefreshOptions(max_staleness=86400)
-PK_LOOKUP = "SELECT name, price FROM ai_accounts WHERE id = 7"
-
-
-def _ms(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] * 1000
+PK_LOOKUP = "SELECT id, name, price FROM seller_products WHERE id = %s"
+SERVER_SAMPLES = 100  # EXPLAIN ANALYZE of each, after the client-side runs
+FLUSH_SECONDS = 1.0  # pg_stat_force_next_flush() reaches the shared statistics within this
 
 
-def _server_ms(conn: psycopg.Connection[Any], query: str, params: Any = None) -> float:
-    rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, TIMING OFF) ") + sql.SQL(query), params).fetchall()  # type: ignore[arg-type]
+def _server_ms(conn: psycopg.Connection[Any], query: sql.Composable, params: Any = None) -> float:
+    rows = conn.execute(sql.SQL("EXPLAIN (ANALYZE, TIMING OFF) ") + query, params).fetchall()
     return next(float(r[0].split()[2]) for r in rows if r[0].startswith("Execution Time"))
 
 
-def measure(conn: psycopg.Connection[Any], runs: int) -> dict[str, float]:
+def measure(conn: psycopg.Connection[Any], view: ViewTarget, options: RefreshOptions, runs: int,
+            products: int) -> dict[str, Any]:
+    """`runs` checks (each must skip: nothing was written) alternating with `runs` lookups."""
     db = PostgresRefresh(conn)
-    conn.execute("SELECT pg_stat_force_next_flush()")  # the load's write counters, before the baseline
-    time.sleep(1.0)
     now = datetime.datetime.now(datetime.UTC)
-    assert refresh_view(db, VIEW, OPTIONS, now, force=True).ok
-    checks, lookups, server_checks, server_lookups = [], [], [], []
-    params = refresh_check.check_params(VIEW, lock_key(VIEW)[1], OPTIONS, now, False)
-    check_query = refresh_check.check_sql().as_string(conn)
-    for _ in range(runs):
+    outcome = refresh_view(db, view, options, now, force=True)  # the baseline the checks compare with
+    if not outcome.ok:
+        raise RuntimeError(f"{view.qualified}: the baseline refresh failed: {outcome.reason}")
+    conn.execute("SELECT pg_stat_force_next_flush()")  # the refresh's own counters, before the checks
+    time.sleep(FLUSH_SECONDS)
+    ids = random.Random(7).choices(range(1, workload.workload_size(products).seller_products + 1), k=runs)
+    checks, lookups = [], []
+    for product in ids:
         started = time.perf_counter()
-        outcome = refresh_view(db, VIEW, OPTIONS, datetime.datetime.now(datetime.UTC))
-        checks.append(time.perf_counter() - started)
+        outcome = refresh_view(db, view, options, datetime.datetime.now(datetime.UTC))
+        checks.append((time.perf_counter() - started) * 1000)
         if outcome.outcome != "skipped-unchanged":
             raise RuntimeError(f"expected a skip, got {outcome.outcome}: {outcome.reason}")
         started = time.perf_counter()
-        conn.execute(PK_LOOKUP).fetchone()
-        lookups.append(time.perf_counter() - started)
-    for _ in range(min(runs, 100)):
-        server_checks.append(_server_ms(conn, check_query, params) / 1000)
-        server_lookups.append(_server_ms(conn, PK_LOOKUP) / 1000)
+        conn.execute(PK_LOOKUP, [product]).fetchone()
+        lookups.append((time.perf_counter() - started) * 1000)
+    params = refresh_check.check_params(view, lock_key(view)[1], options, datetime.datetime.now(datetime.UTC), False)
+    server_checks = [_server_ms(conn, refresh_check.check_sql(), params) for _ in range(SERVER_SAMPLES)]
+    server_lookups = [_server_ms(conn, sql.SQL(PK_LOOKUP), [p]) for p in ids[:SERVER_SAMPLES]]
+    p50, p99 = stats.percentile(checks, 50), stats.percentile(checks, 99)
+    pk50, pk99 = stats.percentile(lookups, 50), stats.percentile(lookups, 99)
     return {
-        "check_p50_ms": _ms(checks, 50), "check_p99_ms": _ms(checks, 99),
-        "pk_p50_ms": _ms(lookups, 50), "pk_p99_ms": _ms(lookups, 99),
-        "check_server_p50_ms": _ms(server_checks, 50), "pk_server_p50_ms": _ms(server_lookups, 50),
-        "runs": runs,
+        "view": view.qualified, "check_runs": runs,
+        "rt_check_p50_ms": p50, "rt_check_p99_ms": p99, "rt_pk_p50_ms": pk50, "rt_pk_p99_ms": pk99,
+        "rt_ratio_p50": p50 / pk50 if pk50 else float("nan"), "rt_ratio_p99": p99 / pk99 if pk99 else float("nan"),
+        "rt_check_server_p50_ms": stats.percentile(server_checks, 50),
+        "rt_pk_server_p50_ms": stats.percentile(server_lookups, 50),
     }
+
+
+def side_by_side(bench: Workbench, runs: int) -> dict[str, Any]:
+    """One run in the workbench: the example's first view, with its own refresh policy, on a
+    direct session of the owner (as a CronJob pod connects)."""
+    view = bench.spec.materialized_views[0]
+    with bench.connect() as conn:
+        return measure(conn, ViewTarget(view.schema_name, view.name), options_for(view), runs, bench.products)
 
 
 def main() -> None:
@@ -76,18 +91,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500)
     args = parser.parse_args()
     server = PostgresServer()
+    products = 2000
     try:
         server.start()
         server.execute("CREATE DATABASE bench_check")
         with psycopg.connect(server.dsn("bench_check"), autocommit=True) as conn:
             conn.execute(workload.schema_sql())
-            conn.execute(workload.data_sql(products=2000))
+            conn.execute(workload.data_sql(products=products))
             for name, query in workload.VIEW_QUERIES.items():
                 view = sql.Identifier(name)
-                conn.execute(sql.SQL("CREATE MATERIALIZED VIEW {} AS {}").format(view, sql.SQL(query)))  # type: ignore[arg-type]
+                conn.execute(sql.SQL("CREATE MATERIALIZED VIEW {} AS {}").format(view, sql.SQL(query)))
                 key = sql.SQL(", ").join(sql.Identifier(c) for c in workload.VIEW_UNIQUE_KEYS[name])
                 conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(view, key))
-            print(json.dumps(measure(conn, args.runs), indent=2))
+            figures = measure(conn, ViewTarget("public", "mv_hot_products"), RefreshOptions(max_staleness=86400),
+                              args.runs, products)
+            print(json.dumps(figures, indent=2))
     finally:
         server.cleanup()
 

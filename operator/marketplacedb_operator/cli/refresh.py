@@ -39,11 +39,12 @@ from ..sql.refresh import (
     ViewTarget,
     options_for,
 )
+from ..sql.refresh_sql import regclass
 from .manifest import ManifestError, load_resources
 
 REFRESH_APPLICATION_NAME = "marketplacedb-refresh"
 STATE_EXISTS = sql.SQL("SELECT pg_catalog.to_regclass({}) IS NOT NULL").format(
-    sql.Literal(f'"{naming.STATE_SCHEMA}"."{naming.STATE_TABLE}"')
+    regclass(naming.STATE_SCHEMA, naming.STATE_TABLE)
 )
 
 

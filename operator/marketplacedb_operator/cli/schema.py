@@ -123,6 +123,9 @@ def _print_plan(doc: dict[str, Any]) -> None:
         print(f"  {number}. [{step['kind']}] {step['description']} ({mode}, {step['lockPolicy']} lock policy)")
         for line in step["sql"].splitlines():
             print(f"       {line}")
+    for view in doc["materializedViews"]:
+        rule = view.get("refreshRule") or "skip-if-unchanged: decided at each refresh (the query was not analyzed)"
+        print(f"  view {view['name']}: {rule}")
     for label in ("conflicts", "notes"):
         for line in the_plan[label]:
             print(f"  {label[:-1]}: {line}")
@@ -160,7 +163,9 @@ def _plan(args: argparse.Namespace) -> int:
         print(_lost(exc), file=sys.stderr)
         return 1
     _emit(documents, args.output, _print_plan)
-    return 1 if any(d["problems"] for d in documents) else 0
+    # A conflict leaves the declared state unreachable, as for apply: a pipeline gating on
+    # `plan` must not read it as success.
+    return 1 if any(d["problems"] or d["plan"]["conflicts"] for d in documents) else 0
 
 
 def _outcome_dict(outcome: StepOutcome) -> dict[str, Any]:

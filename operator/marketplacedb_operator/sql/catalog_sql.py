@@ -49,7 +49,7 @@ rels AS (
 -- an intent whose build may have made it (younger catalog row, same table). Bound by an intent
 -- alone (pinned false), only an INVALID index is swept as ours; a valid one is either a build that
 -- finished after the operator died (completed only when identical to the declared index:
--- plan._finished_build) or someone's, made after a stale intent, and left alone.
+-- plan_indexes._finished_build) or someone's, made after a stale intent, and left alone.
 owned AS (
   SELECT r.oid AS rel, rec.owner, rec.how, rec.spec_hash, rec.def_hash, rec.oid IS NOT NULL AS pinned
   FROM rels r JOIN rec ON rec.schema_name = r.nspname AND rec.name = r.relname

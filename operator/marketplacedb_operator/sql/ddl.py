@@ -259,11 +259,12 @@ def rename_index(schema: str, old: str, new: str) -> sql.Composed:
 # --- materialized views ----------------------------------------------------------------------------
 
 
-def create_view(schema: str, name: str, query: str) -> sql.Composed:
-    """CREATE MATERIALIZED VIEW ... WITH DATA (populated, so REFRESH CONCURRENTLY works at once)."""
+def create_view(schema: str, name: str, query: str, *, with_data: bool = True) -> sql.Composed:
+    """CREATE MATERIALIZED VIEW ... WITH DATA (populated, so REFRESH CONCURRENTLY works at once), or
+    WITH NO DATA: stored and resolved, never run (the planner populates it after a check)."""
     # The query is the parser's deparsed text of exactly one SELECT (sqlcheck.normalize_select).
-    return sql.SQL("CREATE MATERIALIZED VIEW {} AS {} WITH DATA").format(
-        qualified(schema, name), sql.SQL(normalize_select(query))
+    return sql.SQL("CREATE MATERIALIZED VIEW {} AS {} {}").format(
+        qualified(schema, name), sql.SQL(normalize_select(query)), sql.SQL("WITH DATA" if with_data else "WITH NO DATA")
     )
 
 

@@ -16,22 +16,20 @@ Safety rules the planner encodes (docs/architecture.md, "PostgreSQL and PgBounce
   transaction, and the old one dropped CONCURRENTLY; never when a foreign key depends on it;
 * every drop and rename first checks the object still has the OID that was planned for;
 * views first, then indexes declared on views (they need the view); a changed view is rebuilt
-  and swapped with everything it had (plan_views.py).
+  and swapped with everything it had (plan_views.py); indexes are planned in plan_indexes.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 
 from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec
 from ..sqlcheck import normalize_predicate, normalize_select
-from . import ddl, ownership
+from . import ddl, ownership, settings_check, view_calls
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
-from .plan_guards import fk_conflict as _fk_conflict
-from .plan_partitions import partitioned_index_steps
+from .plan_indexes import drop_index_step, index_steps, sweepable
 from .plan_views import drop_view_step, view_steps
 from .prerequisites import prerequisites
 from .steps import (
@@ -44,7 +42,6 @@ from .steps import (
     Step,
     StepOutcome,
     ViewCheck,
-    foreign_reason,
     index_drift,
     relkind,
     view_drift,
@@ -103,172 +100,6 @@ def observed_names(desired: Desired) -> list[tuple[str, str]]:
     return sorted(set(names))
 
 
-# --- ownership ---------------------------------------------------------------------------------------
-
-
-def _drop_index_step(obj: str, owner: str, info: IndexInfo, why: str) -> Step:
-    schema, name = info.schema, info.name
-    if info.table_kind == "p":  # no CONCURRENTLY for a partitioned index (its partitions' go with it)
-        return Step("drop-index", obj, f"drop partitioned index {schema}.{name} (with its partitions' indexes; "
-                    f"a brief ACCESS EXCLUSIVE lock on the table): {why}",
-                    (ownership.assert_oid(schema, name, info.oid), ddl.drop_partitioned_index(schema, name),
-                     ownership.forget(owner, schema, name)), transactional=True)
-    return Step("drop-index", obj, f"drop index {schema}.{name} CONCURRENTLY: {why}",
-                (ownership.assert_oid(schema, name, info.oid), ddl.drop_index(schema, name),
-                 ownership.forget(owner, schema, name)),
-                transactional=False, lock_policy="index")
-
-
-# --- indexes ---------------------------------------------------------------------------------------
-
-
-def _build_steps(d: DesiredIndex, owner: str, name: str, why: str) -> list[Step]:
-    """Intent record, then CREATE INDEX CONCURRENTLY under `name` (a temporary name)."""
-    spec = d.spec
-    schema = spec.schema_name
-    return [
-        Step("intent", d.object, f"record the intent to build {schema}.{name} (what a crash leaves is ours)",
-             (ownership.intent(owner, schema, name, schema, spec.table, d.hash),), transactional=True,
-             cleanup=(ownership.forget_intent(owner, schema, name),)),
-        Step("create-index", d.object, f"build index {schema}.{name} on {spec.table} CONCURRENTLY: {why}",
-             (ddl.create_index(spec, name),), transactional=False, lock_policy="index",
-             verify_index=(schema, name), cleanup_index=(schema, name),
-             cleanup=(ddl.drop_index(schema, name), ownership.forget(owner, schema, name)),
-             build_table=(schema, spec.table)),
-    ]
-
-
-def _finished_build(d: DesiredIndex, info: IndexInfo, cat: Catalog) -> bool:
-    """A valid index at the temporary name bound only by our build's intent for this very spec, and
-    identical (as the server deparses it) to what that build makes: the build finished after the
-    operator died, before it could pin the OID (ownership.pin_build)."""
-    record = info.record
-    expected = cat.expected_of(info.schema, info.name)
-    return record is not None and record.how == "building" and not record.pinned and info.valid \
-        and record.spec_hash == d.hash and bool(expected) and info.signature == expected \
-        and info.table_schema == d.spec.schema_name and info.table == d.spec.table and info.building_pid is None
-
-
-def _finish_build_step(d: DesiredIndex, owner: str) -> Step:
-    schema, name = d.spec.schema_name, d.spec.name
-    new = ddl.temp_name(name)
-    return Step("mark", d.object, f"finish the interrupted build: rename index {schema}.{new} to {name}, "
-                f"record it as owned by {owner}",
-                (ddl.rename_index(schema, new, name), ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
-                 *ownership.record(owner, "index", schema, name, d.hash, "created"),
-                 ownership.forget(owner, schema, new)), transactional=True)
-
-
-def _create_index_steps(d: DesiredIndex, owner: str, why: str) -> list[Step]:
-    """Build under the temporary name, then rename, mark and record in one short transaction."""
-    schema, name = d.spec.schema_name, d.spec.name
-    new = ddl.temp_name(name)
-    steps = _build_steps(d, owner, new, why)
-    steps.append(Step("mark", d.object, f"rename index {schema}.{new} to {name}, record it as owned by {owner}",
-                      (ddl.rename_index(schema, new, name),
-                       ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
-                       *ownership.record(owner, "index", schema, name, d.hash, "created"),
-                       ownership.forget(owner, schema, new)), transactional=True))
-    return steps
-
-
-def _replace_index_steps(d: DesiredIndex, owner: str, existing: IndexInfo, why: str) -> list[Step]:
-    spec = d.spec
-    schema, name = spec.schema_name, spec.name
-    new, old = ddl.temp_name(name), ddl.old_name(name)
-    steps = _build_steps(d, owner, new, f"replacement for {name} ({why})")
-    steps.append(Step(
-        "swap-index", d.object, f"swap {schema}.{new} in for {schema}.{name} (two renames, one short transaction)",
-        (ownership.assert_oid(schema, name, existing.oid),
-         ddl.rename_index(schema, name, old), ddl.rename_index(schema, new, name),
-         ddl.mark("INDEX", schema, name, ddl.marker_prefix(owner, d.hash)),
-         *ownership.record(owner, "index", schema, old, "", "replaced"),
-         *ownership.record(owner, "index", schema, name, d.hash, "created"),
-         ownership.forget(owner, schema, new)),
-        transactional=True,
-    ))
-    renamed = dataclasses.replace(existing, name=old)  # same OID, under its new name
-    steps.append(_drop_index_step(d.object, owner, renamed, f"replaced by the new {name}"))
-    return steps
-
-
-def _adoptable(d: DesiredIndex, existing: IndexInfo, cat: Catalog) -> bool:
-    expected = cat.expected_of(d.spec.schema_name, d.spec.name)
-    return bool(expected) and existing.signature == expected and existing.valid and existing.ready \
-        and existing.building_pid is None and existing.table_schema == d.spec.schema_name \
-        and existing.table == d.spec.table
-
-
-def _index_steps(d: DesiredIndex, owner: str, cat: Catalog,
-                 declared: set[tuple[str, str]]) -> tuple[list[Step], list[str], list[str]]:
-    """(steps, conflicts, notes) for one declared index."""
-    spec = d.spec
-    schema, name = spec.schema_name, spec.name
-    steps: list[Step] = []
-    notes: list[str] = []
-    temp_taken = finished = False
-    for leftover in (ddl.temp_name(name), ddl.old_name(name)):
-        info = cat.index(schema, leftover)
-        if info is None or (schema, leftover) in declared:
-            continue
-        if _finished_build(d, info, cat) and cat.index(schema, name) is None:
-            steps.append(_finish_build_step(d, owner))
-            finished = True
-        elif _sweepable(info, owner) and not _bound(info):
-            steps.append(_drop_index_step(d.object, owner, info, "left over by an interrupted build or replacement"))
-        else:
-            why = _bound(info) if _sweepable(info, owner) else foreign_reason(info, owner)
-            notes.append(f"left alone: index {schema}.{leftover} ({why}); never dropped")
-            temp_taken = temp_taken or leftover == ddl.temp_name(name)
-    other = cat.other_relation(schema, name) or ("materialized view" if cat.view(schema, name) else None)
-    if other:
-        return [], [f"{d.field}: {schema}.{name} already exists as a {relkind(other)}; left alone"], notes
-    existing = cat.index(schema, name)
-    if cat.other_relation(schema, spec.table) == "p":
-        found, conflicts = partitioned_index_steps(d, owner, cat, existing)
-        return steps + found, conflicts, notes
-    needs_build = existing is None or not existing.owned_by(owner) and spec.adopt == "Replace" \
-        or existing.owned_by(owner) and (not existing.valid or bool(index_drift(d, existing)))
-    if needs_build and temp_taken:
-        return steps, [f"{d.field}: cannot build {schema}.{name}: the temporary name {ddl.temp_name(name)} is "
-                       "taken by an index that is not this operator's; left alone (drop or rename it by hand)"], notes
-    if existing is None:
-        return steps + ([] if finished else _create_index_steps(d, owner, "missing")), [], notes
-    if not existing.owned_by(owner):
-        reason = foreign_reason(existing, owner)
-        if existing.record is not None or existing.building_pid is not None or existing.primary:
-            return steps, [f"{d.field}: index {schema}.{name} exists, {reason}; left alone"], notes
-        if existing.constraint is not None:  # dropping or renaming it would touch the constraint
-            return steps, [f"{d.field}: index {schema}.{name} implements constraint {existing.constraint}; "
-                           "left alone (never adopted nor replaced)"], notes
-        if _adoptable(d, existing, cat):
-            return steps + [Step("adopt", d.object,
-                                 f"adopt index {schema}.{name}: its definition equals the declared one "
-                                 "(recorded as owned, no rebuild)",
-                                 ownership.record(owner, "index", schema, name, d.hash, "adopted"),
-                                 transactional=True)], [], notes
-        if spec.adopt == "Replace":
-            if _bound(existing):
-                return steps, [_fk_conflict(d, existing, "adopt: Replace")], notes
-            return steps + _replace_index_steps(d, owner, existing, "adopt: Replace"), [], notes
-        uncompared = cat.uncompared_why(schema, name)
-        if uncompared and existing.valid:  # never suggest rebuilding what may be identical
-            return steps, [f"{d.field}: index {schema}.{name} exists, {reason}; its definition could not be "
-                           f"compared with the declared one ({uncompared}); left alone, retried next time"], notes
-        differs = "INVALID" if not existing.valid else "its definition differs from the declared one"
-        return steps, [f"{d.field}: index {schema}.{name} exists, {reason} ({differs}); left alone. "
-                       f"Set {d.field}.adopt: Replace to rebuild it"], notes
-    if not existing.valid:
-        return steps + [_drop_index_step(d.object, owner, existing, "INVALID (failed or cancelled build)"),
-                        *_create_index_steps(d, owner, "rebuild of an INVALID index")], [], notes
-    drift = index_drift(d, existing)
-    if drift and _bound(existing):
-        return steps, [_fk_conflict(d, existing, drift)], notes
-    if drift:
-        return steps + _replace_index_steps(d, owner, existing, drift), [], notes
-    return steps, [], notes
-
-
 def _setting_steps(desired: Desired, cat: Catalog) -> list[Step]:
     steps = []
     current = cat.settings
@@ -296,7 +127,7 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
     dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
-    indexes = [i for i in cat.indexes if _sweepable(i, desired.owner) and not cat.is_attached_child(i.schema, i.name)
+    indexes = [i for i in cat.indexes if sweepable(i, desired.owner) and not cat.is_attached_child(i.schema, i.name)
                and (i.schema, i.name) not in keep and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in cat.views if (v.schema, v.name) in our_views and (v.schema, v.name) not in keep]
     return indexes, views
@@ -304,16 +135,6 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
 
 def _adopted(info: IndexInfo | ViewInfo) -> bool:
     return info.record is not None and info.record.how == "adopted"
-
-
-def _sweepable(info: IndexInfo, owner: str) -> bool:
-    """Recorded as ours and safe to sweep (undeclared or teardown): not being built by someone, and
-    not a *valid* index bound only by an intent record (a stale intent must never adopt a DBA's
-    index created later under that name). A valid index whose OID our build pinned on the intent
-    (ownership.pin_build: a build that finished after the operator died) is ours."""
-    return info.owned_by(owner) and info.building_pid is None \
-        and not (info.record is not None and info.record.how == "building" and info.valid
-                 and not info.record.pinned)
 
 
 def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[ViewInfo],
@@ -332,7 +153,7 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
             notes.append(f"left in place: index {index.schema}.{index.name}: {_bound(index)}; drop the "
                          "constraint(s) first to remove it")
             continue
-        steps.append(_drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
+        steps.append(drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
     for view in views:
         foreign = [i.name for i in cat.indexes_on(view.schema, view.name) if not i.owned_by(owner)]
         if view.dependents or foreign:
@@ -355,6 +176,14 @@ def _on_declared_view(d: DesiredIndex, desired: Desired) -> bool:
     return any(v.spec.schema_name == d.spec.schema_name and v.spec.name == d.spec.table for v in desired.views)
 
 
+def _view_refused(d: DesiredIndex, desired: Desired, cat: Catalog) -> bool:
+    """The index is declared on a view that does not exist and whose creation is refused."""
+    schema, table = d.spec.schema_name, d.spec.table
+    return cat.view(schema, table) is None and any(
+        view_calls.refusal(v.spec, v.field, cat.calls_of(schema, table)) is not None
+        for v in desired.views if (v.spec.schema_name, v.spec.name) == (schema, table))
+
+
 def plan(desired: Desired, observed: Catalog) -> Plan:
     """The steps that bring `observed` to `desired`; empty when they already match."""
     notes: list[str] = []
@@ -363,15 +192,21 @@ def plan(desired: Desired, observed: Catalog) -> Plan:
     on_views = [d for d in desired.indexes if _on_declared_view(d, desired) and d.object not in blocked]
     on_tables = [d for d in desired.indexes if d not in on_views and d.object not in blocked]
     for index in on_tables:
-        found, conflict, note = _index_steps(index, desired.owner, observed, declared)
+        found, conflict, note = index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     for view in desired.views:
         found, conflict, note = view_steps(view, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
     for index in on_views:  # after their view: it must exist first
-        found, conflict, note = _index_steps(index, desired.owner, observed, declared)
+        if _view_refused(index, desired, observed):
+            notes.append(f"{index.field}: not built: its view {index.spec.schema_name}.{index.spec.table} is refused")
+            continue
+        found, conflict, note = index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
-    steps += _setting_steps(desired, observed)
+    # Settings go in whole or not at all: one value the server's pg_settings refuses blocks them all.
+    refused = settings_check.refused(desired.settings, observed.guc_facts)
+    steps += [] if refused else _setting_steps(desired, observed)
+    conflicts += refused
     indexes, views = _ours_not_declared(desired, observed)
     if desired.deletion_policy == "Drop":
         dropped, kept = _drop_owned_steps(desired.owner, indexes, views, "no longer declared (deletionPolicy: Drop)",
@@ -396,7 +231,7 @@ def teardown_plan(desired: Desired, observed: Catalog) -> Plan:
     our_views = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner)}
     # The indexes of a view we drop go with it; those we created on an adopted (kept) view do not.
     dropped_with = {(v.schema, v.name) for v in observed.views if v.owned_by(desired.owner) and not _adopted(v)}
-    indexes = [i for i in observed.indexes if _sweepable(i, desired.owner)
+    indexes = [i for i in observed.indexes if sweepable(i, desired.owner)
                and not observed.is_attached_child(i.schema, i.name)
                and (i.table_schema, i.table) not in dropped_with]
     views = [v for v in observed.views if (v.schema, v.name) in our_views]

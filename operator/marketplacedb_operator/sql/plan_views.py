@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from psycopg import sql
 
 from .. import naming
-from . import ddl, ownership
+from . import ddl, ownership, view_calls
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .steps import DesiredView, Step, ViewCheck, foreign_reason, relkind, view_drift
 
@@ -39,11 +39,19 @@ def _create_statements(d: DesiredView, owner: str, name: str) -> list[sql.Compos
     spec = d.spec
     schema = spec.schema_name
     return [
-        ddl.create_view(schema, name, spec.query),
+        # Stored WITH NO DATA (resolved, not run), checked for volatile functions, then populated:
+        # a function made VOLATILE since the plan fails this transaction before it runs (view_calls.py).
+        ddl.create_view(schema, name, spec.query, with_data=False),
+        *_guard(d, schema, name),
+        ddl.refresh_view(schema, name),
         # Inside the creating transaction the view is invisible to everyone else: a plain
         # CREATE INDEX is atomic with it (no INVALID leftover possible) and blocks nobody.
         ddl.create_view_index(schema, name, ddl.view_key_name(name), spec.unique_key, concurrently=False),
     ]
+
+
+def _guard(d: DesiredView, schema: str, name: str) -> list[sql.Composed]:
+    return [] if d.spec.allow_volatile_functions else [view_calls.guard(schema, name, d.field)]
 
 
 def _record_view(owner: str, d: DesiredView, name: str, how: ownership.How) -> list[sql.Composed]:
@@ -158,7 +166,18 @@ def _key_steps(d: DesiredView, owner: str, cat: Catalog, existing: ViewInfo) -> 
 
 def view_steps(d: DesiredView, owner: str, cat: Catalog,
                declared: set[tuple[str, str]]) -> tuple[list[Step], list[str], list[str]]:
-    """(steps, conflicts, notes) for one declared materialized view."""
+    """(steps, conflicts, notes) for one declared materialized view; none of its DDL when its query
+    calls a volatile function (the server's resolution of it, view_calls.py) and the view does not
+    opt in: refused before anything runs."""
+    steps, conflicts, notes = _view_steps(d, owner, cat, declared)
+    refused = view_calls.refusal(d.spec, d.field, cat.calls_of(d.spec.schema_name, d.spec.name))
+    if refused and any(s.kind in ("create-view", "adopt", "refresh-view") for s in steps):
+        return [], [refused], notes
+    return steps, conflicts, notes
+
+
+def _view_steps(d: DesiredView, owner: str, cat: Catalog,
+                declared: set[tuple[str, str]]) -> tuple[list[Step], list[str], list[str]]:
     spec = d.spec
     schema, name = spec.schema_name, spec.name
     check = ViewCheck(spec.query, tuple(spec.unique_key), d.field)

@@ -12,6 +12,8 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
+from .ddl import qualified as qualified_name
+from .ddl import render
 from .refresh import DDL_LOCK, STATE_COLUMNS, RefreshOptions, StateUpdate, ViewTarget
 
 SCHEMA: Final = sql.Identifier(naming.STATE_SCHEMA)
@@ -87,6 +89,11 @@ def upgrade_state_table() -> list[sql.Composed]:
     ]
 
 
+def regclass(schema: str, name: str) -> sql.Literal:
+    """A relation's name as regclass input: the identifiers quoted by psycopg, then passed as a value."""
+    return sql.Literal(render(qualified_name(schema, name)))
+
+
 def exists_sql(kind: str, name: str, signature: str = "") -> sql.Composed:
     if kind == "schema":
         query = "SELECT count(*) FROM pg_catalog.pg_namespace WHERE nspname = {name}"
@@ -96,8 +103,9 @@ def exists_sql(kind: str, name: str, signature: str = "") -> sql.Composed:
         query = "SELECT count(*) FROM pg_catalog.pg_proc WHERE oid = pg_catalog.to_regprocedure({signature})"
     return sql.SQL(query).format(
         name=sql.Literal(name),
-        qualified=sql.Literal(f'"{naming.STATE_SCHEMA}"."{name}"'),
-        signature=sql.Literal(f'"{naming.STATE_SCHEMA}"."{name}"({signature})'),
+        qualified=regclass(naming.STATE_SCHEMA, name),
+        # regprocedure input: the quoted name, then the argument types (constants of this module).
+        signature=sql.Literal(render(qualified_name(naming.STATE_SCHEMA, name)) + f"({signature})"),
     )
 
 
@@ -134,7 +142,7 @@ def rows_after_sql(target: ViewTarget) -> sql.Composed:
     visible before commit) give the CONCURRENTLY diff; a plain REFRESH rebuilds the view's indexes,
     which sets pg_class.reltuples to the exact count. The caller picks (see PostgresRefresh).
     """
-    oid = sql.SQL("pg_catalog.to_regclass({})").format(sql.Literal(f'"{target.schema}"."{target.name}"'))
+    oid = sql.SQL("pg_catalog.to_regclass({})").format(regclass(target.schema, target.name))
     return sql.SQL(
         "SELECT pg_catalog.pg_stat_get_xact_tuples_inserted({o}), pg_catalog.pg_stat_get_xact_tuples_deleted({o}), "
         "(SELECT reltuples FROM pg_catalog.pg_class WHERE oid = {o})"
@@ -254,7 +262,7 @@ def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composab
 def qualified(target: ViewTarget, depends_on: tuple[str, ...]) -> list[str]:
     """dependsOn names resolved in the view's schema when unqualified, never through search_path
     (the check function runs with search_path = pg_catalog)."""
-    return [name if "." in name else f"{target.schema}.{name}" for name in depends_on]
+    return [name if "." in name else f"{render(sql.Identifier(target.schema))}.{name}" for name in depends_on]
 
 
 def observe_sql(target: ViewTarget, depends_on: tuple[str, ...] = ()) -> sql.Composed:
@@ -353,7 +361,7 @@ def compose_record(template: str, values: dict[str, sql.Composable], into: str =
 
 def _params() -> dict[str, sql.Composable]:
     # Typed placeholders: the same parameter appears in several places with one type.
-    return {k: sql.SQL(f"%({k})s::{_TYPES[k]}") for k in _RECORD_FIELDS}
+    return {k: sql.SQL("{}::{}").format(sql.Placeholder(k), sql.SQL(_TYPES[k])) for k in _RECORD_FIELDS}
 
 
 def record_sql() -> sql.Composed:

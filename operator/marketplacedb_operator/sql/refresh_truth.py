@@ -100,7 +100,8 @@ def _status(view: ViewStatus, state: RefreshState | None, limit: float | None, f
         never = limit is not None and never_refreshed_age(first_seen, now) > limit
         update: dict[str, object] = {"first_seen_time": first_seen, "stale": never}
         if state is not None:
-            update.update(last_result=state.result, recent_outcomes=list(state.recent), refresh_rule=_rule(state))
+            update.update(last_result=state.result, recent_outcomes=list(state.recent),
+                          refresh_rule=view.refresh_rule or _rule(state))
         if state is not None and state.result == "failed" and state.error:
             failed = f"never refreshed, last attempt failed: {state.error}"
             update["message"] = f"{view.message}; {failed}" if view.message else failed
@@ -116,7 +117,8 @@ def _status(view: ViewStatus, state: RefreshState | None, limit: float | None, f
         "stale": stale,
         "message": message,
         "recent_outcomes": list(state.recent),
-        "refresh_rule": _rule(state),
+        # The rule from this reconcile's analysis of the catalog when there is one; else the last run's.
+        "refresh_rule": view.refresh_rule or _rule(state),
         "first_seen_time": first_seen,
     })
 

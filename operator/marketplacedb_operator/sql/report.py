@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..api.v1alpha1 import BlockingSession, IndexStatus, ViewStatus
+from . import view_calls
 from .catalog import Catalog, SessionInfo
 from .plan_views import view_key
 from .steps import Desired, StepOutcome, foreign_reason, index_drift, view_drift
@@ -78,7 +79,14 @@ def view_statuses(desired: Desired, observed: Catalog, outcomes: Iterable[StepOu
             message = "not populated: will be refreshed"
         else:
             message = "Ready" if info.record is None or info.record.how != "adopted" else "Ready (adopted)"
-        result.append(ViewStatus(name=name, populated=populated, message=message))
+        calls = observed.calls_of(schema, name)
+        refused = view_calls.refusal(d.spec, d.field, calls)
+        if refused and info is None and d.object not in failed:
+            message = f"Refused: {refused}"
+        rule = view_calls.skip_rule(d.spec, calls) if calls is not None else None
+        # status.materializedViews[].refreshRule has maxLength 512 in the CRD.
+        rule = rule if rule is None or len(rule) <= 512 else rule[:509] + "..."
+        result.append(ViewStatus(name=name, populated=populated, message=message, refresh_rule=rule))
     return result
 
 

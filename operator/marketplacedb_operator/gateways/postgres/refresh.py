@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from typing import Any
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 
 from ... import naming
 from ...sql import refresh as q
 from ...sql import refresh_check as c
 from ...sql import refresh_sql as s
+from ...sql import view_calls as vc
+from ...sql.catalog import Catalog
+from ...sql.steps import Desired, view_drift
+from ...sqlcheck import normalize_select
 
 # Errors meaning "the operator's schema, a table or the check function is not there (yet)".
 _MISSING = (errors.UndefinedTable, errors.InvalidSchemaName, errors.UndefinedFunction)
@@ -214,31 +217,66 @@ class PostgresRefresh:
             raise _error(exc) from None
 
 
-def analyze_query(conn: psycopg.Connection[Any], schema: str, query: str,
-                  depends_on: tuple[str, ...] = ()) -> q.Observation:
-    """What a view query would call, from the catalog, before the view exists (for `plan`).
+def analyze_query(conn: psycopg.Connection[Any], query: str) -> vc.ViewCalls:
+    """What a view query would call and read, before the view exists (sql/view_calls.py).
 
-    In a transaction that is always rolled back: the query is stored as a view WITH NO DATA (so
-    it is parsed and resolved by the server, never executed) and the same catalog check as a
-    refresh reads its rule; the operator's schema is created only inside it if missing. The
-    query must already be the parser-checked text (api validation: one plain SELECT).
+    Stored as a temporary view in a transaction that is always rolled back (resolved by the
+    server, never executed; needs only TEMP, like the adoption probe). The query goes through the
+    parser again (one plain SELECT, or SqlCheckError), as api validation does.
     """
-    name = f"mdb_analyze_{uuid.uuid4().hex[:12]}"
-    target = q.ViewTarget(schema, name)
+    text = normalize_select(query)
     try:
         with conn.transaction(force_rollback=True):
-            row = conn.execute(s.exists_sql("table", naming.STATE_TABLE)).fetchone()
-            if not (row and row[0]):
-                PostgresRefresh(conn).ensure_state_table()
-            conn.execute(s.create_probe_view_sql(target, query))
-            cursor = conn.execute(s.observe_sql(target, depends_on))
-            cursor.nextset()
-            observed = cursor.fetchone()
+            return _analyze_probe(conn, text, "mdb_probe_calls")
     except psycopg.Error as exc:
         raise _error(exc) from None
-    if observed is None:  # pragma: no cover - the query always returns one row
-        raise q.RefreshDatabaseError("catalog check returned no row")
-    return q.observation_from_row(tuple(observed))
+
+
+def _analyze_probe(conn: psycopg.Connection[Any], query: str, name: str) -> vc.ViewCalls:
+    conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(sql.Identifier(name), sql.SQL(query)))
+    return _analyze(conn, "pg_temp", name)
+
+
+def _analyze(conn: psycopg.Connection[Any], schema: str, name: str) -> vc.ViewCalls:
+    row = conn.execute(vc.analyze_sql(schema, name)).fetchone()
+    if row is None:  # pragma: no cover - the query always returns one row
+        raise q.RefreshDatabaseError("analysis returned no row")
+    return vc.calls_from_row(tuple(row))
+
+
+Analyses = tuple[tuple[tuple[tuple[str, str], vc.ViewCalls], ...], tuple[tuple[tuple[str, str], str], ...]]
+
+
+def analyze_views(conn: psycopg.Connection[Any], desired: Desired, catalog: Catalog) -> Analyses:
+    """(calls, unanalyzed) of every declared view, for plan and status.
+
+    A view that exists as planned (ours, no drift) is read as it is; every other one (to be
+    created, adopted or rebuilt) is probed as a temporary view in a rolled-back transaction, each
+    in its own savepoint: a query that cannot be resolved (a missing table, no TEMP privilege) is
+    reported with SQLSTATE and condition only. The view's DDL re-checks anyway (view_calls.guard).
+    """
+    calls: list[tuple[tuple[str, str], vc.ViewCalls]] = []
+    failed: list[tuple[tuple[str, str], str]] = []
+    if not desired.views:
+        return (), ()
+    with conn.transaction(force_rollback=True):
+        # A probe waits at most 1s for a table's lock (a migration holding it): left unanalyzed,
+        # the view's creating transaction still re-checks (view_calls.guard).
+        conn.execute("SELECT pg_catalog.set_config('lock_timeout', '1000', true), "
+                     "pg_catalog.set_config('statement_timeout', '60000', true)")
+        for number, d in enumerate(desired.views):
+            key = (d.spec.schema_name, d.spec.name)
+            existing = catalog.view(*key)
+            try:
+                with conn.transaction():
+                    if existing is not None and existing.owned_by(desired.owner) and not view_drift(d, existing):
+                        found = _analyze(conn, *key)
+                    else:
+                        found = _analyze_probe(conn, normalize_select(d.spec.query), f"mdb_probe_calls_{number}")
+                calls.append((key, found))
+            except psycopg.Error as exc:
+                failed.append((key, describe_error(exc)))
+    return tuple(calls), tuple(failed)
 
 
 def read_refresh_states(conn: psycopg.Connection[Any]) -> list[q.RefreshState]:
