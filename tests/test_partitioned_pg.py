@@ -173,6 +173,26 @@ def test_teardown_drops_the_partitioned_index_with_its_partitions(orders: FreshD
     assert rows(orders, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%%ix_orders_customer'")[0][0] == 0
 
 
+def test_teardown_never_drops_an_index_a_dba_attached_to_ours(orders: FreshDatabase) -> None:
+    """DROP INDEX on a partitioned index drops every index attached to it; PostgreSQL attaches a
+    DBA's matching index when the DBA's table becomes a partition. Teardown leaves ours in place."""
+    d = desired([INDEX], policy="Drop")
+    assert all(o.ok for o in apply(orders, d))
+    with orders.connect() as conn:
+        conn.execute("CREATE TABLE orders_2026_04 (LIKE orders)")
+        conn.execute("CREATE INDEX dba_orders_04 ON orders_2026_04 (customer_id, created_at DESC)")
+        conn.execute("ALTER TABLE orders ATTACH PARTITION orders_2026_04 FOR VALUES FROM ('2026-04-01') "
+                     "TO ('2026-05-01')")
+    assert is_attached(orders, "dba_orders_04")
+    dba = oid_of(orders, "dba_orders_04")
+    with orders.connect() as conn:
+        down = teardown_plan(d, gateway.observe(conn, d))
+        assert "drop-index" not in [s.kind for s in down.steps], down
+        assert any("ix_orders_customer" in n and "dba_orders_04" in n for n in down.notes), down.notes
+        assert all(o.ok for o in gateway.execute(conn, down, FAST))
+    assert oid_of(orders, "dba_orders_04") == dba and oid_of(orders, "ix_orders_customer") is not None
+
+
 # --- redefinition (issue 18): a new parent ON ONLY under the build name, CONCURRENTLY per partition,
 # attach, swap the names in one short transaction, drop the old parent in another.
 

@@ -155,6 +155,15 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
             notes.append(f"left in place: index {index.schema}.{index.name}: {_bound(index)}; drop the "
                          "constraint(s) first to remove it")
             continue
+        # DROP INDEX on a partitioned index drops every index attached to it, and PostgreSQL attaches a
+        # DBA's matching index when their table becomes a partition: never drop one that is not ours.
+        foreign = [c for s, c, _, _ in cat.children(index.schema, index.name)
+                   if (child := cat.index(s, c)) is None or not child.owned_by(owner)]
+        if foreign:
+            notes.append(f"left in place: partitioned index {index.schema}.{index.name}: "
+                         f"{', '.join(foreign)} (not this resource's) attached to it would be dropped with it; "
+                         "drop it by hand if that is intended")
+            continue
         steps.append(drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
     for view in views:
         foreign = [i.name for i in cat.indexes_on(view.schema, view.name) if not i.owned_by(owner)]
