@@ -46,7 +46,8 @@ def schema(ctx: Context, database: Database, report: Report) -> None:
             )
         elif ctx.deps.background is not None and ctx.info is not None:
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
-            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, plan, policy)
+            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, desired,
+                                     plan.hash, policy, manual=ctx.spec.ddl.approval == "Manual")
             report.progress = jobs.progress(job, database, len(plan.steps))
         else:  # no background pool (the CLI): inline
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
