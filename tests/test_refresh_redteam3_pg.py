@@ -158,6 +158,23 @@ def test_a_row_level_security_policy_calling_a_volatile_function_is_refused(shop
     assert_refused_and_nothing_ran(shop, "SELECT id, v FROM secrets", before)
 
 
+XML_DUMPS = {
+    # The relation named at run time (text -> regclass): no pg_depend entry, no rule to read.
+    "table_to_xml": "SELECT 1 AS id, table_to_xml(('public.' || 'touched')::regclass, true, false, '') AS doc",
+    "schema_to_xml": "SELECT 1 AS id, schema_to_xml('public', true, false, '') AS doc",
+}
+
+
+@pytest.mark.parametrize("function", sorted(XML_DUMPS))
+def test_a_stable_built_in_that_runs_a_view_calling_a_volatile_function_is_refused(shop: Any, function: str) -> None:
+    """table_to_xml/schema_to_xml/database_to_xml are STABLE built-ins that run `SELECT * FROM` a
+    relation chosen at run time: a plain view calling touch() runs at creation and every refresh,
+    while the analysis sees only stable built-ins (skip-if-unchanged off, nothing refused)."""
+    run(shop, "CREATE VIEW touched AS SELECT id, touch(id) AS t FROM products")
+    before = side_effects(shop)
+    assert_refused_and_nothing_ran(shop, XML_DUMPS[function], before)
+
+
 def test_a_refresh_reads_sql_standard_bodies_as_the_plan_does(shop: Any) -> None:
     """The plan and the creating transaction read BEGIN ATOMIC bodies recursively; the refresh-time
     check reads only the view's rules. A STABLE SQL-standard function replaced after creation by one
@@ -375,4 +392,31 @@ def test_held_a_write_to_a_partition_of_a_read_table_refreshes(shop: Any) -> Non
     assert outcome.startswith("refreshed") and not stale, outcome
     run(shop, "UPDATE sales_eu SET amount = 7 WHERE id = 1")
     outcome, stale = skipped_while_stale(shop, "mv_sales", query)
+    assert outcome.startswith("refreshed") and not stale, outcome
+
+
+def test_held_a_plain_view_redefined_to_call_a_volatile_function_fails_the_next_refresh(shop: Any) -> None:
+    run(shop, "CREATE VIEW listed AS SELECT id, name FROM products")
+    _, outcomes, _ = apply(shop, view("mv_listed", "SELECT id, name FROM listed"))
+    assert all(o.ok for o in outcomes), outcomes
+    assert refresh(shop, "mv_listed").outcome.startswith("refreshed")
+    run(shop, "CREATE OR REPLACE VIEW listed AS SELECT id, name || touch(id)::text AS name FROM products")
+    before = side_effects(shop)
+    outcome = refresh(shop, "mv_listed", force=True)
+    assert outcome.outcome == "failed" and "public.touch" in outcome.reason, outcome
+    assert side_effects(shop) == before
+
+
+@pytest.mark.parametrize("concurrently", [True, False], ids=["concurrently", "plain"])
+def test_held_a_view_over_a_refreshed_materialized_view_refreshes(shop: Any, concurrently: bool) -> None:
+    query = "SELECT id, price FROM mv_inner"
+    _, outcomes, _ = apply(shop, view("mv_inner", "SELECT product_id AS id, price FROM prices"),
+                           view("mv_outer", query))
+    assert all(o.ok for o in outcomes), outcomes
+    assert refresh(shop, "mv_outer").outcome.startswith("refreshed")
+    assert refresh(shop, "mv_outer").outcome == "skipped-unchanged"
+    run(shop, "UPDATE prices SET price = price + 1")
+    inner = "REFRESH MATERIALIZED VIEW CONCURRENTLY mv_inner" if concurrently else "REFRESH MATERIALIZED VIEW mv_inner"
+    run(shop, inner)
+    outcome, stale = skipped_while_stale(shop, "mv_outer", query)
     assert outcome.startswith("refreshed") and not stale, outcome
