@@ -190,6 +190,37 @@ def test_a_refresh_reads_sql_standard_bodies_as_the_plan_does(shop: Any) -> None
     assert outcome.outcome == "failed" and "setval" in outcome.reason, outcome
 
 
+def test_a_plain_view_replaced_while_the_refresh_waits_for_its_lock_is_refused(shop: Any) -> None:
+    """The refresh checks in one transaction and REFRESHes in another. Whoever may replace a plain view
+    the materialized view reads opens a transaction, CREATE OR REPLACE VIEW (calling touch()), and
+    keeps it open: the check reads the committed (harmless) rule and passes, the REFRESH waits for the
+    plain view's lock, the replacement commits, and the REFRESH runs touch(). Not 'milliseconds': the
+    window is as long as the lock is held (views, unlike functions, can be locked first)."""
+    run(shop, "CREATE VIEW listed AS SELECT id, name FROM products")
+    _, outcomes, _ = apply(shop, view("mv_listed", "SELECT id, name FROM listed"))
+    assert all(o.ok for o in outcomes), outcomes
+    assert refresh(shop, "mv_listed").outcome.startswith("refreshed")
+    before = side_effects(shop)
+    result: list[Any] = []
+    with connect(shop) as hostile:
+        hostile.execute("BEGIN")
+        hostile.execute("CREATE OR REPLACE VIEW listed AS SELECT id, name || touch(id)::text AS name FROM products")
+        worker = threading.Thread(target=lambda: result.append(refresh(shop, "mv_listed", force=True)))
+        worker.start()
+        try:
+            with connect(shop) as probe:  # until the REFRESH waits for the plain view's lock
+                for _ in range(600):
+                    if probe.execute("SELECT count(*) FROM pg_locks WHERE relation = 'public.listed'::regclass "
+                                     "AND NOT granted").fetchone() == (1,) or not worker.is_alive():
+                        break
+                    probe.execute("SELECT pg_sleep(0.05)")
+        finally:
+            hostile.execute("COMMIT")
+            worker.join(60)
+    assert side_effects(shop) == before, "touch() ran at refresh although the check passed the old rule"
+    assert result and result[0].outcome == "failed", result
+
+
 # --- skip-if-unchanged skipping a view that would change ----------------------------------------
 
 
