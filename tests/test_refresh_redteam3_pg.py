@@ -383,6 +383,25 @@ def test_a_row_level_security_policy_changed_between_refreshes_is_not_skipped(sh
     assert outcome != "skipped-unchanged", "skipped after the policy changed: rows missing"
 
 
+def test_a_time_dependent_sql_standard_function_is_not_skipped_with_depends_on(shop: Any) -> None:
+    """plan reads BEGIN ATOMIC bodies and says 'time-dependent (now())'; the refresh-time check does
+    not, sees a stable function trusted through dependsOn, and skips: the view keeps yesterday's
+    rows while the plan and status promise the schedule alone drives it."""
+    run(shop, "ALTER TABLE products ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()",
+        "CREATE FUNCTION is_new(at timestamptz) RETURNS boolean LANGUAGE sql STABLE "
+        "BEGIN ATOMIC SELECT at > now() - interval '1 day'; END")
+    query = "SELECT id FROM products WHERE is_new(created_at)"
+    _, outcomes, statuses = apply(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
+                                                                          "dependsOn": ["products"]}))
+    assert all(o.ok for o in outcomes), outcomes
+    rule = statuses[0].refresh_rule
+    assert rule is not None and "time-dependent" in rule, rule  # what plan and status promise
+    declared = RefreshOptions(max_staleness=3600, depends_on=("products",))
+    assert refresh(shop, "mv_new", declared).outcome.startswith("refreshed")
+    outcome = refresh(shop, "mv_new", declared)
+    assert outcome.outcome != "skipped-unchanged", f"{outcome}: the plan said {rule!r}"
+
+
 # --- held: kept as regressions ------------------------------------------------------------------
 
 
@@ -450,4 +469,17 @@ def test_held_a_view_over_a_refreshed_materialized_view_refreshes(shop: Any, con
     inner = "REFRESH MATERIALIZED VIEW CONCURRENTLY mv_inner" if concurrently else "REFRESH MATERIALIZED VIEW mv_inner"
     run(shop, inner)
     outcome, stale = skipped_while_stale(shop, "mv_outer", query)
+    assert outcome.startswith("refreshed") and not stale, outcome
+
+
+def test_held_an_immutable_function_that_reads_a_table_turns_skip_off(shop: Any) -> None:
+    run(shop, "CREATE FUNCTION price_fixed(p int) RETURNS numeric LANGUAGE sql IMMUTABLE "
+              "AS 'SELECT price FROM prices WHERE product_id = p'")
+    query = "SELECT id, price_fixed(id) AS price FROM products"
+    _, outcomes, statuses = apply(shop, view("mv_fixed", query))
+    assert all(o.ok for o in outcomes), outcomes
+    assert statuses[0].refresh_rule is not None and "off" in statuses[0].refresh_rule
+    assert refresh(shop, "mv_fixed").outcome.startswith("refreshed")
+    run(shop, "UPDATE prices SET price = 1 WHERE product_id = 1")
+    outcome, stale = skipped_while_stale(shop, "mv_fixed", query)
     assert outcome.startswith("refreshed") and not stale, outcome
