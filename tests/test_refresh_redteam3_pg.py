@@ -8,6 +8,7 @@ plan did not refuse the view, or a refresh was skipped while the view's query re
 from __future__ import annotations
 
 import datetime
+import secrets
 import threading
 from typing import Any
 
@@ -400,6 +401,54 @@ def test_a_time_dependent_sql_standard_function_is_not_skipped_with_depends_on(s
     assert refresh(shop, "mv_new", declared).outcome.startswith("refreshed")
     outcome = refresh(shop, "mv_new", declared)
     assert outcome.outcome != "skipped-unchanged", f"{outcome}: the plan said {rule!r}"
+
+
+@pytest.fixture
+def planter(shop: Any) -> Any:
+    """Another login role with CREATE on the database (an application role), dropped afterwards."""
+    name, password = f"{shop.name}_app", secrets.token_urlsafe(16)
+    shop.server.create_role(name, password)
+    shop.server.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(sql.Identifier(shop.name),
+                                                                           sql.Identifier(name)))
+    try:
+        yield name, shop.server.dsn(shop.name, name, password)
+    finally:
+        shop.server.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)), dbname=shop.name)
+        shop.server.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(sql.Identifier(shop.name),
+                                                                               sql.Identifier(name)))
+        shop.server.drop_role(name)
+
+
+def test_a_check_function_planted_by_another_role_is_not_called(shop: Any, planter: Any) -> None:
+    """Another role with CREATE on the database creates schema marketplacedb and a function
+    refresh_check_v1 with the expected signature before the operator's schema exists. The schema
+    engine refuses such a schema ('cannot be trusted (its schema is owned by another role)'); the
+    refresh path does not: ensure_state_table() keeps what exists (by signature, whoever owns it),
+    and every refresh (the CronJob entrypoint, a human's `marketplacedb refresh`) calls the planted
+    function with its own role (SECURITY INVOKER: here it grants itself the role's table) and trusts
+    its 'skipped' answer, so the view is never refreshed again."""
+    role, dsn = planter
+    query = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
+    run(shop, "CREATE MATERIALIZED VIEW mv_join AS SELECT p.id, x.price FROM products AS p "
+              "JOIN prices AS x ON x.product_id = p.id", "CREATE UNIQUE INDEX ON mv_join (id)")
+    body = sql.SQL(
+        "BEGIN EXECUTE pg_catalog.format('GRANT SELECT ON public.prices TO %I', {role}); "
+        "RETURN QUERY SELECT true, true, 0::double precision; END"
+    ).format(role=sql.Literal(role)).as_string(None)
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute("CREATE SCHEMA marketplacedb")
+        app.execute(sql.SQL(
+            "CREATE FUNCTION marketplacedb.refresh_check_v1(p_schema text, p_name text, p_key integer, "
+            "p_now timestamptz, p_max_staleness double precision, p_skip boolean, p_force boolean, "
+            "p_depends text[], p_allow_volatile boolean, p_history integer) "
+            "RETURNS TABLE (locked boolean, skipped boolean, age double precision) LANGUAGE plpgsql AS {}"
+        ).format(sql.Literal(body)))
+        app.execute("GRANT USAGE ON SCHEMA marketplacedb TO PUBLIC")
+    run(shop, "UPDATE prices SET price = 0")
+    outcome = refresh(shop, "mv_join")
+    granted = rows(shop, f"SELECT has_table_privilege('{role}', 'public.prices', 'SELECT')")[0][0]
+    assert not granted, f"the planted function ran with the operator's role ({outcome.outcome})"
+    assert outcome.outcome != "skipped-unchanged", "the planted function's answer was trusted: old prices served"
 
 
 # --- held: kept as regressions ------------------------------------------------------------------
