@@ -452,6 +452,32 @@ def test_a_check_function_planted_by_another_role_is_not_called(shop: Any, plant
     assert outcome.outcome != "skipped-unchanged", "the planted function's answer was trusted: old prices served"
 
 
+def test_a_function_shadowed_in_the_user_schema_does_not_run_at_refresh(shop: Any, planter: Any) -> None:
+    """PostgreSQL 15 runs REFRESH with the refreshing session's search_path ("$user", public): a
+    function body that is a SQL string resolves its names then. Another role with CREATE on the
+    database creates the schema named after the operator's role ("$user", searched first) and a
+    VOLATILE helper() there; the view's STABLE price_of() calls helper() unqualified, so the planted
+    function runs with the operator's role at every refresh, while the check saw only STABLE
+    price_of(). (PostgreSQL 17 runs REFRESH with search_path pg_catalog, pg_temp for this reason.)"""
+    role, dsn = planter
+    run(shop, "CREATE FUNCTION helper(p int) RETURNS int LANGUAGE sql STABLE AS 'SELECT p'",
+        "CREATE FUNCTION price_of(p int) RETURNS int LANGUAGE sql STABLE AS 'SELECT helper(p)'")
+    _, outcomes, _ = apply(shop, view("mv_priced", "SELECT id, price_of(id) AS n FROM products"))
+    assert all(o.ok for o in outcomes), outcomes
+    body = sql.SQL("BEGIN EXECUTE pg_catalog.format('GRANT SELECT ON public.prices TO %I', {role}); "
+                   "RETURN p; END").format(role=sql.Literal(role)).as_string(None)
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(shop.owner)))
+        app.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(shop.owner)))
+        app.execute(sql.SQL("CREATE FUNCTION {}(p int) RETURNS int LANGUAGE plpgsql VOLATILE AS {}").format(
+            sql.Identifier(shop.owner, "helper"), sql.Literal(body)))
+    outcome = refresh(shop, "mv_priced", force=True)
+    with connect(shop) as conn:
+        granted = conn.execute("SELECT has_table_privilege(%s, 'public.prices', 'SELECT')", [role]).fetchone()
+    assert granted is not None
+    assert not granted[0], f"the planted helper() ran with the operator's role at refresh ({outcome.outcome})"
+
+
 # --- held: kept as regressions ------------------------------------------------------------------
 
 
