@@ -222,6 +222,21 @@ def test_a_plain_view_replaced_while_the_refresh_waits_for_its_lock_is_refused(s
     assert result and result[0].outcome == "failed", result
 
 
+def test_a_failing_first_refresh_in_the_creating_transaction_names_no_row_value(shop: Any) -> None:
+    """The creating transaction populates the view with REFRESH; when the query fails on a row,
+    PostgreSQL's primary message quotes the value (22P02: invalid input syntax ... "tok_..."). The
+    refresh gateway reports SQLSTATE and object names only; the creating transaction's outcome (CLI
+    apply output, Events, status) carries the primary message, and with it the row's secret."""
+    token = "tok_live_5f3a9c1e"
+    run(shop, "CREATE TABLE api_keys (id int PRIMARY KEY, api_key text NOT NULL)")
+    with connect(shop) as conn:
+        conn.execute("INSERT INTO api_keys VALUES (1, %s)", [token])
+    _, outcomes, _ = apply(shop, view("mv_keys", "SELECT id, api_key::int AS k FROM api_keys"))
+    assert len(outcomes) == 1 and not outcomes[0].ok, outcomes
+    assert "22P02" in outcomes[0].message, outcomes[0].message
+    assert token not in outcomes[0].message, "a row value (an API key) in the apply outcome"
+
+
 # --- skip-if-unchanged skipping a view that would change ----------------------------------------
 
 
