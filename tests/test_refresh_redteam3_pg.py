@@ -574,3 +574,12 @@ def test_held_an_immutable_function_that_reads_a_table_turns_skip_off(shop: Any)
     run(shop, "UPDATE prices SET price = 1 WHERE product_id = 1")
     outcome, stale = skipped_while_stale(shop, "mv_fixed", query)
     assert outcome.startswith("refreshed") and not stale, outcome
+
+
+def test_held_a_cast_through_a_volatile_function_is_refused(shop: Any) -> None:
+    run(shop, "CREATE TYPE pair AS (a int, b int)",
+        "CREATE FUNCTION to_pair(p int) RETURNS pair LANGUAGE plpgsql VOLATILE AS "
+        "$$ BEGIN PERFORM touch(p); RETURN ROW(p, p)::pair; END $$",
+        "CREATE CAST (int AS pair) WITH FUNCTION to_pair(int) AS IMPLICIT")
+    before = side_effects(shop)
+    assert_refused_and_nothing_ran(shop, "SELECT id, (id::pair).a AS a FROM products", before)
