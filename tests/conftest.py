@@ -18,7 +18,8 @@ from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess
 from harness.postgres import FreshDatabase, PostgresServer
 
 # Every teardown is bounded, failed test or not (pytest-timeout disarms itself on a failure).
-pytest_plugins = ["harness.watchdog"]
+# security_env: the `sec` and `fake` fixtures of the security tests.
+pytest_plugins = ["harness.watchdog", "security_env"]
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,10 @@ The fake server speaks just enough of the protocol
 encryption, reads the StartupMessage (which carries the user name), answers
 AuthenticationCleartextPassword, reads the PasswordMessage, and fails the login with an
 ErrorResponse that quotes the user name, as PostgreSQL does. Everything received is kept.
+
+The fixtures `sec` (the reconciler on KMock with SETTINGS) and `fake` (a started FakePostgres) are
+registered for every test module by conftest.py (pytest_plugins); a module that needs another `sec`
+(with a database, other settings) defines its own, which takes precedence.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import struct
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
+
+from marketplacedb_operator.settings import Settings
 
 SSL_REQUEST = 80877103
 GSS_REQUEST = 80877104
@@ -208,3 +216,23 @@ def secret(name: str, data: dict[str, str], *, opted_in: bool, bound: str = "sho
 def resource(database: dict[str, Any], name: str = "shop", **spec: Any) -> dict[str, Any]:
     return {"apiVersion": API, "kind": "MarketplaceDB", "metadata": {"name": name, "namespace": NS},
             "spec": {"database": database, **spec}}
+
+
+# --- fixtures shared by the security test modules -------------------------------------------------
+
+SETTINGS = Settings(connect_timeout_seconds=3, resync_seconds=1)
+
+
+@pytest.fixture
+async def sec(kube_api: Any, kube_objects: Any, kube_client: Any) -> AsyncIterator[Sec]:
+    async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
+        yield env
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakePostgres]:
+    server = await FakePostgres().start()
+    try:
+        yield server
+    finally:
+        await server.stop()

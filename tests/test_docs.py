@@ -151,7 +151,7 @@ def _kubectl_problems(command: Command) -> list[str]:  # one rule per documented
             if assignment.split("=", 1)[0] not in containers:
                 problems.append(f"no container {assignment.split('=', 1)[0]!r} in the operator (has {containers})")
     if verb == "set" and target[0] == "env":
-        settable = {PREFIX + field.upper() for field in Settings.__dataclass_fields__}
+        settable = {PREFIX + field.upper() for field in Settings.model_fields}
         env = dict(a.split("=", 1) for a in target[2:])
         unknown = set(env) - settable
         if unknown:

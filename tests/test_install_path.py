@@ -127,3 +127,36 @@ def test_install_manifests_with_your_own_image(capsys: pytest.CaptureFixture[str
     assert main(["install-manifests", "--image", "registry.example.com:5000/no-tag"]) == 2
     assert main(["install-manifests", "--image-pull-secret", "Not_A_Name"]) == 2
     assert "MARKETPLACEDB_IMAGE_PULL_SECRETS" in capsys.readouterr().err
+
+
+# --- settings: typed by pydantic-settings, a bad value is one line naming the variable ----------
+
+@pytest.mark.parametrize(("variable", "value", "words"), [
+    ("MARKETPLACEDB_RESYNC_SECONDS", "abc", "valid number"),
+    ("MARKETPLACEDB_RESYNC_SECONDS", "-1", "greater than 0"),
+    ("MARKETPLACEDB_METRICS_PORT", "99999", "less than or equal to 65535"),
+    ("MARKETPLACEDB_DDL_RETRIES", "1.5", "valid integer"),
+])
+def test_bad_setting_is_one_line_naming_variable_and_value(variable: str, value: str, words: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        Settings.from_env({variable: value})
+    assert str(caught.value).startswith(f"{variable}={value!r}: ") and words in str(caught.value)
+    assert "\n" not in str(caught.value) and "pydantic" not in str(caught.value)
+
+
+def test_settings_read_only_the_mapping_given() -> None:
+    environ = {"MARKETPLACEDB_NAMESPACES": "shop, billing,", "MARKETPLACEDB_TICK_SECONDS": "0.5",
+               "MARKETPLACEDB_DSN": "not a setting: ignored"}
+    settings = Settings.from_env(environ)
+    assert settings.namespaces == ("shop", "billing") and settings.tick_seconds == 0.5
+    assert Settings() == Settings.from_env({})  # construction reads no environment
+
+
+def test_apply_with_a_bad_setting_is_a_clear_error_not_a_traceback(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MARKETPLACEDB_RESYNC_SECONDS", "soon")
+    example = pathlib.Path(__file__).parent.parent / "examples" / "marketplacedb.yaml"
+    assert main(["apply", "-f", str(example), "--dsn", "host=127.0.0.1 dbname=nowhere"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "marketplacedb: MARKETPLACEDB_RESYNC_SECONDS='soon': Input should be a valid number, "
+        "unable to parse string as a number")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from marketplacedb_operator import workload
 from marketplacedb_operator.api.v1alpha1 import DDLPolicy, MarketplaceDBSpec
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.sql import ddl, ownership, report
@@ -19,34 +18,14 @@ from marketplacedb_operator.sql.catalog import (
     observe_query,
 )
 from marketplacedb_operator.sql.plan import Desired, ExecutionPolicy, StepOutcome, desired_state, plan, teardown_plan
+from schema_fixtures import REFERENCE_INDEXES, reference_spec
 
 OWNER = "prod/shop"
 
-REFERENCE_INDEXES: list[dict[str, Any]] = [
-    {"name": "idx_ai_accounts_available_category", "table": "ai_accounts",
-     "columns": [{"name": "category_id"}, {"name": "sold_count", "order": "desc"}], "where": "is_available = true"},
-    {"name": "idx_seller_products_available_approved", "table": "seller_products",
-     "columns": [{"name": "category_id"}, {"name": "sold_count", "order": "desc"}],
-     "where": "is_available = true AND is_approved = true"},
-    {"name": "idx_seller_orders_seller_status", "table": "seller_orders",
-     "columns": [{"name": "seller_id"}, {"name": "status"}, {"name": "created_at", "order": "desc"}]},
-    {"name": "idx_search_history_user_recent", "table": "search_history",
-     "columns": [{"name": "user_id"}, {"name": "created_at", "order": "desc"}]},
-    {"name": "idx_popular_searches_ranking", "table": "popular_searches",
-     "columns": [{"name": "search_count", "order": "desc"}], "include": ["query", "is_trending"]},
-]
-
-
 def spec(**overrides: Any) -> MarketplaceDBSpec:
-    data: dict[str, Any] = {
-        "database": {"host": "db", "dbname": "shop", "credentialsSecretRef": {"name": "owner"},
-                     "settings": {"work_mem": "64MB", "random_page_cost": "1.1"}},
-        "indexes": REFERENCE_INDEXES,
-        "materializedViews": [{"name": n, "query": q, "uniqueKey": list(workload.VIEW_UNIQUE_KEYS[n])}
-                              for n, q in workload.VIEW_QUERIES.items()],
-    }
-    data.update(overrides)
-    return MarketplaceDBSpec.model_validate(data)
+    database = {"host": "db", "dbname": "shop", "credentialsSecretRef": {"name": "owner"},
+                "settings": {"work_mem": "64MB", "random_page_cost": "1.1"}}
+    return MarketplaceDBSpec.model_validate(reference_spec(database, **overrides))
 
 
 def desired(**overrides: Any) -> Desired:

@@ -141,7 +141,7 @@ def test_install_yaml_rbac_matches_the_chart_in_every_scope() -> None:
 def test_every_kind_the_gateway_serves_is_declared() -> None:
     """A kind added to the gateway's table without its RBAC need would fail with 403 in a cluster."""
     declared = {(group, resource) for group, resource, _ in kube.RBAC_NEEDS}
-    for (api_version, _kind), (_prefix, plural) in kube.RESOURCES.items():
+    for (api_version, _kind), plural in kube.RESOURCES.items():
         group = api_version.rpartition("/")[0]
         assert (group, plural) in declared, plural
     verbs = {resource: set(v) for _, resource, v in kube.RBAC_NEEDS}

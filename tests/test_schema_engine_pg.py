@@ -21,25 +21,14 @@ from marketplacedb_operator.gateways.postgres import schema as gateway
 from marketplacedb_operator.sql import ddl, report
 from marketplacedb_operator.sql.catalog import Catalog
 from marketplacedb_operator.sql.plan import Desired, ExecutionPolicy, desired_state, plan, teardown_plan
+from schema_fixtures import REFERENCE_INDEXES, reference_spec
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "marketplacedb.yaml"
 OWNER = "default/shop"
 FAST = ExecutionPolicy(lock_timeout_seconds=2.0, statement_timeout_seconds=120.0, index_lock_timeout_seconds=20.0,
                        retries=2, retry_base_seconds=0.1)
 
-INDEXES: list[dict[str, Any]] = [
-    {"name": "idx_ai_accounts_available_category", "table": "ai_accounts",
-     "columns": [{"name": "category_id"}, {"name": "sold_count", "order": "desc"}], "where": "is_available = true"},
-    {"name": "idx_seller_products_available_approved", "table": "seller_products",
-     "columns": [{"name": "category_id"}, {"name": "sold_count", "order": "desc"}],
-     "where": "is_available = true AND is_approved = true"},
-    {"name": "idx_seller_orders_seller_status", "table": "seller_orders",
-     "columns": [{"name": "seller_id"}, {"name": "status"}, {"name": "created_at", "order": "desc"}]},
-    {"name": "idx_search_history_user_recent", "table": "search_history",
-     "columns": [{"name": "user_id"}, {"name": "created_at", "order": "desc"}]},
-    {"name": "idx_popular_searches_ranking", "table": "popular_searches",
-     "columns": [{"name": "search_count", "order": "desc"}], "include": ["query", "is_trending"]},
-]
+INDEXES = REFERENCE_INDEXES  # the name the modules importing from here use
 
 
 def reference_document(**spec_overrides: Any) -> dict[str, Any]:
@@ -48,18 +37,10 @@ def reference_document(**spec_overrides: Any) -> dict[str, Any]:
     if EXAMPLE.exists() and not spec_overrides:
         docs = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d and d.get("kind") == "MarketplaceDB"]
         return dict(docs[0])
-    spec: dict[str, Any] = {
-        "database": {"host": "postgres.prod.svc", "dbname": "marketplace", "credentialsSecretRef": {"name": "owner"},
-                     "settings": {"work_mem": "64MB", "random_page_cost": "1.1", "effective_cache_size": "6GB"}},
-        "ddl": {"lockTimeout": "2s"},
-        "indexes": INDEXES,
-        "materializedViews": [
-            {"name": name, "query": query, "uniqueKey": list(workload.VIEW_UNIQUE_KEYS[name]),
-             "refresh": {"schedule": "*/5 * * * *"}}
-            for name, query in workload.VIEW_QUERIES.items()
-        ],
-    }
-    spec.update(spec_overrides)
+    database = {"host": "postgres.prod.svc", "dbname": "marketplace", "credentialsSecretRef": {"name": "owner"},
+                "settings": {"work_mem": "64MB", "random_page_cost": "1.1", "effective_cache_size": "6GB"}}
+    spec = reference_spec(database, refresh={"schedule": "*/5 * * * *"},
+                          **{"ddl": {"lockTimeout": "2s"}, **spec_overrides})
     return {"apiVersion": "marketplacedb.io/v1alpha1", "kind": "MarketplaceDB",
             "metadata": {"name": "shop", "namespace": "default"}, "spec": spec}
 
@@ -566,3 +547,30 @@ def test_view_key_must_be_a_returned_column(workload_db: FreshDatabase) -> None:
     with workload_db.connect() as conn:
         assert gateway.check_view_columns(conn, "SELECT id, name AS label FROM categories") == ["id", "label"]
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_lock_timeout_retries_wait_by_the_shared_backoff_policy(workload_db: FreshDatabase) -> None:
+    """A DROP that times out on a reader's lock is retried after backoff.delay(): the step capped by
+    nothing but the retry count, jittered between half of it and all of it (the reconcile backoff's
+    policy), never the 1.5x overshoot the runner had on its own."""
+    import random
+
+    from marketplacedb_operator import backoff
+
+    views = [{"name": "mv_category_counts", "query": workload.VIEW_QUERIES["mv_category_counts"],
+              "uniqueKey": list(workload.VIEW_UNIQUE_KEYS["mv_category_counts"])}]
+    d = desired_state(the_spec(indexes=[], materializedViews=views, ddl={"deletionPolicy": "Drop"}), OWNER)
+    assert all(o.ok for o in apply(workload_db, d))
+    policy = ExecutionPolicy(lock_timeout_seconds=0.2, statement_timeout_seconds=30, index_lock_timeout_seconds=1,
+                             retries=3, retry_base_seconds=1.0)
+    slept: list[float] = []
+    with psycopg.connect(workload_db.superuser_dsn) as reader, workload_db.connect() as conn:
+        reader.execute("SELECT count(*) FROM public.mv_category_counts")  # ACCESS SHARE until rollback
+        outcomes = gateway.execute(conn, teardown_plan(d, gateway.observe(conn, d)), policy,
+                                   sleep=slept.append, rng=random.Random(20))
+        reader.rollback()
+    failed = [o for o in outcomes if not o.ok]
+    assert failed and "lock" in failed[0].message.lower() and failed[0].attempts == 4, outcomes
+    expected = random.Random(20)
+    assert slept == [backoff.delay(1.0, attempt, rng=expected) for attempt in range(3)]
+    assert all(2**attempt / 2 <= pause <= 2**attempt for attempt, pause in enumerate(slept))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import jsonschema
@@ -26,23 +25,6 @@ from marketplacedb_operator.redact import (
 )
 from marketplacedb_operator.settings import Settings
 from security_env import NS, FakePostgres, Sec, resource, sec_env, secret
-
-SETTINGS = Settings(connect_timeout_seconds=3, resync_seconds=1)
-
-
-@pytest.fixture
-async def sec(kube_api: Any, kube_objects: Any, kube_client: Any) -> AsyncIterator[Sec]:
-    async with sec_env(kube_api, kube_objects, kube_client, SETTINGS) as env:
-        yield env
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakePostgres]:
-    server = await FakePostgres().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def _cert_like() -> tuple[str, str]:

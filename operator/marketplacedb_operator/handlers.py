@@ -24,6 +24,7 @@ import kopf
 
 from . import naming, webhook
 from .background import Background
+from .backoff import delay as backoff_delay
 from .ports import Deps
 from .reconcile import Outcome, reconcile
 from .teardown import teardown
@@ -139,10 +140,9 @@ def _teardown_deadline(body: kopf.Body, deps: Deps, state: ResourceState) -> flo
 
 
 def backoff(deps: Deps, failures: int) -> float:
-    """Exponential backoff with full jitter, bounded: no hot loop against a dead database."""
+    """Exponential backoff with jitter, bounded (backoff.py, the one policy): no hot loop against a dead database."""
     settings = deps.settings
-    ceiling: float = min(settings.max_backoff_seconds, settings.retry_base_seconds * 2.0 ** min(failures - 1, 16))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+    return backoff_delay(settings.retry_base_seconds, failures - 1, settings.max_backoff_seconds)
 
 
 class SeenMarkerStorage(kopf.DiffBaseStorage):

@@ -22,35 +22,33 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .pooler_console import AdminConsole, AdminError
 
+Column = tuple[str, str, float]  # (metric suffix, kind, factor)
+
+
+def _columns(kind: str, factor: float, suffixes: dict[str, str]) -> dict[str, Column]:
+    """SHOW columns of one kind and scale: column -> (metric suffix, kind, factor)."""
+    return {column: (suffix, kind, factor) for column, suffix in suffixes.items()}
+
+
 # SHOW <command>: labels, then column -> (metric suffix, kind, factor), as in pgbouncer_exporter.
-_COLUMNS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, str, float]]]] = {
-    "pools": (("database",), {
-        "cl_active": ("client_active_connections", "gauge", 1),
-        "cl_waiting": ("client_waiting_connections", "gauge", 1),
-        "sv_active": ("server_active_connections", "gauge", 1),
-        "sv_idle": ("server_idle_connections", "gauge", 1),
-        "sv_used": ("server_used_connections", "gauge", 1),
-        "sv_tested": ("server_testing_connections", "gauge", 1),
-        "sv_login": ("server_login_connections", "gauge", 1),
-        "maxwait": ("client_maxwait_seconds", "gauge", 1),
-    }),
+_COLUMNS: dict[str, tuple[tuple[str, ...], dict[str, Column]]] = {
+    "pools": (("database",), _columns("gauge", 1, {
+        "cl_active": "client_active_connections", "cl_waiting": "client_waiting_connections",
+        "sv_active": "server_active_connections", "sv_idle": "server_idle_connections",
+        "sv_used": "server_used_connections", "sv_tested": "server_testing_connections",
+        "sv_login": "server_login_connections", "maxwait": "client_maxwait_seconds",
+    })),
     "stats_totals": (("database",), {
-        "xact_count": ("sql_transactions_pooled", "counter", 1),
-        "query_count": ("queries_pooled", "counter", 1),
-        "bytes_received": ("received_bytes", "counter", 1),
-        "bytes_sent": ("sent_bytes", "counter", 1),
-        "xact_time": ("server_in_transaction_seconds", "counter", 1e-6),
-        "query_time": ("queries_duration_seconds", "counter", 1e-6),
-        "wait_time": ("client_wait_seconds", "counter", 1e-6),
+        **_columns("counter", 1, {"xact_count": "sql_transactions_pooled", "query_count": "queries_pooled",
+                                  "bytes_received": "received_bytes", "bytes_sent": "sent_bytes"}),
+        # PgBouncer counts these in microseconds.
+        **_columns("counter", 1e-6, {"xact_time": "server_in_transaction_seconds",
+                                     "query_time": "queries_duration_seconds", "wait_time": "client_wait_seconds"}),
     }),
-    "databases": (("name", "database"), {
-        "pool_size": ("pool_size", "gauge", 1),
-        "reserve_pool": ("reserve_pool", "gauge", 1),
-        "max_connections": ("max_connections", "gauge", 1),
-        "current_connections": ("current_connections", "gauge", 1),
-        "paused": ("paused", "gauge", 1),
-        "disabled": ("disabled", "gauge", 1),
-    }),
+    "databases": (("name", "database"), _columns("gauge", 1, {
+        "pool_size": "pool_size", "reserve_pool": "reserve_pool", "max_connections": "max_connections",
+        "current_connections": "current_connections", "paused": "paused", "disabled": "disabled",
+    })),
 }
 
 
@@ -87,7 +85,7 @@ class PgBouncerCollector(Collector):
         yield GaugeMetricFamily("pgbouncer_up", "The pgbouncer scrape succeeded", value=up)
 
     @staticmethod
-    def _table(command: str, labels: tuple[str, ...], columns: dict[str, tuple[str, str, float]],
+    def _table(command: str, labels: tuple[str, ...], columns: dict[str, Column],
                rows: list[dict[str, Any]]) -> Iterator[Metric]:
         for column, (suffix, kind, factor) in columns.items():
             name = f"pgbouncer_{command}_{suffix}"

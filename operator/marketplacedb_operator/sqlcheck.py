@@ -127,36 +127,51 @@ def _boolean_problem(node: Any) -> str | None:
     return f"must be a boolean expression, found {what} (write e.g. `col = true` or `col IS TRUE`)"
 
 
-def normalize_predicate(expression: str) -> str:
-    """A boolean expression for a partial index's WHERE, deparsed; SqlCheckError otherwise."""
-    # Parsed client-side only, never sent: the expression is wrapped so the grammar can place it,
-    # and what reaches the database is the deparsed predicate returned below.
-    result = _parse(_PREDICATE_PREFIX + expression)
+def _prefixed_select(prefix: str, expression: str, plain: str) -> tuple[Any, Any]:
+    """(parse result, SelectStmt) of `prefix + expression`: parsed client-side only, never sent. The
+    prefix lets the grammar place the expression; what reaches the database is the deparse."""
+    result = _parse(prefix + expression)
     if len(result.stmts) != 1:
         raise SqlCheckError("must be one expression, not several statements")
     stmt = result.stmts[0].stmt
     if stmt.WhichOneof("node") != "select_stmt":  # pragma: no cover - the prefix makes it a SELECT
-        raise SqlCheckError("must be a plain boolean expression")
-    select = stmt.select_stmt
-    if not select.HasField("where_clause"):
-        raise SqlCheckError("must not be empty")
-    extra = sorted(f.name for f, _ in select.ListFields() if f.name not in _PREDICATE_FIELDS)
+        raise SqlCheckError(f"must be {plain}")
+    return result, stmt.select_stmt
+
+
+def _no_trailing_clause(select: Any, fields: set[str], plain: str) -> None:
+    """Fields beyond `fields` (FROM, ORDER BY, a set operation...) were smuggled in after the expression."""
+    extra = sorted(f.name for f, _ in select.ListFields() if f.name not in fields)
     if extra or select.op != _SETOP_NONE:
         clauses = ", ".join(_CLAUSES.get(name, name.removesuffix("_clause").upper()) for name in extra)
-        raise SqlCheckError(f"must be a plain boolean expression, found a trailing clause ({clauses or 'set op'})")
-    kinds = _nodes(select.where_clause)
+        raise SqlCheckError(f"must be {plain}, found a trailing clause ({clauses or 'set op'})")
+
+
+def _no_subquery_or_parameter(kinds: set[str], what: str) -> None:
     if "SubLink" in kinds:
-        raise SqlCheckError("subqueries are not allowed in an index predicate")
+        raise SqlCheckError(f"subqueries are not allowed in an index {what}")
     if "ParamRef" in kinds:
-        raise SqlCheckError("has a parameter ($1): an index predicate takes no parameters")
+        raise SqlCheckError(f"has a parameter ($1): an index {what} takes no parameters")
+
+
+def _without_prefix(result: Any, prefix: str) -> str:
+    deparsed = _deparse(result)
+    if not deparsed.startswith(prefix):  # pragma: no cover - libpg_query contract
+        raise SqlCheckError("could not be normalized")
+    return deparsed[len(prefix):]
+
+
+def normalize_predicate(expression: str) -> str:
+    """A boolean expression for a partial index's WHERE, deparsed; SqlCheckError otherwise."""
+    result, select = _prefixed_select(_PREDICATE_PREFIX, expression, "a plain boolean expression")
+    if not select.HasField("where_clause"):
+        raise SqlCheckError("must not be empty")
+    _no_trailing_clause(select, _PREDICATE_FIELDS, "a plain boolean expression")
+    _no_subquery_or_parameter(_nodes(select.where_clause), "predicate")
     problem = _boolean_problem(select.where_clause)
     if problem:
         raise SqlCheckError(problem)
-    deparsed = _deparse(result)
-    prefix = _PREDICATE_PREFIX
-    if not deparsed.startswith(prefix):  # pragma: no cover - libpg_query contract
-        raise SqlCheckError("could not be normalized")
-    return deparsed[len(prefix) :]
+    return _without_prefix(result, _PREDICATE_PREFIX)
 
 
 _EXPRESSION_PREFIX = "SELECT "
@@ -167,30 +182,15 @@ _EXPRESSION_FIELDS = {"target_list", "op", "limit_option"}
 def normalize_expression(expression: str) -> str:
     """One scalar expression for an index key column (`lower(email)`, `(attributes ->> 'brand')`),
     deparsed; SqlCheckError otherwise. The server still decides whether it is immutable."""
-    result = _parse(_EXPRESSION_PREFIX + expression)
-    if len(result.stmts) != 1:
-        raise SqlCheckError("must be one expression, not several statements")
-    stmt = result.stmts[0].stmt
-    if stmt.WhichOneof("node") != "select_stmt":  # pragma: no cover - the prefix makes it a SELECT
-        raise SqlCheckError("must be a plain expression")
-    select = stmt.select_stmt
-    extra = sorted(f.name for f, _ in select.ListFields() if f.name not in _EXPRESSION_FIELDS)
-    if extra or select.op != _SETOP_NONE:
-        clauses = ", ".join(_CLAUSES.get(name, name.removesuffix("_clause").upper()) for name in extra)
-        raise SqlCheckError(f"must be one plain expression, found a trailing clause ({clauses or 'set op'})")
+    result, select = _prefixed_select(_EXPRESSION_PREFIX, expression, "a plain expression")
+    _no_trailing_clause(select, _EXPRESSION_FIELDS, "one plain expression")
     if len(select.target_list) != 1:
         raise SqlCheckError(f"must be exactly one expression, found {len(select.target_list)}")
     target = select.target_list[0].res_target
     if target.name:
         raise SqlCheckError("must not carry an alias (AS ...)")
     kinds = _nodes(target.val)
-    if "SubLink" in kinds:
-        raise SqlCheckError("subqueries are not allowed in an index expression")
-    if "ParamRef" in kinds:
-        raise SqlCheckError("has a parameter ($1): an index expression takes no parameters")
+    _no_subquery_or_parameter(kinds, "expression")
     if "A_Star" in kinds:
         raise SqlCheckError("`*` is not an expression")
-    deparsed = _deparse(result)
-    if not deparsed.startswith(_EXPRESSION_PREFIX):  # pragma: no cover - libpg_query contract
-        raise SqlCheckError("could not be normalized")
-    return deparsed[len(_EXPRESSION_PREFIX):]
+    return _without_prefix(result, _EXPRESSION_PREFIX)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Literal
 
 _INT_MAX = 2**31 - 1
@@ -163,3 +164,21 @@ def check_named(table: dict[str, Param], name: str, value: object, what: str) ->
     if param is None:
         raise ValueError(f"{name!r} is not an allowed {what} (allowed: {', '.join(sorted(table))})")
     return check_value(param, value)
+
+
+# PgBouncer settings the pooler spec has fields for: a parameter may not set them behind the fields' back.
+POOLER_FIELDS = ("pool_mode", "max_client_conn", "default_pool_size")
+
+
+def check_pooler_parameters(values: Mapping[str, object]) -> dict[str, str]:
+    """spec.pooler.parameters checked by name, sorted; ValueError "<name>: why" for the first bad one.
+    Used by the model and again by the renderer (defence in depth: a model may be built unvalidated)."""
+    checked: dict[str, str] = {}
+    for name, raw in values.items():
+        if name in POOLER_FIELDS:
+            raise ValueError(f"{name}: {name!r} is a field of the pooler (poolMode, maxClientConn, defaultPoolSize)")
+        try:
+            checked[name] = check_named(PGBOUNCER_PARAMETERS, name, raw, "pooler parameter")
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return dict(sorted(checked.items()))

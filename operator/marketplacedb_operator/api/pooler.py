@@ -10,8 +10,8 @@ from pydantic import (
 )
 
 from .bounds import cel
-from .parameters import PGBOUNCER_PARAMETERS, check_named
-from .spec import SecretRef
+from .database import SecretRef
+from .parameters import PGBOUNCER_PARAMETERS, check_pooler_parameters
 from .types import DnsName, Model, in_list
 
 # --- pooler -----------------------------------------------------------------------------------
@@ -177,12 +177,5 @@ class PoolerSpec(Model):
     @field_validator("parameters")
     @classmethod
     def _parameters(cls, value: dict[str, int | str]) -> dict[str, int | str]:
-        checked: dict[str, int | str] = {}
-        for name, raw in value.items():
-            if name in ("pool_mode", "max_client_conn", "default_pool_size"):
-                raise ValueError(f"{name!r} is a field of the pooler (poolMode, maxClientConn, defaultPoolSize)")
-            try:
-                checked[name] = check_named(PGBOUNCER_PARAMETERS, name, raw, "pooler parameter")
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        return dict(sorted(checked.items()))
+        checked: dict[str, int | str] = {**check_pooler_parameters(value)}
+        return checked

@@ -5,7 +5,7 @@ identifier, duration, cron and port types, and helpers for CEL rules and list ma
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from croniter import croniter
 from pydantic import (
@@ -162,3 +162,17 @@ def check_unique(items: list[Any], key: str, what: str) -> None:
         if value in seen:
             raise ValueError(f"duplicate {what} {value!r}")
         seen.add(value)
+
+
+def not_temporary(value: str) -> str:
+    # The schema engine builds replacements as <name>__new, parks replaced indexes as <name>__old and
+    # names a view's unique index <view>__key: a declared name of that form would collide with another
+    # declared object's temporary name.
+    for suffix in ("__new", "__old", "__key"):
+        if value.endswith(suffix):
+            raise ValueError(f"{value!r} ends in {suffix!r}, reserved for the operator's temporary names")
+    return value
+
+
+# What to do with an existing object of a declared name that the operator did not create.
+AdoptPolicy = Literal["IfIdentical", "Replace"]

@@ -6,7 +6,8 @@ Field descriptions become `kubectl explain` text and the README's resource refer
 
 The models are split by part, and this module assembles the resource and re-exports them all
 (import from here): types.py (the base Model and shared field types), spec.py (database, DDL,
-indexes, materialized views), pooler.py, probes.py and status.py.
+indexes, materialized views; itself split into database.py, indexes.py and views.py), pooler.py,
+probes.py and status.py.
 """
 
 from __future__ import annotations

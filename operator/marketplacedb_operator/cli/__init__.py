@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..settings import SettingsError
 from . import demo, doctor, manifest, pooler, render, run
 from . import install as install_cli
 from . import refresh as refresh_cli
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except SettingsError as exc:  # a bad MARKETPLACEDB_* variable, whichever command read it: one line
+        print(f"marketplacedb: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -45,7 +45,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any] | None:
         values["image"].update(repository=repository, tag=tag)
     if args.image_pull_policy:
         values["image"]["pullPolicy"] = args.image_pull_policy
-    Settings(image_pull_secrets=tuple(args.image_pull_secret))  # the operator's own check, now, not at start-up
+    Settings.checked(image_pull_secrets=tuple(args.image_pull_secret))  # the operator's own check, now, not at start-up
     values["imagePullSecrets"] = [{"name": name} for name in args.image_pull_secret]
     return values
 

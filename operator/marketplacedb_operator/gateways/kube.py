@@ -5,33 +5,64 @@ over by name) and updated by server-side apply with the field manager `marketpla
 probe fields on application Deployments use one field manager per MarketplaceDB and no force, so
 a field someone else owns is a conflict, not a takeover
 (https://kubernetes.io/docs/reference/using-api/server-side-apply/#conflicts).
+
+Calls go through the client's discovery-based dynamic client (`kubernetes.dynamic`): URLs and
+plurals come from the server's discovery documents, and `server_side_apply(field_manager=...,
+force_conflicts=...)` is the apply PATCH. It was tried against the test suite's KMock emulator
+(tests/harness/kube.py) and works there: KMock serves discovery for the kinds it is given, and the
+harness makes apply create a missing object and honours label selectors, as an API server does, so
+the product keeps no emulator workaround (the old 404-then-POST fallback on apply and the client-side
+label filter are gone). Three choices around the dynamic client, each for a reason:
+
+- Discovery stays in memory. Its default LazyDiscoverer reads and writes a cache file named after
+  the API URL in the shared temp directory (`/tmp/osrcp-<md5 of the URL>.json`): a file another
+  local user could plant to redirect writes, and one a read-only root filesystem cannot hold.
+- Resolved resources are kept per kind under a lock (kopf runs sync handlers in threads; the
+  discoverer's cache is not thread-safe), and a kind the server does not serve (ServiceMonitor
+  without the Prometheus Operator) is remembered as absent for MISSING_TTL_SECONDS: the dynamic
+  client answers each such lookup with a full re-discovery, which `sync_owned` would otherwise
+  trigger on every reconcile of every resource. Reads of an absent kind find nothing, as a 404 did.
+- RESOURCES stays, as the allow-list of kinds the operator touches and the plural its RBAC grant
+  names (tests/test_rbac.py); discovery must agree with it, or the call is refused here rather
+  than failing with 403 in a cluster.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import urllib.parse
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.discovery import LazyDiscoverer
+from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+from kubernetes.dynamic.resource import Resource
 
 from .. import naming
 
 log = logging.getLogger(__name__)
 
-# (apiVersion, kind) -> (path prefix, plural). Only the kinds the operator writes or reads;
-# RBAC in the chart is generated from RBAC_NEEDS below (see install.py).
-RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
-    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
-    ("v1", "Secret"): ("/api/v1", "secrets"),
-    ("v1", "Service"): ("/api/v1", "services"),
-    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
-    ("batch/v1", "CronJob"): ("/apis/batch/v1", "cronjobs"),
-    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
-    (naming.API_VERSION, naming.KIND): (f"/apis/{naming.API_VERSION}", naming.PLURAL),
+# (apiVersion, kind) -> plural: the only kinds the operator writes or reads, with the resource name
+# RBAC grants (the chart's RBAC is generated from RBAC_NEEDS below, see install.py).
+RESOURCES: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Secret"): "secrets",
+    ("v1", "Service"): "services",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "CronJob"): "cronjobs",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    (naming.API_VERSION, naming.KIND): naming.PLURAL,
 }
+# How long a kind the server does not serve is taken as absent before discovery is asked again
+# (a CRD installed later, e.g. the Prometheus Operator's, is picked up within this).
+MISSING_TTL_SECONDS = 300.0
 
 # What this gateway's calls need from RBAC: (apiGroup, resource, verbs). install.py builds the
 # chart's and deploy/install.yaml's Role/ClusterRole from this list (and kopf's in handlers.py);
@@ -65,111 +96,138 @@ class KubeError(Exception):
         self.status = status
 
 
-def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
-    try:
-        prefix, plural = RESOURCES[(api_version, kind)]
-    except KeyError:
-        raise KubeError(0, f"the operator does not manage {kind} ({api_version})") from None
-    path = f"{prefix}/namespaces/{urllib.parse.quote(namespace)}/{plural}"
-    return f"{path}/{urllib.parse.quote(name)}" if name else path
+class _MemoryDiscoverer(LazyDiscoverer):
+    """LazyDiscoverer without its file cache (module docstring): discovery lives in this process."""
+
+    def _write_cache(self) -> None:
+        return None
+
+
+def _raw(_client: Any, data: Any) -> Any:
+    """The dynamic client's serializer: the parsed JSON as is (plain dicts, no ResourceInstance)."""
+    return data
 
 
 class KubeGateway:
     """Synchronous calls through the official client (kopf runs sync handlers in threads)."""
 
-    def __init__(self, api_client: k8s.ApiClient) -> None:
+    def __init__(self, api_client: k8s.ApiClient, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._api = api_client
+        self._monotonic = monotonic
+        self._dynamic: DynamicClient | None = None  # discovery on first use, not at construction
+        self._lock = threading.Lock()
+        self._resources: dict[tuple[str, str], Resource] = {}
+        self._missing: dict[tuple[str, str], float] = {}  # kind -> when it was found not served
         self.writes = 0  # API writes made, for the "idle resync writes nothing" check and metrics
 
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: list[tuple[str, str]] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-    ) -> dict[str, Any] | None:
-        """One request; the parsed JSON body, None on 404, KubeError on other failures."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        method_, url, headers_, body_, _ = self._api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        if method != "GET":
-            self.writes += 1
-        response = self._api.call_api(method_, url, header_params=headers_, body=body_)
-        data: bytes = response.read()  # type: ignore[no-untyped-call]
-        if response.status == 404:
-            return None
-        if not 200 <= response.status < 300:
-            raise KubeError(response.status, _message(data))
-        parsed: dict[str, Any] = json.loads(data) if data else {}
-        return parsed
+    def _resource(self, api_version: str, kind: str) -> Resource | None:
+        """The served resource of a kind the operator manages; None when the server does not serve it."""
+        key = (api_version, kind)
+        if key not in RESOURCES:
+            raise KubeError(0, f"the operator does not manage {kind} ({api_version})")
+        with self._lock:
+            if key in self._resources:
+                return self._resources[key]
+            if key in self._missing and self._monotonic() - self._missing[key] < MISSING_TTL_SECONDS:
+                return None
+            try:
+                dynamic = self._dynamic = self._dynamic or _call(self._discover)
+                found: Resource = _call(lambda: dynamic.resources.get(api_version=api_version, kind=kind))
+            except ResourceNotFoundError:
+                self._missing[key] = self._monotonic()
+                return None
+            if found.name != RESOURCES[key]:
+                raise KubeError(0, f"the server serves {kind} ({api_version}) as {found.name!r}, "
+                                   f"not {RESOURCES[key]!r} as the operator's RBAC grants")
+            self._resources[key] = found
+            return found
+
+    def _discover(self) -> DynamicClient:
+        # A cache path that never exists: nothing is read from (or written to) the temp directory.
+        nowhere = Path("/nonexistent") / f"marketplacedb-{uuid.uuid4().hex}.json"
+        return DynamicClient(self._api, cache_file=str(nowhere), discoverer=_MemoryDiscoverer)  # type: ignore[no-untyped-call]
+
+    def _served(self, api_version: str, kind: str, name: str) -> Resource:
+        resource = self._resource(api_version, kind)
+        if resource is None:
+            raise KubeError(404, f"cannot write {kind} {name}: resource type not served")
+        return resource
 
     def apply(
         self, obj: dict[str, Any], *, field_manager: str = naming.FIELD_MANAGER, force: bool = True
     ) -> dict[str, Any]:
-        """Server-side apply. force: the operator is the authority for its owned objects' fields
-        (callers checked the controller ownerReference first); probes apply without it."""
+        """Server-side apply (creates a missing object). force: the operator is the authority for its
+        owned objects' fields (callers checked the controller ownerReference first); probes apply without it."""
         meta = obj["metadata"]
-        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        query = [("fieldManager", field_manager)] + ([("force", "true")] if force else [])
-        result = self._call("PATCH", path, query=query, body=obj, content_type="application/apply-patch+yaml")
-        if result is None:
-            # A real API server creates on apply; API emulators answer 404 for a missing
-            # object, so create it (same body, same field manager).
-            created = self._call(
-                "POST",
-                _path(obj["apiVersion"], obj["kind"], meta["namespace"]),
-                query=[("fieldManager", field_manager)],
-                body=obj,
-            )
-            if created is None:
-                raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
-            result = created
+        resource = self._served(obj["apiVersion"], obj["kind"], meta["name"])
+        self.writes += 1
+        result: dict[str, Any] = _call(lambda: resource.server_side_apply(
+            body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=field_manager,
+            force_conflicts=True if force else None, serializer=_raw))
         return result
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create; KubeError 409 when the name is taken (never a takeover)."""
         meta = obj["metadata"]
-        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"])
-        created = self._call("POST", path, query=[("fieldManager", naming.FIELD_MANAGER)], body=obj)
-        if created is None:
-            raise KubeError(404, f"cannot create {obj['kind']} {meta['name']}: resource type not served")
+        resource = self._served(obj["apiVersion"], obj["kind"], meta["name"])
+        self.writes += 1
+        created: dict[str, Any] = _call(lambda: resource.create(
+            body=obj, namespace=meta["namespace"], field_manager=naming.FIELD_MANAGER, serializer=_raw))
         return created
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replace the status (merge patch on the status subresource; lists are replaced whole)."""
-        path = _path(naming.API_VERSION, naming.KIND, namespace, name) + "/status"
-        self._call("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
+        resource = self._served(naming.API_VERSION, naming.KIND, name)
+        self.writes += 1
+        _call(lambda: resource.status.patch(body={"status": status}, name=name, namespace=namespace,
+                                            content_type="application/merge-patch+json", serializer=_raw))
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._call("GET", _path(api_version, kind, namespace, name))
+        resource = self._resource(api_version, kind)
+        if resource is None:
+            return None
+        found: dict[str, Any] | None = _call(lambda: resource.get(name=name, namespace=namespace, serializer=_raw),
+                                             missing=None)
+        return found
 
     def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
+        resource = self._resource(api_version, kind)
+        if resource is None:
+            return []
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        result = self._call("GET", _path(api_version, kind, namespace), query=[("labelSelector", label_selector)])
-        items: list[dict[str, Any]] = (result or {}).get("items", [])
-        # Emulators may ignore labelSelector: filter here too (a no-op on a real server).
-        return [i for i in items if _matches(i, selector)]
+        result = _call(lambda: resource.get(namespace=namespace, label_selector=label_selector, serializer=_raw),
+                       missing=None)
+        items: list[dict[str, Any]] = (result or {}).get("items") or []
+        return items
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """True when something was deleted; a missing object is not an error."""
-        return self._call("DELETE", _path(api_version, kind, namespace, name)) is not None
+        """True when something was deleted; a missing object (or kind) is not an error."""
+        resource = self._resource(api_version, kind)
+        if resource is None:
+            return False
+        self.writes += 1
+        return _call(lambda: resource.delete(name=name, namespace=namespace, serializer=_raw), missing=None) is not None
 
 
-def _matches(obj: dict[str, Any], selector: dict[str, str]) -> bool:
-    labels = obj.get("metadata", {}).get("labels") or {}
-    return all(labels.get(k) == v for k, v in selector.items())
+_RAISE = object()
 
 
-def _message(data: bytes) -> str:
+def _call(request: Callable[[], Any], missing: Any = _RAISE) -> Any:
+    """One request; `missing` on 404 when given, else KubeError with the server's message only (the
+    dynamic client's own exception text quotes the whole response body and headers)."""
+    try:
+        return request()
+    except DynamicApiError as exc:
+        if exc.status == 404 and missing is not _RAISE:
+            return missing
+        raise KubeError(int(exc.status or 0), _message(exc.body)) from None
+
+
+def _message(data: bytes | str | None) -> str:
+    if not data:
+        return ""
     try:
         return str(json.loads(data).get("message", ""))[:500]
     except (ValueError, AttributeError):
-        return data[:200].decode(errors="replace")
+        text = data if isinstance(data, str) else data.decode(errors="replace")
+        return text[:200]

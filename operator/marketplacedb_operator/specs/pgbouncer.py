@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from ..api.parameters import PGBOUNCER_PARAMETERS, check_named
+from ..api.parameters import PGBOUNCER_PARAMETERS, check_pooler_parameters
 from ..api.v1alpha1 import MarketplaceDBSpec, PoolerBudget
 from . import db_tls
 from .meta import content_hash
@@ -86,16 +86,10 @@ def unsupported_parameters(keys: Iterable[str], version: tuple[int, ...]) -> lis
 
 def checked_parameters(spec: MarketplaceDBSpec) -> dict[str, str]:
     """`spec.pooler.parameters` checked again (defence in depth: a model may be built unvalidated)."""
-    checked: dict[str, str] = {}
-    for name, raw in spec.pooler.parameters.items():
-        field = f"spec.pooler.parameters.{name}"
-        if name in ("pool_mode", "max_client_conn", "default_pool_size"):
-            raise PoolerConfigError(f"{field}: set through poolMode, maxClientConn or defaultPoolSize")
-        try:
-            checked[name] = check_named(PGBOUNCER_PARAMETERS, name, raw, "pooler parameter")
-        except ValueError as exc:
-            raise PoolerConfigError(f"{field}: {exc}") from None
-    return checked
+    try:
+        return check_pooler_parameters(spec.pooler.parameters)
+    except ValueError as exc:  # "<name>: why"
+        raise PoolerConfigError(f"spec.pooler.parameters.{exc}") from None
 
 
 def _safe(value: str, field: str, pattern: re.Pattern[str] = _SAFE_VALUE) -> str:

@@ -30,6 +30,7 @@ from .catalog_sql import (
     observe_query,
 )
 from .ddl import Marker, parse_marker
+from .settings_check import GucFacts
 from .view_calls import ViewCalls
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
@@ -58,8 +59,23 @@ def _record(value: Mapping[str, Any] | None) -> Record | None:
                   bool(value.get("pinned")))
 
 
+class _Recorded:
+    """What indexes and views share: a comment (maybe with our marker) and an ownership record."""
+
+    comment: str | None
+    record: Record | None
+
+    @property
+    def marker(self) -> Marker | None:
+        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
+        return parse_marker(self.comment)
+
+    def owned_by(self, owner: str) -> bool:
+        return self.record is not None and self.record.owner == owner
+
+
 @dataclasses.dataclass(frozen=True)
-class IndexInfo:
+class IndexInfo(_Recorded):
     schema: str
     name: str
     table_schema: str
@@ -84,14 +100,6 @@ class IndexInfo:
     clustered: bool = False  # CLUSTER ON mark
     in_tablespace: bool = False  # not in the database's default tablespace
 
-    @property
-    def marker(self) -> Marker | None:
-        """The COMMENT marker: for humans only, it proves nothing (see ownership.py)."""
-        return parse_marker(self.comment)
-
-    def owned_by(self, owner: str) -> bool:
-        return self.record is not None and self.record.owner == owner
-
 
 @dataclasses.dataclass(frozen=True)
 class Grant:
@@ -102,7 +110,7 @@ class Grant:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViewInfo:
+class ViewInfo(_Recorded):
     schema: str
     name: str
     definition: str
@@ -121,13 +129,6 @@ class ViewInfo:
     statistics: tuple[str, ...] = ()  # extended statistics objects on the view
     column_options: tuple[str, ...] = ()  # columns with a statistics target or attribute options
     default_grantees: tuple[str | None, ...] = ()  # what the operator's default privileges grant to
-
-    @property
-    def marker(self) -> Marker | None:
-        return parse_marker(self.comment)
-
-    def owned_by(self, owner: str) -> bool:
-        return self.record is not None and self.record.owner == owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,9 @@ class Catalog:
     # index, partition schema, partition). Read by gateway.observe (PARTITIONS, ATTACHED below).
     partitions: tuple[tuple[str, str, str, str, str], ...] = ()
     attached: tuple[tuple[str, str, str, str, str, str], ...] = ()
+    # pg_settings rows of the declared database settings (gateway: settings_check.GUC_FACTS); None when
+    # not read (a catalog built by hand), and then the plan does not confirm values against the server.
+    gucs: tuple[GucFacts, ...] | None = None
     # What each declared view's query calls and reads, as the server resolved it (sql/view_calls.py,
     # gateway refresh.analyze_views), and why a query could not be analyzed: {(schema, name): ...}.
     calls: tuple[tuple[tuple[str, str], ViewCalls], ...] = ()
@@ -217,6 +221,10 @@ class Catalog:
     @property
     def server(self) -> Mapping[str, str]:
         return dict(self.server_settings)
+
+    @property
+    def guc_facts(self) -> Mapping[str, GucFacts] | None:
+        return None if self.gucs is None else {g.name: g for g in self.gucs}
 
 
 # Installed extensions, and the available ones this role may create: a superuser any, otherwise a

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from .. import naming
 from ..api.v1alpha1 import MarketplaceDBSpec
 from ..sqlcheck import normalize_predicate, normalize_select
-from . import ddl, ownership, view_calls
+from . import ddl, ownership, settings_check, view_calls
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_indexes import drop_index_step, index_steps, sweepable
@@ -203,7 +203,10 @@ def plan(desired: Desired, observed: Catalog) -> Plan:
             continue
         found, conflict, note = index_steps(index, desired.owner, observed, declared)
         steps, conflicts, notes = steps + found, conflicts + conflict, notes + note
-    steps += _setting_steps(desired, observed)
+    # Settings go in whole or not at all: one value the server's pg_settings refuses blocks them all.
+    refused = settings_check.refused(desired.settings, observed.guc_facts)
+    steps += [] if refused else _setting_steps(desired, observed)
+    conflicts += refused
     indexes, views = _ours_not_declared(desired, observed)
     if desired.deletion_policy == "Drop":
         dropped, kept = _drop_owned_steps(desired.owner, indexes, views, "no longer declared (deletionPolicy: Drop)",

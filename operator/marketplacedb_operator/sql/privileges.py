@@ -93,7 +93,11 @@ def _schema_check(feature: str, schema: str, facts: Facts) -> Check:
         sql.Identifier(schema), sql.Identifier(facts.role.role)))
 
 
-def _ownership_grant(kind: str, schema: str, name: str, found: RelationFacts, role: str) -> sql.Composable:
+# The one keyword spliced with sql.SQL below: typed to these two, never a caller's string.
+RelationKind = Literal["TABLE", "MATERIALIZED VIEW"]
+
+
+def _ownership_grant(kind: RelationKind, schema: str, name: str, found: RelationFacts, role: str) -> sql.Composable:
     if found.owner and not found.owner_is_superuser:
         # Membership in the owning role: the owner's privileges without moving the table's ownership.
         return sql.SQL("GRANT {} TO {}").format(sql.Identifier(found.owner), sql.Identifier(role))

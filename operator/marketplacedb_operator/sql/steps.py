@@ -186,27 +186,26 @@ def foreign_reason(info: IndexInfo | ViewInfo, owner: str) -> str:
     return "not created or adopted by this operator"
 
 
-def index_drift(d: DesiredIndex, existing: IndexInfo) -> str:
-    """Why an index of ours no longer matches, or "" when it does."""
+def _drift(d: DesiredIndex | DesiredView, existing: IndexInfo | ViewInfo, declared_change: str) -> str:
+    """Why an object of ours no longer matches (its record against the spec and the catalog), or ""."""
     record = existing.record
     if record is None:
         return "no ownership record"
     if record.spec_hash != d.hash:
-        return "definition changed in the resource"
+        return declared_change
     if record.def_hash != existing.def_hash:
         return "changed by hand in the database"
     return ""
+
+
+def index_drift(d: DesiredIndex, existing: IndexInfo) -> str:
+    """Why an index of ours no longer matches, or "" when it does."""
+    return _drift(d, existing, "definition changed in the resource")
 
 
 def view_drift(d: DesiredView, existing: ViewInfo) -> str:
-    record = existing.record
-    if record is None:
-        return "no ownership record"
-    if record.spec_hash != d.hash:
-        return "query or unique key changed in the resource"
-    if record.def_hash != existing.def_hash:
-        return "changed by hand in the database"
-    return ""
+    """Why a materialized view of ours no longer matches, or "" when it does."""
+    return _drift(d, existing, "query or unique key changed in the resource")
 
 
 def relkind(kind: str) -> str:

@@ -15,6 +15,7 @@ from ...sql import ownership
 from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
 from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
+from ...sql.settings_check import GUC_FACTS, GucFacts
 from ...sqlcheck import normalize_select
 from .refresh import analyze_views
 
@@ -63,13 +64,15 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         tables = sorted({(d.spec.schema_name, d.spec.table) for d in desired.indexes})
         partitions = conn.execute(PARTITIONS, {"schemas": [s for s, _ in tables],
                                                "names": [n for _, n in tables]}).fetchall()
+        gucs = conn.execute(GUC_FACTS, {"names": [name for name, _ in desired.settings]}).fetchall()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
     if found is not None:
         catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
     catalog = dataclasses.replace(catalog, partitions=tuple(tuple(r) for r in partitions),
-                                  attached=_attached(conn, desired, catalog))
+                                  attached=_attached(conn, desired, catalog),
+                                  gucs=tuple(GucFacts.from_row(r) for r in gucs))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
     calls, unanalyzed = analyze_views(conn, desired, catalog)  # what each view's query calls (plan refusal)

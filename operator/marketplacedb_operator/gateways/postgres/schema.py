@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import errors, sql
 
+from ... import backoff
 from ...sql import ownership
 from ...sql.catalog import (
     BLOCKERS,
@@ -78,6 +79,8 @@ def check_view_columns(conn: Connection, query: str, timeout_seconds: float = 30
         conn.execute("SET TRANSACTION READ ONLY")
         conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
                      [str(max(1, round(timeout_seconds * 1000)))])
+        # The one verbatim SQL text: a whole SELECT cannot be composed from Identifiers/Literals; it
+        # is the parser's deparse of exactly one SELECT (normalize_select), run READ ONLY with LIMIT 0.
         cur = conn.execute(sql.SQL("SELECT * FROM ({}) AS mdb_view_check LIMIT 0").format(sql.SQL(text)))
         columns = [column.name for column in cur.description or ()]
         raise psycopg.Rollback()
@@ -100,11 +103,6 @@ def _set_timeouts(conn: Connection, lock_seconds: float, statement_seconds: floa
         "pg_catalog.set_config('statement_timeout', %s, false)",
         [str(max(1, round(lock_seconds * 1000))), str(max(1, round(statement_seconds * 1000)))],
     )
-
-
-def _backoff(policy: ExecutionPolicy, attempt: int, rng: random.Random) -> float:
-    # Full jitter around an exponential base, so several operators never retry in lockstep.
-    return float(policy.retry_base_seconds * (2**attempt) * rng.uniform(0.5, 1.5))
 
 
 def _lock_seconds(policy: ExecutionPolicy, step_policy: str) -> float:
@@ -163,7 +161,7 @@ class _Runner:
                         raise StepFailed(describe_error(exc)) from exc
                 if not retry or attempt >= self.policy.retries:
                     raise
-                self.sleep(_backoff(self.policy, attempt, self.rng))
+                self.sleep(backoff.delay(self.policy.retry_base_seconds, attempt, rng=self.rng))
 
     def wait_for_build(self, schema: str, table: str) -> None:
         """Before a CONCURRENTLY build: while sessions that would stall its wait phases are open
