@@ -493,6 +493,31 @@ def test_a_function_shadowed_in_the_user_schema_does_not_run_at_refresh(shop: An
     assert not granted[0], f"the planted helper() ran with the operator's role at refresh ({outcome.outcome})"
 
 
+def test_a_function_shadowed_in_the_user_schema_is_not_what_the_view_calls(shop: Any, planter: Any) -> None:
+    """The view's own query is resolved with the operator session's search_path ("$user", public):
+    a STABLE price_of(int) planted in the schema named after the operator's role (by another role
+    with CREATE on the database) wins over public.price_of; the plan accepts it (stable: skip off,
+    the rule names the planted schema) and the creating transaction runs it with the operator's role.
+    Its body calls a VOLATILE grab() (invisible: a body is not read), which grants itself a table."""
+    role, dsn = planter
+    run(shop, "CREATE FUNCTION price_of(p int) RETURNS int LANGUAGE sql STABLE AS 'SELECT p'")
+    grab = sql.SQL("BEGIN EXECUTE pg_catalog.format('GRANT SELECT ON public.prices TO %I', {role}); "
+                   "RETURN p; END").format(role=sql.Literal(role)).as_string(None)
+    stable = sql.SQL("BEGIN RETURN {}(p); END").format(sql.Identifier(shop.owner, "grab")).as_string(None)
+    with psycopg.connect(dsn, autocommit=True) as app:
+        app.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(shop.owner)))
+        app.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO PUBLIC").format(sql.Identifier(shop.owner)))
+        app.execute(sql.SQL("CREATE FUNCTION {}(p int) RETURNS int LANGUAGE plpgsql VOLATILE AS {}").format(
+            sql.Identifier(shop.owner, "grab"), sql.Literal(grab)))
+        app.execute(sql.SQL("CREATE FUNCTION {}(p int) RETURNS int LANGUAGE plpgsql STABLE AS {}").format(
+            sql.Identifier(shop.owner, "price_of"), sql.Literal(stable)))
+    _, outcomes, statuses = apply(shop, view("mv_priced", "SELECT id, price_of(id) AS n FROM products"))
+    with connect(shop) as conn:
+        granted = conn.execute("SELECT has_table_privilege(%s, 'public.prices', 'SELECT')", [role]).fetchone()
+    assert granted is not None
+    assert not granted[0], f"the planted price_of() ran at creation; rule: {statuses[0].refresh_rule}"
+
+
 # --- held: kept as regressions ------------------------------------------------------------------
 
 
