@@ -71,7 +71,8 @@ CLOCK_INPUTS: Final = ("timestamptz_in", "timestamp_in", "date_in", "time_in", "
 # refresh-time check (sql/refresh_sql.py OBSERVE): needs CTEs `rules (action)` (the rules' node
 # trees) and `base (oid, ...)` (base relations), defines `trees`, `fn` (name, volatility, builtin,
 # volatile, clock, untracked) and `svf` (name). Node trees walked, recursively (depth < 16):
-# * the rules, and the row-level security policies (USING) of base tables with RLS enabled;
+# * the rules, and the row-level security policies (USING) of base tables with RLS enabled (a
+#   policy reading another relation is reported untracked: writes there change the view);
 # * every called function's SQL-standard body (BEGIN ATOMIC) and default argument expressions
 #   (inserted into the call at planning, i.e. at every refresh); an aggregate's support functions
 #   (pg_aggregate: CREATE AGGREGATE records the aggregate IMMUTABLE whatever they are);
@@ -83,7 +84,7 @@ CLOCK_INPUTS: Final = ("timestamptz_in", "timestamp_in", "date_in", "time_in", "
 CALLS: Final = sql.SQL(r"""trees (kind, oid, tree, depth) AS (
   SELECT 'r', 0::pg_catalog.oid, rules.action, 0 FROM rules
   UNION ALL
-  SELECT 'r', pol.oid, pol.polqual::text, 0 FROM base
+  SELECT 'p', pol.oid, pol.polqual::text, 0 FROM base
   JOIN pg_catalog.pg_class AS bc ON bc.oid = base.oid AND bc.relrowsecurity
   JOIN pg_catalog.pg_policy AS pol ON pol.polrelid = base.oid AND pol.polqual IS NOT NULL
   UNION
@@ -94,7 +95,7 @@ CALLS: Final = sql.SQL(r"""trees (kind, oid, tree, depth) AS (
          NULLIF(a.aggserialfn::pg_catalog.oid, 0), NULLIF(a.aggdeserialfn::pg_catalog.oid, 0),
          NULLIF(a.aggmtransfn::pg_catalog.oid, 0), NULLIF(a.aggminvtransfn::pg_catalog.oid, 0),
          NULLIF(a.aggmfinalfn::pg_catalog.oid, 0))
-       FROM pg_catalog.pg_aggregate AS a WHERE a.aggfnoid = p.oid))
+       FROM pg_catalog.pg_aggregate AS a WHERE a.aggfnoid = p.oid::pg_catalog.regproc))
     FROM pg_catalog.regexp_matches(trees.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') AS m
     JOIN pg_catalog.pg_proc AS p ON p.oid = m[1]::pg_catalog.oid
     UNION ALL
@@ -135,6 +136,12 @@ fn AS (
   UNION
   SELECT 'an I/O conversion (::text-style cast) of an expression of undetermined type', 'x', true, false, false, true
   FROM trees WHERE trees.kind = 'u'
+  UNION
+  -- A policy reading another relation (a sublink): writes there change the view, untracked.
+  SELECT 'row-level security policy ' || pg_catalog.quote_ident(pol.polname) || ' on '
+    || pol.polrelid::pg_catalog.regclass::text || ' (reads other relations)', 'x', true, false, false, true
+  FROM trees JOIN pg_catalog.pg_policy AS pol ON pol.oid = trees.oid
+  WHERE trees.kind = 'p' AND trees.tree LIKE '%{{RANGETBLENTRY%'
 ),
 svf AS (
   SELECT DISTINCT (ARRAY['current_date', 'current_time', 'current_time', 'current_timestamp', 'current_timestamp',
@@ -204,7 +211,10 @@ def guard(schema: str, name: str, field: str) -> sql.Composed:
     message = sql.Literal(f"refused: {field}.query calls volatile function(s) %; nothing was created "
                           f"(set {field}.allowVolatileFunctions: true to accept; dangerous)")
     body = sql.SQL(
-        "DECLARE v text[]; BEGIN SELECT a.volatile INTO v FROM ({analyze}) AS a; "
+        # jit off for the analysis only (a catalog query: compiling costs more than running it).
+        "DECLARE v text[]; v_jit text := pg_catalog.current_setting('jit'); "
+        "BEGIN PERFORM pg_catalog.set_config('jit', 'off', true); SELECT a.volatile INTO v FROM ({analyze}) AS a; "
+        "PERFORM pg_catalog.set_config('jit', v_jit, true); "
         "IF pg_catalog.cardinality(v) > 0 THEN RAISE EXCEPTION {message}, pg_catalog.array_to_string(v, ', ') "
         "USING ERRCODE = 'object_not_in_prerequisite_state'; END IF; END"
     ).format(analyze=analyze_sql(schema, name), message=message)
