@@ -23,7 +23,8 @@ The rule applied, erring on the side of refusing and refreshing:
   query, recursively; any other body (a quoted SQL string, plpgsql, C) is not: a function declared
   STABLE or IMMUTABLE is trusted to be what it says (PostgreSQL itself refuses INSERT/UPDATE/DELETE
   in such a function, but not a call of `setval()` or `pg_terminate_backend()` inside it).
-  The refresh-time check (sql/refresh_sql.py) reads what the view's stored rules call.
+  The refresh-time check (sql/refresh_sql.py OBSERVE) is meant to read CALLS too; until it does,
+  it reads only the calls written in the stored rules.
 
 `guard()` repeats the volatility check inside the transaction that creates the view, between
 CREATE ... WITH NO DATA and the first REFRESH: a function made VOLATILE after the plan was
@@ -96,7 +97,8 @@ CALLS: Final = sql.SQL(r"""trees (kind, oid, tree, depth) AS (
          NULLIF(a.aggmtransfn::pg_catalog.oid, 0), NULLIF(a.aggminvtransfn::pg_catalog.oid, 0),
          NULLIF(a.aggmfinalfn::pg_catalog.oid, 0))
        FROM pg_catalog.pg_aggregate AS a WHERE a.aggfnoid = p.oid::pg_catalog.regproc))
-    FROM pg_catalog.regexp_matches(trees.tree, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)', 'g') AS m
+    FROM pg_catalog.regexp_matches(trees.tree,
+      ':(?:funcid|opfuncid|aggfnoid|winfnoid|hashfuncid|negfuncid|startInRangeFunc|endInRangeFunc) (\d+)', 'g') AS m
     JOIN pg_catalog.pg_proc AS p ON p.oid = m[1]::pg_catalog.oid
     UNION ALL
     SELECT 'd', t.oid, pg_catalog.concat_ws(' ', (SELECT pg_catalog.string_agg(k.conbin::text, ' ')
