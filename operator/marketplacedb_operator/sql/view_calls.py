@@ -71,7 +71,9 @@ CLOCK_INPUTS: Final = ("timestamptz_in", "timestamp_in", "date_in", "time_in", "
 # What the stored node trees call, shared by the plan's analysis (_ANALYZE) and meant for the
 # refresh-time check (sql/refresh_sql.py OBSERVE): needs CTEs `rules (action)` (the rules' node
 # trees) and `base (oid, ...)` (base relations), defines `trees`, `fn` (name, volatility, builtin,
-# volatile, clock, untracked) and `svf` (name). Node trees walked, recursively (depth < 16):
+# volatile, clock, untracked, oid, definition: an md5 of what a function runs, for a change
+# signature; NULL oid for the pseudo entries) and `svf` (name). Node trees walked, recursively
+# (depth < 16):
 # * the rules, and the row-level security policies (USING) of base tables with RLS enabled (a
 #   policy reading another relation is reported untracked: writes there change the view);
 # * every called function's SQL-standard body (BEGIN ATOMIC) and default argument expressions
@@ -131,17 +133,21 @@ fn AS (
     n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
       'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)
       OR p.proname = ANY ({clock_inputs})) AS clock,
-    p.oid >= {first_normal} OR p.provolatile <> 'i' AS untracked
+    p.oid >= {first_normal} OR p.provolatile <> 'i' AS untracked,
+    p.oid, pg_catalog.md5(p.prosrc || '/' || COALESCE(p.prosqlbody::text, '') || '/' || p.provolatile::text
+      || '/' || COALESCE(p.proconfig::text, '') || '/' || COALESCE(p.proargdefaults::text, '')) AS definition
   FROM (SELECT DISTINCT trees.oid FROM trees WHERE trees.kind = 'f') AS c
   JOIN pg_catalog.pg_proc AS p ON p.oid = c.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
   UNION
-  SELECT 'an I/O conversion (::text-style cast) of an expression of undetermined type', 'x', true, false, false, true
+  SELECT 'an I/O conversion (::text-style cast) of an expression of undetermined type', 'x', true, false, false, true,
+    NULL, NULL
   FROM trees WHERE trees.kind = 'u'
   UNION
   -- A policy reading another relation (a sublink): writes there change the view, untracked.
   SELECT 'row-level security policy ' || pg_catalog.quote_ident(pol.polname) || ' on '
-    || pol.polrelid::pg_catalog.regclass::text || ' (reads other relations)', 'x', true, false, false, true
+    || pol.polrelid::pg_catalog.regclass::text || ' (reads other relations)', 'x', true, false, false, true,
+    NULL, NULL
   FROM trees JOIN pg_catalog.pg_policy AS pol ON pol.oid = trees.oid
   WHERE trees.kind = 'p' AND trees.tree LIKE '%{{RANGETBLENTRY%'
 ),
