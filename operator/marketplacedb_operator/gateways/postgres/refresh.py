@@ -217,6 +217,11 @@ class PostgresRefresh:
             raise _error(exc) from None
 
 
+# The analysis is a catalog query whose recursive CTEs' estimates pass jit_above_cost: compiling
+# it would take far longer (~250 ms) than running it. For the analysis' transaction only.
+_NO_JIT = "pg_catalog.set_config('jit', 'off', true)"
+
+
 def analyze_query(conn: psycopg.Connection[Any], query: str) -> vc.ViewCalls:
     """What a view query would call and read, before the view exists (sql/view_calls.py).
 
@@ -227,6 +232,7 @@ def analyze_query(conn: psycopg.Connection[Any], query: str) -> vc.ViewCalls:
     text = normalize_select(query)
     try:
         with conn.transaction(force_rollback=True):
+            conn.execute("SELECT " + _NO_JIT)
             return _analyze_probe(conn, text, "mdb_probe_calls")
     except psycopg.Error as exc:
         raise _error(exc) from None
@@ -263,7 +269,7 @@ def analyze_views(conn: psycopg.Connection[Any], desired: Desired, catalog: Cata
         # A probe waits at most 1s for a table's lock (a migration holding it): left unanalyzed,
         # the view's creating transaction still re-checks (view_calls.guard).
         conn.execute("SELECT pg_catalog.set_config('lock_timeout', '1000', true), "
-                     "pg_catalog.set_config('statement_timeout', '60000', true)")
+                     "pg_catalog.set_config('statement_timeout', '60000', true), " + _NO_JIT)
         for number, d in enumerate(desired.views):
             key = (d.spec.schema_name, d.spec.name)
             existing = catalog.view(*key)
