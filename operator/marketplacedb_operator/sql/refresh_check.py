@@ -107,6 +107,15 @@ def check_sql() -> sql.Composed:
     ).format(CHECK)
 
 
+def check_sql_literal(params: dict[str, object]) -> sql.Composed:
+    """check_sql() with check_params() as literals: sent in one message after the trust gate."""
+    return sql.SQL(
+        "SELECT locked, skipped, age FROM {}({}::text, {}::text, {}::integer, {}::timestamptz, "
+        "{}::double precision, {}::boolean, {}::boolean, {}::text[], {}::boolean, {}::integer)"
+    ).format(CHECK, *(sql.Literal(params[k]) for k in (
+        "schema", "name", "key", "now", "max_staleness", "skip", "force", "depends", "allow_volatile", "limit")))
+
+
 def check_params(target: ViewTarget, key: int, options: RefreshOptions, now: object, force: bool) -> dict[str, object]:
     return {
         "schema": target.schema, "name": target.name, "key": key, "now": now,

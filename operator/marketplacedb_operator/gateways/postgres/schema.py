@@ -32,7 +32,7 @@ from psycopg import errors, sql
 
 from ... import backoff
 from ...redact import describe_db_error
-from ...sql import ownership
+from ...sql import ownership, refresh_guard
 from ...sql.catalog import (
     BLOCKERS,
     BUILD_BLOCKERS,
@@ -324,6 +324,9 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
         raise ValueError("execute() needs an autocommit connection (CONCURRENTLY cannot run in a transaction)")
     original = conn.execute("SELECT pg_catalog.current_setting('lock_timeout'), "
                             "pg_catalog.current_setting('statement_timeout')").fetchone()
+    # The view queries are resolved (and first run) by this session: never through a "$user"
+    # schema another role planted (refresh_guard.SAFE_SEARCH_PATH).
+    conn.execute(refresh_guard.safe_search_path_sql(local=False))
     outcomes: list[StepOutcome] = []
     jitter = rng or random.Random()
     try:
