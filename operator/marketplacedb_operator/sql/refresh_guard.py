@@ -79,12 +79,14 @@ def distrust(problems: list[str]) -> str:
 # The relations the view's rule reads (not the view itself), to lock ACCESS SHARE in the refresh's
 # transaction before the last check: LOCK on a plain view locks what it reads, recursively, so a
 # CREATE OR REPLACE VIEW waits for the refresh (or the refresh for it, then sees the new rule).
+# LOCK needs table-level SELECT: a relation read through column grants only is left unlocked.
 READS: Final = """\
 SELECT DISTINCT n.nspname, c.relname
 FROM pg_catalog.pg_rewrite AS r
 JOIN pg_catalog.pg_depend AS d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> r.ev_class
 JOIN pg_catalog.pg_class AS c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p', 'v')
+ AND pg_catalog.has_table_privilege(c.oid, 'SELECT')
 JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
 WHERE r.ev_class = pg_catalog.to_regclass({view})
 ORDER BY 1, 2"""
