@@ -51,6 +51,9 @@ class BenchEmulator(KubeEmulator):
         self._served_cache: list[Any] | None = None
         self.by_method: collections.Counter[str] = collections.Counter()
         self.writes_by_resource: collections.Counter[str] = collections.Counter()
+        # The last writes as (time, method, resource[/subresource], namespace/name, body): what a
+        # write that should not have happened (a restart that is not quiet) actually changed.
+        self.write_log: collections.deque[tuple[float, str, str, str, Any]] = collections.deque(maxlen=2000)
 
     async def _handle(self, request: kmock.Request) -> Any:
         method = str(getattr(request.method, "value", request.method))
@@ -58,6 +61,8 @@ class BenchEmulator(KubeEmulator):
         if method in WRITES and request.resource is not None:
             sub = f"/{request.subresource}" if request.subresource else ""
             self.writes_by_resource[f"{request.resource.plural}{sub}"] += 1
+            self.write_log.append((time.time(), method, f"{request.resource.plural}{sub}",
+                                   f"{request.namespace}/{request.name}", request.data))
         try:
             return await super()._handle(request)
         finally:

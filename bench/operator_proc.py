@@ -5,14 +5,21 @@
 Everything after `--` goes to the `marketplacedb` CLI unchanged; the only addition is a wrapper
 around `handlers.reconcile` that appends one JSON line per reconcile (resource, start time,
 seconds) to LOG. The wrapper is instrumentation, not a stand-in: the original runs every time.
+
+With BENCH_TRACEMALLOC=PATH set, where the memory grows is traced (tracemalloc, after the imports)
+and the largest growths since start-up, by allocation site, are rewritten to PATH every
+BENCH_TRACEMALLOC_SECONDS (30). Tracing slows the process down: for profiling, not for figures.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +45,40 @@ def instrument(log_path: str) -> None:
     setattr(handlers, "reconcile", timed)  # noqa: B010  handlers._run calls it through the module global
 
 
+def trace_memory(path: str, every: float, frames: int = 12) -> None:
+    """Every `every` s, write to `path` the growth since now by allocation site (see the docstring)."""
+    tracemalloc.start(frames)
+    baseline = tracemalloc.take_snapshot()
+    noise = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib*")]
+
+    def dump() -> None:
+        while True:
+            time.sleep(every)
+            snapshot = tracemalloc.take_snapshot().filter_traces(noise)
+            lines = [f"rss_peak_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} "
+                     f"traced_mib {tracemalloc.get_traced_memory()[0] / 2**20:.1f}"]
+            for kind in ("filename", "lineno", "traceback"):
+                lines.append(f"--- growth by {kind}")
+                for stat in snapshot.compare_to(baseline, kind)[: 25 if kind != "traceback" else 15]:
+                    lines.append(f"{stat.size_diff / 2**20:8.2f} MiB {stat.count_diff:+8d} blocks")
+                    frames_shown = stat.traceback.format()[-2 * frames:] if kind == "traceback" else \
+                        [str(stat.traceback[0])]
+                    lines.extend("    " + line for line in frames_shown)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as out:
+                out.write("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+
+    threading.Thread(target=dump, name="tracemalloc", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] != "--":
         print("usage: python -m bench.operator_proc LOG -- <marketplacedb args>", file=sys.stderr)
         return 2
     instrument(argv[0])
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        trace_memory(os.environ["BENCH_TRACEMALLOC"], float(os.environ.get("BENCH_TRACEMALLOC_SECONDS", "30")))
     return cli.main(argv[2:])
 
 

@@ -32,6 +32,7 @@ from .report_kit import (
     table,
 )
 from .report_rest import build_section, operator_section, refresh_section, setup_notes, skip_section
+from .report_search import search_section
 from .scenarios.home import PEAK_CLIENTS, PEAK_PAGES_PER_SECOND
 from .scenarios.pooling import UTILISATION
 from .stats import median
@@ -59,6 +60,7 @@ def render(results: dict[str, Any], plot_files: dict[str, str], command: str) ->
     lines += skip_section(results, targets)
     lines += build_section(results, targets)
     lines += operator_section(results, targets, plot_files)
+    lines += search_section(results)
     lines += setup_notes(results)
     run_time_target(results, targets, command)
     head = _headline(results, targets)

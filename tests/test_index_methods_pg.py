@@ -199,3 +199,45 @@ def test_a_volatile_expression_fails_cleanly_and_leaves_nothing(products: FreshD
     assert "IMMUTABLE" in outcomes[0].message, outcomes
     assert one(products, "SELECT count(*) FROM pg_class WHERE relname LIKE 'ix_random%%'") == 0
     assert one(products, "SELECT count(*) FROM marketplacedb.owned_objects WHERE name LIKE 'ix_random%%'") == 0
+
+
+# --- gin/gist on a scalar column without an opclass: the default class comes from btree_gin/btree_gist.
+
+GIN_ID = {"name": "ix_id_gin", "table": "products", "method": "gin", "columns": [{"name": "id"}]}
+GIST_CREATED = {"name": "ix_created_gist", "table": "products", "method": "gist", "columns": [{"name": "created_at"}]}
+GIN_JSONB = {"name": "ix_attributes_gin", "table": "products", "method": "gin", "columns": [{"name": "attributes"}]}
+
+
+def test_gin_on_a_scalar_column_without_opclass_is_blocked_until_btree_gin(products: FreshDatabase) -> None:
+    p = planned(products, desired([GIN_ID, GIN_JSONB]))
+    assert len(p.conflicts) == 1, p
+    conflict = p.conflicts[0]
+    assert conflict.startswith("spec.indexes[0]: blocked") and 'CREATE EXTENSION IF NOT EXISTS "btree_gin"' in conflict
+    assert "default gin operator class of column id of type int8" in conflict
+    assert {s.object for s in p.steps} == {"index/public.ix_attributes_gin"}  # jsonb has a default gin class
+    statement = conflict.split("a DBA must run: ")[1].split(";")[0]
+    with products.connect() as conn:
+        conn.execute(statement)
+    assert all(o.ok for o in apply(products, desired([GIN_ID, GIN_JSONB])))
+    assert valid(products, "ix_id_gin") and "USING gin (id)" in indexdef(products, "ix_id_gin")
+    assert not planned(products, desired([GIN_ID, GIN_JSONB])).steps
+
+
+def test_gist_on_a_scalar_column_creates_listed_btree_gist(products: FreshDatabase) -> None:
+    d = desired([GIST_CREATED], ["btree_gist"])
+    p = planned(products, d)
+    assert [s.kind for s in p.steps][:1] == ["create-extension"] and not p.conflicts, p
+    assert "btree_gist" in p.steps[0].sql_text
+    assert all(o.ok for o in apply(products, d))
+    assert one(products, "SELECT count(*) FROM pg_extension WHERE extname = 'btree_gist'") == 1
+    assert valid(products, "ix_created_gist") and not planned(products, d).steps
+
+
+def test_a_type_no_extension_helps_is_blocked_with_the_servers_reason(products: FreshDatabase) -> None:
+    with products.connect() as conn:
+        conn.execute("ALTER TABLE products ADD COLUMN location point")
+    index = {"name": "ix_location_gin", "table": "products", "method": "gin", "columns": [{"name": "location"}]}
+    p = planned(products, desired([index], ["btree_gin"]))
+    assert not p.steps and len(p.conflicts) == 1, p
+    assert "data type point has no default operator class for access method gin" in p.conflicts[0]
+    assert "declare an opclass" in p.conflicts[0]

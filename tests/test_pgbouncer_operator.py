@@ -57,7 +57,9 @@ async def test_app_roles_are_listed_and_the_owner_is_not(env: Env) -> None:
         await env.objects.create(pooled(env, users=users, paused=True,
                                         parameters={"server_idle_timeout": 600, "max_prepared_statements": 100}))
         name = naming.pooler_auth_secret_name("shop")
-        secret = await eventually(lambda: env.objects.get("v1", "Secret", name, NS), message="auth Secret")
+        # A deadline, not an expectation: the first reconcile (database, catalog, every part) ran
+        # past the default 10 s on a loaded 2-core machine.
+        secret = await eventually(lambda: env.objects.get("v1", "Secret", name, NS), timeout=180, message="auth Secret")
         userlist = base64.b64decode(secret["data"]["userlist.txt"]).decode()
         assert userlist == '"shop_app" "app-Pa55-9d1e"\n'  # the owner (and its password) not listed
         assert CANARY not in userlist and env.db.owner not in userlist
@@ -69,7 +71,7 @@ async def test_app_roles_are_listed_and_the_owner_is_not(env: Env) -> None:
             status = (env.resource().get("status") or {}).get("pooler") or {}
             return status if status.get("pgbouncerVersion") else None
 
-        status = await eventually(pooler_status, timeout=60, message="pooler status")
+        status = await eventually(pooler_status, timeout=180, message="pooler status")
         assert status["pgbouncerVersion"] == "1.25.2" and status["paused"] is True
         assert status["unsupportedParameters"] == []
         # Nothing from the app Secret in status.

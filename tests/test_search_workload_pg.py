@@ -46,3 +46,32 @@ def test_search_and_filter_use_their_indexes(workload_db: FreshDatabase) -> None
             explained = json.dumps(conn.execute("EXPLAIN (FORMAT JSON) " + query, PARAMS[name]).fetchone())
             assert INDEX_OF[name] in explained, (name, explained)
             assert conn.execute(query, PARAMS[name]).fetchall() == before[name]
+
+
+def test_the_partitioned_order_history_gets_its_index_on_every_partition(workload_db: FreshDatabase) -> None:
+    spec = example_spec()
+    index = next(i for i in spec.indexes if i.table == "seller_order_events")
+    d = desired_state(spec.model_copy(update={"indexes": [index], "materialized_views": []}), "default/shop")
+    params = {"seller": 1, "since": "2024-12-01 00:00:00+00"}
+    query = workload.ORDER_QUERIES["seller_activity"]
+    with workload_db.connect() as conn:
+        partitions = {r[0] for r in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
+                                                 "WHERE inhparent = 'seller_order_events'::regclass")}
+        assert len(partitions) == 5
+        assert conn.execute("SELECT count(*) FROM seller_order_events").fetchone() == \
+            conn.execute("SELECT count(*) FROM seller_orders").fetchone()
+        before = conn.execute(query, params).fetchall()
+        assert before  # seller 1 has recent events
+        p = plan(d, gateway.observe(conn, d))
+        assert "ON ONLY" in p.steps[0].sql_text and [s.kind for s in p.steps].count("create-index") == 5
+        assert all(o.ok for o in gateway.execute(conn, p, FAST))
+        attached = conn.execute(
+            "SELECT t.relname, x.indisvalid FROM pg_inherits h JOIN pg_index x ON x.indexrelid = h.inhrelid "
+            "JOIN pg_class t ON t.oid = x.indrelid WHERE h.inhparent = to_regclass(%s)",
+            [f"public.{index.name}"]).fetchall()
+        assert {t for t, _ in attached} == partitions and all(v for _, v in attached)
+        conn.execute("SET enable_seqscan = off")
+        explained = json.dumps(conn.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchone())
+        assert index.name in explained and "2024q1" not in explained, explained  # pruned, then the index
+        assert conn.execute(query, params).fetchall() == before
+        assert not plan(d, gateway.observe(conn, d)).steps

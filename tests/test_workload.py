@@ -25,6 +25,7 @@ TABLES = (
     "seller_profiles",
     "seller_products",
     "seller_orders",
+    "seller_order_events",
     "search_history",
     "popular_searches",
 )

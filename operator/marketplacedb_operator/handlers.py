@@ -14,10 +14,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import datetime
+import hashlib
+import json
 import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -26,7 +29,7 @@ from . import naming, webhook
 from .background import Background
 from .backoff import delay as backoff_delay
 from .ports import Deps
-from .reconcile import Outcome, reconcile
+from .reconcile import Outcome, comparable_status, reconcile
 from .teardown import teardown
 
 log = logging.getLogger(__name__)
@@ -68,9 +71,10 @@ class ResourceState:
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
         self.released: set[str] = set()  # Deployments whose probes teardown already released
         self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
-        # (resourceVersion of the body, the status reconcile wrote on top of it): a re-run on the
-        # same, not yet updated body compares with what it wrote, not with the stale status.
-        self.written: tuple[Any, dict[str, Any]] | None = None
+        # A digest of the status this process last wrote (or found in place): a body with another
+        # status may predate that write, and is read again before it is reconciled (_current).
+        # A digest, not the status: 32 bytes instead of a copy of it for every resource.
+        self.written: bytes | None = None
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -81,7 +85,7 @@ def _state(memo: kopf.Memo) -> ResourceState:
     return state
 
 
-def _triggers(body: kopf.Body) -> tuple[str, str]:
+def _triggers(body: Mapping[str, Any]) -> tuple[str, str]:
     annotations = body.get("metadata", {}).get("annotations") or {}
     return annotations.get(naming.ANN_REFRESH_NOW, ""), annotations.get(naming.ANN_APPROVE_PLAN, "")
 
@@ -93,20 +97,15 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         return
     try:
         state.pending = False
-        state.handled_generation = body.get("metadata", {}).get("generation")
-        state.handled_triggers = _triggers(body)
-        version = body.get("metadata", {}).get("resourceVersion")
-        written = state.written[1] if state.written and state.written[0] == version else None
-        current = dict(body)
-        if written is not None:
-            # The status this process already wrote on top of this very body (same
-            # resourceVersion) that the watch has not delivered yet: compared instead of the
-            # stale one, so an immediate re-run does not write the same status again.
-            current["status"] = written
         try:
+            current = _current(deps, body, state)
+            if current is None:  # deleted meanwhile: on_delete's business
+                return
+            state.handled_generation = current.get("metadata", {}).get("generation")
+            state.handled_triggers = _triggers(current)
             outcome: Outcome | None = reconcile(current, deps)
             if outcome is not None and outcome.status is not None:
-                state.written = (version, outcome.status)
+                state.written = _digest(outcome.status)
         except Exception as exc:  # reconcile isolates its parts; this is the last line (e.g. status 422)
             logger.warning("reconcile failed, retrying with backoff: %s", type(exc).__name__)
             outcome = None
@@ -123,6 +122,27 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()
+
+
+def _current(deps: Deps, body: kopf.Body, state: ResourceState) -> dict[str, Any] | None:
+    """The object to reconcile: the body as delivered, or read again when its status is not the
+    one this process last wrote. Such a body may predate that write (kopf's own annotation patch
+    can land between a reconcile's read and its status write; the watch then delivers the old
+    status under a new resourceVersion): compared with it, an unchanged status would be written
+    again and its condition transitions posted as Events again. resourceVersions are opaque
+    (no ordering), so the API server is asked; a steady state never needs to (same status)."""
+    current = dict(body)
+    if state.written is None or _digest(comparable_status(current.get("status"))) == state.written:
+        return current
+    meta = current.get("metadata", {})
+    fresh = deps.kube.get(naming.API_VERSION, naming.KIND, str(meta.get("namespace")), str(meta.get("name")))
+    if fresh is None or fresh.get("metadata", {}).get("deletionTimestamp"):
+        return None
+    return fresh
+
+
+def _digest(status: Any) -> bytes:
+    return hashlib.sha256(json.dumps(status, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
 def _teardown_deadline(body: kopf.Body, deps: Deps, state: ResourceState) -> float:

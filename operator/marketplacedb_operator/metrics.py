@@ -48,42 +48,39 @@ class RefreshRow(Protocol):
     def outcomes(self) -> dict[str, int]: ...
 
 
-REFRESH_LAST_SUCCESS = Gauge(
+def _view_gauge(name: str, documentation: str) -> Gauge:
+    """A per-view gauge of the refresh state (labels: namespace, resource, schema, view)."""
+    return Gauge(name, documentation, VIEW_LABELS, registry=REGISTRY)
+
+
+REFRESH_LAST_SUCCESS = _view_gauge(
     "marketplacedb_refresh_last_success_timestamp_seconds",
     "Unix time of the last successful refresh of a materialized view.",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_LAST_DURATION = Gauge(
+REFRESH_LAST_DURATION = _view_gauge(
     "marketplacedb_refresh_last_duration_seconds",
     "Duration of the last successful refresh (REFRESH and row count).",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_ROWS = Gauge(
+REFRESH_ROWS = _view_gauge(
     "marketplacedb_refresh_rows", "Rows in the view after its last successful refresh.",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_STALENESS = Gauge(
+REFRESH_STALENESS = _view_gauge(
     "marketplacedb_refresh_staleness_seconds",
     "Seconds since the last successful refresh; never refreshed: since the view was first seen declared "
     "(+Inf when unknown).",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_NEVER = Gauge(
+REFRESH_NEVER = _view_gauge(
     "marketplacedb_refresh_never_refreshed",
     "1 when no successful refresh of a declared view was ever recorded (whatever the scheduler).",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_STALE = Gauge(
+REFRESH_STALE = _view_gauge(
     "marketplacedb_refresh_stale", "1 when staleness exceeds the view's maxStaleness (or it never refreshed).",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_MAX_STALENESS = Gauge(
+REFRESH_MAX_STALENESS = _view_gauge(
     "marketplacedb_refresh_max_staleness_seconds", "The view's maxStaleness policy.",
-    VIEW_LABELS, registry=REGISTRY,
 )
-REFRESH_FAILURES = Gauge(
+REFRESH_FAILURES = _view_gauge(
     "marketplacedb_refresh_consecutive_failures", "Failed refreshes since the last success.",
-    VIEW_LABELS, registry=REGISTRY,
 )
 _GAUGES = (REFRESH_LAST_SUCCESS, REFRESH_LAST_DURATION, REFRESH_ROWS, REFRESH_STALENESS, REFRESH_STALE,
            REFRESH_MAX_STALENESS, REFRESH_FAILURES, REFRESH_NEVER)

@@ -17,7 +17,7 @@ from . import metrics
 from .api.v1alpha1 import MarketplaceDB
 from .ports import Deps
 from .probe_sync import release as release_probes
-from .reconcile import Context, DatabaseUnavailable, _close_quietly, _open_database, _previous_status, _scrubbed
+from .reconcile_context import Context, DatabaseUnavailable, close_quietly, open_database, previous_status, scrubbed
 from .sql import plan as planning
 
 
@@ -39,7 +39,7 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
     """
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     released = set() if released is None else released
-    previous = _previous_status(body)
+    previous = previous_status(body)
     pending = [d for d in (previous.probed_deployments if previous else []) if d not in released]
     release_probes(deps.kube, namespace, name, pending)
     released.update(pending)
@@ -57,7 +57,7 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
     )
     ctx = Context(body, spec, previous, deps, deps.now())
     try:
-        database = _open_database(ctx)
+        database = open_database(ctx)
     except DatabaseUnavailable as exc:
         return Teardown(f"deletionPolicy Drop needs the database: {exc.problem.message}", retained)
     try:
@@ -66,9 +66,9 @@ def teardown(body: dict[str, Any], deps: Deps, released: set[str] | None = None)
         policy = planning.ExecutionPolicy.from_spec(spec.ddl, deps.settings)
         failed = [o for o in database.execute(plan, policy) if not o.ok]
     except Exception as exc:  # a session cut mid-teardown: retried, then bounded by the timeout
-        return Teardown(f"deletionPolicy Drop failed: {_scrubbed(exc, ctx)}", retained)
+        return Teardown(f"deletionPolicy Drop failed: {scrubbed(exc, ctx)}", retained)
     finally:
-        _close_quietly(database)
+        close_quietly(database)
     if failed:
         return Teardown("; ".join(f"{o.object}: {o.message}" for o in failed), tuple(o.object for o in failed))
     return Teardown()

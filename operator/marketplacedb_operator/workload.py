@@ -152,6 +152,17 @@ ORDER BY sold_count DESC, id LIMIT 20""",
 }
 """Search and filter queries of the shop (issue 18), with psycopg named parameters."""
 
+ORDER_QUERIES: Final[dict[str, str]] = {
+    # Seller dashboard, activity feed: a seller's latest order events of the last 30 days, from the
+    # time-partitioned seller_order_events (partitions pruned by created_at, then
+    # idx_order_events_seller_recent in each remaining partition).
+    "seller_activity": """\
+SELECT order_id, status, created_at FROM seller_order_events
+WHERE seller_id = %(seller)s AND created_at >= %(since)s::timestamptz
+ORDER BY created_at DESC LIMIT 50""",
+}
+"""Queries on the partitioned order history (issue 18), with psycopg named parameters."""
+
 
 # --- the data ---------------------------------------------------------------------------------
 # Placeholders are the WorkloadSize fields and `seed`. Each row hashes its number a few times
@@ -296,6 +307,10 @@ FROM (SELECT g, pg_temp.wl_hash(g, 60) AS a, pg_temp.wl_hash(g, 61) AS b, pg_tem
                          AS quantity,
                      pg_temp.wl_bits(r.b, 2) % 100 AS s) AS v;
 
+-- Order events: each order's latest status, at its update time, in the time-partitioned history.
+INSERT INTO seller_order_events (id, order_id, seller_id, status, created_at)
+SELECT o.id, o.id, o.seller_id, o.status, o.updated_at FROM seller_orders AS o;
+
 -- Searches of the last 90 days: heavy users, Zipf-ranked queries.
 INSERT INTO search_history (id, user_id, query, results_count, created_at)
 SELECT r.g,
@@ -330,6 +345,7 @@ SELECT setval(pg_get_serial_sequence('categories', 'id'), {categories}),
        setval(pg_get_serial_sequence('seller_profiles', 'id'), {sellers}),
        setval(pg_get_serial_sequence('seller_products', 'id'), {seller_products}),
        setval(pg_get_serial_sequence('seller_orders', 'id'), {orders}),
+       setval(pg_get_serial_sequence('seller_order_events', 'id'), {orders}),
        setval(pg_get_serial_sequence('search_history', 'id'), {searches}),
        setval(pg_get_serial_sequence('popular_searches', 'id'), {popular_searches});
 
@@ -338,5 +354,6 @@ DROP FUNCTION pg_temp.wl_query(integer), pg_temp.wl_ago(integer), pg_temp.wl_sol
     pg_temp.wl_hash(bigint, integer);
 COMMIT;
 
-ANALYZE categories, ai_accounts, seller_profiles, seller_products, seller_orders, search_history, popular_searches;
+ANALYZE categories, ai_accounts, seller_profiles, seller_products, seller_orders;
+ANALYZE seller_order_events, search_history, popular_searches;
 """

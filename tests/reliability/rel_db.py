@@ -217,20 +217,26 @@ def database_problems(superuser_dsn: str, dbname: str, declared: Declared, *, op
         indexes = dict(conn.execute(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "WHERE c.relnamespace = 'public'::regnamespace").fetchall())
-        # amcheck on PostgreSQL 15 verifies b-trees only (the example's GIN indexes: validity only).
+        # amcheck on PostgreSQL 15 verifies b-trees only (the example's GIN indexes: validity only),
+        # and not a partitioned index itself: each of its partitions' indexes instead.
         btrees = {r[0] for r in conn.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_am a ON a.oid = c.relam "
-            "WHERE a.amname = 'btree' AND c.relnamespace = 'public'::regnamespace").fetchall()}
+            "SELECT c.relname FROM pg_class c JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'btree' "
+            "AND c.relkind = 'i' AND c.relnamespace = 'public'::regnamespace").fetchall()}
         for name in declared.indexes:
             if indexes.get(name) is not True:
                 problems.append(f"declared index {name}: {'missing' if name not in indexes else 'not valid'}")
-            elif name in btrees:
+                continue
+            parts = [r[0] for r in conn.execute("SELECT h.inhrelid::regclass::text FROM pg_inherits h "
+                                                "WHERE h.inhparent = %s::regclass", [name]).fetchall()]
+            for checked in [name, *parts]:
+                if checked not in btrees:
+                    continue
                 # amcheck: the b-tree is structurally sound and every heap row is in it (no row was
                 # missed by a build CONCURRENTLY that ran beside the canary writes).
                 try:
-                    conn.execute("SELECT bt_index_check(%s::regclass, true)", [name])
+                    conn.execute("SELECT bt_index_check(%s::regclass, true)", [checked])
                 except psycopg.Error as exc:
-                    problems.append(f"amcheck {name}: {exc.diag.message_primary}")
+                    problems.append(f"amcheck {checked}: {exc.diag.message_primary}")
         views = dict(conn.execute("SELECT matviewname, ispopulated FROM pg_matviews "
                                   "WHERE schemaname = 'public'").fetchall())
         for name in declared.views:

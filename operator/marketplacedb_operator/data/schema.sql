@@ -1,7 +1,7 @@
 -- Reference schema of the marketplace this operator was designed for (docs/architecture.md#reference-workload).
 --
--- Only primary keys, foreign keys and one natural unique key are declared here. The five
--- targeted indexes and the two materialized views are *not*: the MarketplaceDB resource in
+-- Only primary keys, foreign keys and one natural unique key are declared here. The targeted
+-- indexes and the two materialized views are *not*: the MarketplaceDB resource in
 -- examples/marketplacedb.yaml declares them and the operator creates them CONCURRENTLY.
 -- Run on a fresh database; fill it with `python examples/generate.py --products N`.
 -- The foreign keys are named: the data loader drops and re-adds them around its bulk insert.
@@ -82,6 +82,28 @@ CREATE TABLE seller_orders (
     CONSTRAINT seller_orders_seller_id_fkey FOREIGN KEY (seller_id) REFERENCES seller_profiles (id),
     CONSTRAINT seller_orders_product_id_fkey FOREIGN KEY (product_id) REFERENCES seller_products (id)
 );
+
+-- Append-only history of order status changes, partitioned by time (one partition per quarter and a
+-- default one for anything outside them): old quarters are detached or dropped whole. PostgreSQL 15
+-- cannot CREATE INDEX CONCURRENTLY on it: the operator builds ON ONLY the parent, then CONCURRENTLY
+-- per partition, and attaches (idx_order_events_seller_recent in examples/marketplacedb.yaml).
+CREATE TABLE seller_order_events (
+    id         bigserial,
+    order_id   bigint      NOT NULL,
+    seller_id  bigint      NOT NULL,
+    status     text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
+CREATE TABLE seller_order_events_2024q1 PARTITION OF seller_order_events
+    FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-04-01 00:00:00+00');
+CREATE TABLE seller_order_events_2024q2 PARTITION OF seller_order_events
+    FOR VALUES FROM ('2024-04-01 00:00:00+00') TO ('2024-07-01 00:00:00+00');
+CREATE TABLE seller_order_events_2024q3 PARTITION OF seller_order_events
+    FOR VALUES FROM ('2024-07-01 00:00:00+00') TO ('2024-10-01 00:00:00+00');
+CREATE TABLE seller_order_events_2024q4 PARTITION OF seller_order_events
+    FOR VALUES FROM ('2024-10-01 00:00:00+00') TO ('2025-01-01 00:00:00+00');
+CREATE TABLE seller_order_events_default PARTITION OF seller_order_events DEFAULT;
 
 CREATE TABLE search_history (
     id            bigserial PRIMARY KEY,

@@ -34,7 +34,7 @@ from .settings_check import GucFacts
 from .view_calls import ViewCalls
 
 __all__ = ["ADVISED_SETTINGS", "BLOCKERS", "BUILD_BLOCKERS", "OBSERVE", "OPEN_TRANSACTIONS", "RECORDS_TABLE_NAME",
-           "ATTACHED", "EXTENSIONS", "PARTITIONS",
+           "ATTACHED", "EXTENSIONS", "NO_DEFAULT_OPCLASS", "PARTITIONS",
            "Catalog", "Grant", "IndexInfo", "Record", "SessionInfo", "ViewInfo", "observe_params", "observe_query",
            "parse_catalog", "session_from_row"]
 
@@ -172,6 +172,10 @@ class Catalog:
     # index, partition schema, partition). Read by gateway.observe (PARTITIONS, ATTACHED below).
     partitions: tuple[tuple[str, str, str, str, str], ...] = ()
     attached: tuple[tuple[str, str, str, str, str, str], ...] = ()
+    invalid_children: tuple[tuple[str, str], ...] = ()  # (schema, name) of attached partition indexes not valid
+    # Key columns of declared gin/gist indexes without an opclass whose type has no default operator
+    # class for that method (yet): (schema, table, column, method, type). Gateway: NO_DEFAULT_OPCLASS.
+    no_default_opclass: tuple[tuple[str, str, str, str, str], ...] = ()
     # pg_settings rows of the declared database settings (gateway: settings_check.GUC_FACTS); None when
     # not read (a catalog built by hand), and then the plan does not confirm values against the server.
     gucs: tuple[GucFacts, ...] | None = None
@@ -191,6 +195,10 @@ class Catalog:
 
     def attached_partitions(self, schema: str, index: str) -> tuple[tuple[str, str], ...]:
         return tuple((ps, p) for s, i, _, _, ps, p in self.attached if (s, i) == (schema, index))
+
+    def children(self, schema: str, index: str) -> tuple[tuple[str, str, str, str], ...]:
+        """(child schema, child index, partition schema, partition) attached to `schema.index`."""
+        return tuple((cs, c, ps, p) for s, i, cs, c, ps, p in self.attached if (s, i) == (schema, index))
 
     def is_attached_child(self, schema: str, name: str) -> bool:
         return any((cs, c) == (schema, name) for _, _, cs, c, _, _ in self.attached)
@@ -240,6 +248,36 @@ SELECT (SELECT coalesce(pg_catalog.array_agg(e.extname::text ORDER BY e.extname)
 """
 
 
+# Plain key columns of declared gin/gist indexes without an opclass whose type (a domain's base type)
+# has no default operator class for the method: CREATE INDEX would fail with "data type ... has no
+# default operator class for access method ...". A default class matches the type itself, a type it
+# is binary-coercible to (varchar -> text) or a polymorphic family (arrays, enums, ranges). Only
+# the declared tables' columns are read.
+NO_DEFAULT_OPCLASS = """
+SELECT w.schema, w.tbl, w.col, w.method, CASE WHEN t.typtype = 'e' THEN 'anyenum' ELSE t.typname::text END
+  FROM ROWS FROM (pg_catalog.unnest(%(schemas)s::text[]), pg_catalog.unnest(%(tables)s::text[]),
+                  pg_catalog.unnest(%(columns)s::text[]), pg_catalog.unnest(%(methods)s::text[]))
+       AS w(schema, tbl, col, method)
+  JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema
+  JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tbl
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped
+  JOIN pg_catalog.pg_type t0 ON t0.oid = a.atttypid
+  JOIN pg_catalog.pg_type t ON t.oid = CASE WHEN t0.typtype = 'd' THEN t0.typbasetype ELSE t0.oid END
+  JOIN pg_catalog.pg_am am ON am.amname = w.method
+ WHERE NOT EXISTS (
+   SELECT 1 FROM pg_catalog.pg_opclass oc
+    WHERE oc.opcmethod = am.oid AND oc.opcdefault
+      AND (oc.opcintype = t.oid
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast k WHERE k.castsource = t.oid
+                       AND k.casttarget = oc.opcintype AND k.castmethod = 'b')
+           OR (oc.opcintype = 'pg_catalog.anyarray'::pg_catalog.regtype AND t.typcategory = 'A')
+           OR (oc.opcintype = 'pg_catalog.anyenum'::pg_catalog.regtype AND t.typtype = 'e')
+           OR (oc.opcintype = 'pg_catalog.anyrange'::pg_catalog.regtype AND t.typtype = 'r')
+           OR (oc.opcintype = 'pg_catalog.anymultirange'::pg_catalog.regtype AND t.typtype = 'm')))
+ ORDER BY 1, 2, 3, 4
+"""
+
+
 PARTITIONS = """
 SELECT pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, c.relkind::text
   FROM pg_catalog.pg_class p JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
@@ -252,7 +290,8 @@ SELECT pn.nspname::text, p.relname::text, cn.nspname::text, c.relname::text, c.r
 
 # Children of declared partitioned indexes and of indexes recorded as this resource's (by OID).
 ATTACHED = """
-SELECT pn.nspname::text, pc.relname::text, cn.nspname::text, cc.relname::text, tn.nspname::text, t.relname::text
+SELECT pn.nspname::text, pc.relname::text, cn.nspname::text, cc.relname::text, tn.nspname::text, t.relname::text,
+       x.indisvalid
   FROM pg_catalog.pg_inherits h
   JOIN pg_catalog.pg_class pc ON pc.oid = h.inhparent AND pc.relkind = 'I'
   JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace

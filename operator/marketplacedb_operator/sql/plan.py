@@ -30,6 +30,7 @@ from . import ddl, ownership, settings_check, view_calls
 from .catalog import Catalog, IndexInfo, ViewInfo
 from .plan_guards import bound as _bound
 from .plan_indexes import drop_index_step, index_steps, sweepable
+from .plan_partitions import observed_child_names
 from .plan_views import drop_view_step, view_steps
 from .prerequisites import prerequisites
 from .steps import (
@@ -125,6 +126,7 @@ def _ours_not_declared(desired: Desired, cat: Catalog) -> tuple[list[IndexInfo],
     keep = set()
     for schema, name in _declared(desired):
         keep |= {(schema, name), (schema, ddl.temp_name(name)), (schema, ddl.old_name(name))}
+    keep |= set(observed_child_names(desired, cat.partitions))  # partitions' indexes: plan_partitions
     our_views = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner)}
     dropped_with = {(v.schema, v.name) for v in cat.views if v.owned_by(desired.owner) and not _adopted(v)}
     indexes = [i for i in cat.indexes if sweepable(i, desired.owner) and not cat.is_attached_child(i.schema, i.name)
@@ -152,6 +154,15 @@ def _drop_owned_steps(owner: str, indexes: Sequence[IndexInfo], views: Sequence[
         if _bound(index):
             notes.append(f"left in place: index {index.schema}.{index.name}: {_bound(index)}; drop the "
                          "constraint(s) first to remove it")
+            continue
+        # DROP INDEX on a partitioned index drops every index attached to it, and PostgreSQL attaches a
+        # DBA's matching index when their table becomes a partition: never drop one that is not ours.
+        foreign = [c for s, c, _, _ in cat.children(index.schema, index.name)
+                   if (child := cat.index(s, c)) is None or not child.owned_by(owner)]
+        if foreign:
+            notes.append(f"left in place: partitioned index {index.schema}.{index.name}: "
+                         f"{', '.join(foreign)} (not this resource's) attached to it would be dropped with it; "
+                         "drop it by hand if that is intended")
             continue
         steps.append(drop_index_step(f"index/{index.schema}.{index.name}", owner, index, why))
     for view in views:

@@ -123,9 +123,10 @@ def index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     steps: list[Step] = []
     notes: list[str] = []
     temp_taken = finished = False
+    partitioned = cat.other_relation(schema, spec.table) == "p"
     for leftover in (ddl.temp_name(name), ddl.old_name(name)):
         info = cat.index(schema, leftover)
-        if info is None or (schema, leftover) in declared:
+        if info is None or (schema, leftover) in declared or partitioned:  # plan_partitions sees to its own
             continue
         if _finished_build(d, info, cat) and cat.index(schema, name) is None:
             steps.append(_finish_build_step(d, owner))
@@ -140,9 +141,9 @@ def index_steps(d: DesiredIndex, owner: str, cat: Catalog,
     if other:
         return [], [f"{d.field}: {schema}.{name} already exists as a {relkind(other)}; left alone"], notes
     existing = cat.index(schema, name)
-    if cat.other_relation(schema, spec.table) == "p":
-        found, conflicts = partitioned_index_steps(d, owner, cat, existing)
-        return steps + found, conflicts, notes
+    if partitioned:
+        found, conflicts, found_notes = partitioned_index_steps(d, owner, cat, existing, declared)
+        return steps + found, conflicts, notes + found_notes
     needs_build = existing is None or not existing.owned_by(owner) and spec.adopt == "Replace" \
         or existing.owned_by(owner) and (not existing.valid or bool(index_drift(d, existing)))
     if needs_build and temp_taken:

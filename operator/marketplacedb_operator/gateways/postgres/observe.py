@@ -12,9 +12,19 @@ import psycopg
 from psycopg import sql
 
 from ...sql import ownership, refresh_guard
-from ...sql.catalog import ATTACHED, EXTENSIONS, PARTITIONS, Catalog, observe_params, observe_query, parse_catalog
+from ...sql.catalog import (
+    ATTACHED,
+    EXTENSIONS,
+    NO_DEFAULT_OPCLASS,
+    PARTITIONS,
+    Catalog,
+    observe_params,
+    observe_query,
+    parse_catalog,
+)
 from ...sql.ddl import create_index, qualified, temp_name
 from ...sql.plan import Desired, observed_names
+from ...sql.plan_partitions import observed_child_names
 from ...sql.settings_check import GUC_FACTS, GucFacts
 from ...sqlcheck import normalize_select
 from .refresh import analyze_views
@@ -60,22 +70,31 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
         trust = conn.execute(ownership.TRUST).fetchone()
         if trust is None or trust[1]:
             raise ObservationFailed(ownership.distrust(list(trust[1]) if trust else ["unreadable"]))
-        cur = conn.execute(observe_query(bool(trust[0])),
-                           observe_params(desired.owner, observed_names(desired)))
+        tables = sorted({(d.spec.schema_name, d.spec.table) for d in desired.indexes})
+        partitions = tuple(tuple(r) for r in conn.execute(PARTITIONS, {"schemas": [s for s, _ in tables],
+                                                                       "names": [n for _, n in tables]}))
+        # The names a partition's index of a declared index may take are read like its temporaries.
+        names = observed_names(desired) + observed_child_names(desired, partitions)
+        cur = conn.execute(observe_query(bool(trust[0])), observe_params(desired.owner, names))
         row = cur.fetchone()
         found = conn.execute(EXTENSIONS).fetchone()
-        tables = sorted({(d.spec.schema_name, d.spec.table) for d in desired.indexes})
-        partitions = conn.execute(PARTITIONS, {"schemas": [s for s, _ in tables],
-                                               "names": [n for _, n in tables]}).fetchall()
+        plain = [(d.spec.schema_name, d.spec.table, c.name, d.spec.method) for d in desired.indexes
+                 if d.spec.method in ("gin", "gist") for c in d.spec.columns if c.name and not c.opclass]
+        no_default = conn.execute(NO_DEFAULT_OPCLASS, {
+            "schemas": [p[0] for p in plain], "tables": [p[1] for p in plain], "columns": [p[2] for p in plain],
+            "methods": [p[3] for p in plain]}).fetchall() if plain else []
         gucs = conn.execute(GUC_FACTS, {"names": [name for name, _ in desired.settings]}).fetchall()
     if row is None:  # pragma: no cover - the statement always returns one row
         raise ObservationFailed("catalog observation returned nothing")
     catalog = parse_catalog(row[0])
     if found is not None:
         catalog = dataclasses.replace(catalog, extensions=tuple(found[0]), creatable_extensions=tuple(found[1]))
-    catalog = dataclasses.replace(catalog, partitions=tuple(tuple(r) for r in partitions),
-                                  attached=_attached(conn, desired, catalog),
-                                  gucs=tuple(GucFacts.from_row(r) for r in gucs))
+    catalog = dataclasses.replace(catalog, partitions=partitions, gucs=tuple(GucFacts.from_row(r) for r in gucs),
+                                  no_default_opclass=tuple((str(a), str(b), str(c), str(m), str(t))
+                                                           for a, b, c, m, t in no_default))
+    attached = _attached(conn, desired, catalog)
+    catalog = dataclasses.replace(catalog, attached=tuple(row[:6] for row in attached),
+                                  invalid_children=tuple((row[2], row[3]) for row in attached if not row[6]))
     uncompared: list[tuple[tuple[str, str], str]] = []
     expected = expected_signatures(conn, desired, catalog, uncompared)
     calls, unanalyzed = analyze_views(conn, desired, catalog)  # what each view's query calls (plan refusal)
@@ -83,9 +102,9 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
                                unanalyzed=unanalyzed)
 
 
-def _attached(conn: Connection, desired: Desired,
-              catalog: Catalog) -> tuple[tuple[str, str, str, str, str, str], ...]:
-    """Partition indexes attached to the declared indexes and to those recorded as this resource's."""
+def _attached(conn: Connection, desired: Desired, catalog: Catalog) -> tuple[tuple[Any, ...], ...]:
+    """Partition indexes attached to the declared indexes and to those recorded as this resource's
+    (and whether each is valid)."""
     declared = [(d.spec.schema_name, d.spec.name) for d in desired.indexes]
     owned = [i.oid for i in catalog.indexes if i.owned_by(desired.owner) and i.table_kind == "p"]
     with conn.transaction():
