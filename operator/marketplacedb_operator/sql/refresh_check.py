@@ -1,6 +1,6 @@
 """The common refresh check in one round trip: a server-side function (pure builder, no I/O).
 
-`marketplacedb.refresh_check_v1(...)` tries the view's advisory lock (busy: records the skip and
+`marketplacedb.refresh_check_v2(...)` tries the view's advisory lock (busy: records the skip and
 returns), runs the catalog check, and when every skip rule holds records the skip, unlocks and
 returns: lock, check, record and unlock in one call. Otherwise it returns with the lock held and
 the client decides (decide() in sql/refresh.py, the source of truth for reasons) and refreshes.
@@ -14,10 +14,12 @@ from psycopg import sql
 
 from .. import naming
 from .refresh import LOCK_CLASS, STATE_COLUMNS, RefreshOptions, ViewTarget
+from .refresh_guard import SIGNATURE
 from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record, qualified
 
-# Versioned: a new body gets a new name, so releases side by side never replace each other's.
-CHECK_FUNCTION: Final = "refresh_check_v1"
+# Versioned: a new body gets a new name, so releases side by side never replace each other's
+# (v2: reads BEGIN ATOMIC bodies, definitions and policies in the signature; v1 is left to its release).
+CHECK_FUNCTION: Final = "refresh_check_v2"
 CHECK: Final = sql.Identifier(naming.STATE_SCHEMA, CHECK_FUNCTION)
 CHECK_SIGNATURE: Final = (
     "text, text, integer, timestamptz, double precision, boolean, boolean, text[], boolean, integer"
@@ -81,6 +83,7 @@ def check_function_ddl() -> sql.Composed:
     # The state columns come back as s_<name> where they clash with the observation's.
     observe = sql.SQL(OBSERVE).format(
         schema=sql.SQL("p_schema"), name=sql.SQL("p_name"), depends=sql.SQL("p_depends"), state=STATE,
+        signature=sql.SQL(SIGNATURE),
         state_columns=sql.SQL(", ").join(
             sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(_alias(c))) for c in STATE_COLUMNS
         ),
@@ -105,6 +108,15 @@ def check_sql() -> sql.Composed:
         "SELECT locked, skipped, age FROM {}(%(schema)s, %(name)s, %(key)s, %(now)s, %(max_staleness)s, "
         "%(skip)s, %(force)s, %(depends)s::text[], %(allow_volatile)s, %(limit)s)"
     ).format(CHECK)
+
+
+def check_sql_literal(params: dict[str, object]) -> sql.Composed:
+    """check_sql() with check_params() as literals: sent in one message after the trust gate."""
+    return sql.SQL(
+        "SELECT locked, skipped, age FROM {}({}::text, {}::text, {}::integer, {}::timestamptz, "
+        "{}::double precision, {}::boolean, {}::boolean, {}::text[], {}::boolean, {}::integer)"
+    ).format(CHECK, *(sql.Literal(params[k]) for k in (
+        "schema", "name", "key", "now", "max_staleness", "skip", "force", "depends", "allow_volatile", "limit")))
 
 
 def check_params(target: ViewTarget, key: int, options: RefreshOptions, now: object, force: bool) -> dict[str, object]:

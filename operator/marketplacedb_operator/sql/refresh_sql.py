@@ -15,6 +15,7 @@ from .. import naming
 from .ddl import qualified as qualified_name
 from .ddl import render
 from .refresh import DDL_LOCK, STATE_COLUMNS, RefreshOptions, StateUpdate, ViewTarget
+from .refresh_guard import SIGNATURE
 
 SCHEMA: Final = sql.Identifier(naming.STATE_SCHEMA)
 STATE: Final = sql.Identifier(naming.STATE_SCHEMA, naming.STATE_TABLE)
@@ -209,13 +210,24 @@ rules AS (
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   WHERE deps.depth = 0 OR dc.relkind = 'v'
 ),
+bodies (oid, action) AS (
+  -- The rules, and recursively the SQL-standard (BEGIN ATOMIC) bodies of the functions they call,
+  -- read as the plan reads them (a SQL-string body is not parsed: its calls stay unknown).
+  SELECT rules.oid, rules.action FROM rules
+  UNION
+  SELECT p.oid, p.prosqlbody::text FROM bodies CROSS JOIN LATERAL pg_catalog.regexp_matches(bodies.action,
+    ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)', 'g') AS b
+  JOIN pg_catalog.pg_proc AS p ON p.oid = b[1]::oid WHERE p.prosqlbody IS NOT NULL
+),
 calls AS (
-  -- One pass over each stored rule: called function oids, and CURRENT_DATE-style values (op 0-8).
-  SELECT m[1] AS oid, m[2] AS svf FROM rules CROSS JOIN LATERAL pg_catalog.regexp_matches(rules.action,
+  -- One pass over each stored rule and body: called function oids, and CURRENT_DATE-style values (op 0-8).
+  SELECT m[1] AS oid, m[2] AS svf FROM bodies CROSS JOIN LATERAL pg_catalog.regexp_matches(bodies.action,
     ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)|\\{{SQLVALUEFUNCTION :op ([0-8]) ', 'g') AS m
 ),
 fn AS (
-  SELECT DISTINCT CASE WHEN n.nspname = 'pg_catalog' THEN p.proname ELSE n.nspname || '.' || p.proname END AS name,
+  SELECT DISTINCT p.oid, pg_catalog.md5(p.prosrc || '/' || coalesce(p.prosqlbody::text, '') || '/'
+    || p.provolatile::text || '/' || coalesce(p.proconfig::text, '')) AS definition,
+  CASE WHEN n.nspname = 'pg_catalog' THEN p.proname ELSE n.nspname || '.' || p.proname END AS name,
     p.provolatile = 'v' AS volatile,
     n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
       'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)) AS clock,
@@ -240,12 +252,11 @@ SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS po
   (SELECT coalesce(sum(pg_catalog.pg_stat_get_tuples_inserted(base.oid)
                      + pg_catalog.pg_stat_get_tuples_updated(base.oid)
                      + pg_catalog.pg_stat_get_tuples_deleted(base.oid)), 0) FROM base) AS counters,
-  pg_catalog.md5(t.oid::text || '/' || coalesce((SELECT pg_catalog.string_agg(
-            base.oid::text || ':' || coalesce(pg_catalog.pg_relation_filenode(base.oid), 0)::text, ','
-            ORDER BY base.oid) FROM base), '')) AS signature,
-  ARRAY(SELECT name FROM fn WHERE volatile ORDER BY name) AS volatile_functions,
+{signature}
+  ARRAY(SELECT DISTINCT name FROM fn WHERE volatile ORDER BY name) AS volatile_functions,
   ARRAY(SELECT name || '()' FROM fn WHERE clock UNION SELECT name FROM svf ORDER BY 1) AS time_functions,
-  ARRAY(SELECT name FROM fn WHERE untracked AND NOT clock AND NOT volatile ORDER BY name) AS untracked_functions,
+  ARRAY(SELECT DISTINCT name FROM fn WHERE untracked AND NOT clock AND NOT volatile ORDER BY name)
+    AS untracked_functions,
   ARRAY(SELECT declared.name FROM declared WHERE declared.oid IS NULL ORDER BY 1) AS missing_depends,
   {state_columns}
 FROM (SELECT 1) AS one
@@ -254,7 +265,7 @@ LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
 
 def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composable) -> sql.Composed:
     return sql.SQL(OBSERVE).format(
-        schema=schema, name=name, depends=depends, state=STATE,
+        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE),
         state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
     )
 

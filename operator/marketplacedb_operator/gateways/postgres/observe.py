@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ...sql import ownership
+from ...sql import ownership, refresh_guard
 from ...sql.catalog import (
     ATTACHED,
     EXTENSIONS,
@@ -55,6 +55,9 @@ def observe(conn: Connection, desired: Desired) -> Catalog:
     """One READ ONLY snapshot of what `desired` needs to know (catalog.OBSERVE: declared names,
     their temporaries, this resource's recorded objects; nothing of anyone else's), plus the
     definitions the declared objects would have, for adoption (expected_signatures)."""
+    # The view queries are analyzed and probed by this session: never resolve a name through a
+    # "$user" schema another role planted (refresh_guard.SAFE_SEARCH_PATH).
+    conn.execute(refresh_guard.safe_search_path_sql(local=False))
     with conn.transaction():
         # Never wait long: pg_get_viewdef locks the relations a view reads, so a declared table
         # held under ACCESS EXCLUSIVE (VACUUM FULL, ALTER TABLE) fails fast with a clear error.

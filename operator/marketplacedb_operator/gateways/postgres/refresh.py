@@ -22,6 +22,7 @@ from psycopg import errors, sql
 from ... import naming
 from ...sql import refresh as q
 from ...sql import refresh_check as c
+from ...sql import refresh_guard as g
 from ...sql import refresh_sql as s
 from ...sql import view_calls as vc
 from ...sql.catalog import Catalog
@@ -56,6 +57,9 @@ def _condition_name(kind: type) -> str:
     return "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in name).lstrip("_")
 
 
+_TRUSTED_TABLES = (naming.STATE_TABLE, s.HISTORY_TABLE)
+
+
 def _error(exc: psycopg.Error) -> q.RefreshDatabaseError:
     return q.RefreshDatabaseError(describe_error(exc), getattr(exc, "sqlstate", None))
 
@@ -66,6 +70,21 @@ class PostgresRefresh:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self._ensured = False
+        self._trusted = False
+
+    def _trust(self) -> None:
+        """Once per session, before anything of the operator's schema is called or read: refuse a
+        schema, table or function another role planted (g.TRUST). What passed stays trusted: only
+        its (trusted) owners can replace it."""
+        if self._trusted:
+            return
+        try:
+            row = self.conn.execute(g.trust_sql(_TRUSTED_TABLES, c.CHECK_FUNCTION)).fetchone()
+        except psycopg.Error as exc:
+            raise _error(exc) from None
+        if row is None or row[0]:
+            raise q.RefreshDatabaseError(g.distrust(list(row[0]) if row else ["unreadable"]))
+        self._trusted = True
 
     # --- the operator's schema -----------------------------------------------------------------
 
@@ -77,6 +96,8 @@ class PostgresRefresh:
         """
         objects = [*s.schema_objects(), ("function", c.CHECK_FUNCTION, [c.check_function_ddl()])]
         creating = ""
+        self._trusted = False  # what exists is kept: it is checked again below
+        self._trust()
         try:
             with self.conn.transaction():
                 self.conn.execute(s.ddl_lock_sql())
@@ -107,6 +128,7 @@ class PostgresRefresh:
 
     def _with_state_table(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
         """Execute; when the schema's objects are missing (first run), create them and retry once."""
+        self._trust()
         try:
             return self.conn.execute(query, params)
         except _MISSING:
@@ -123,9 +145,23 @@ class PostgresRefresh:
     def check(self, target: q.ViewTarget, key: tuple[int, int], options: q.RefreshOptions, now: Any,
               force: bool) -> tuple[bool, bool, float | None]:
         """(locked, skipped, age): lock, catalog check, skip record and unlock in one call."""
+        # One message, no parameters (simple query protocol): the trust gate, then the call; the
+        # call is never planned when the gate fails.
         params = c.check_params(target, key[1], options, now, force)
+        message = sql.SQL("{}; {}").format(g.trust_gate_sql(_TRUSTED_TABLES, c.CHECK_FUNCTION),
+                                           c.check_sql_literal(params))
         try:
-            row = self._with_state_table(c.check_sql(), params).fetchone()
+            try:
+                cursor = self.conn.execute(message)
+            except (*_MISSING, errors.UndefinedColumn):
+                self.ensure_state_table()
+                cursor = self.conn.execute(message)
+            except errors.InvalidTextRepresentation:
+                self._trusted = False
+                self._trust()  # raises, naming what cannot be trusted
+                raise
+            cursor.nextset()
+            row = cursor.fetchone()
         except psycopg.Error as exc:
             raise _error(exc) from None
         if row is None:  # pragma: no cover - the function always returns one row
@@ -175,6 +211,8 @@ class PostgresRefresh:
             with self.conn.transaction():
                 for statement in s.timeouts_sql(options):
                     self.conn.execute(statement)
+                self.conn.execute(g.safe_search_path_sql(local=True))
+                self._lock_reads_and_recheck(target, options)
                 before = self._counts(target)
                 started = time.perf_counter()
                 self.conn.execute(s.refresh_sql(target, concurrently))
@@ -186,6 +224,29 @@ class PostgresRefresh:
         except psycopg.Error as exc:
             raise _error(exc) from None
         return done
+
+    def _lock_reads_and_recheck(self, target: q.ViewTarget, options: q.RefreshOptions) -> None:
+        """In the refresh's transaction: ACCESS SHARE on what the view reads (through plain views,
+        recursively, by LOCK itself), then the volatile check again. A view replaced after the
+        check (or while this waited for its lock) is seen here, and the REFRESH does not run it."""
+        view = s.regclass(target.schema, target.name)
+        locked: set[tuple[str, str]] = set()
+        for _ in range(8):  # a replaced view may read new relations: lock those too, re-read
+            reads = {(str(r[0]), str(r[1])) for r in self.conn.execute(g.reads_sql(view)).fetchall()}
+            if reads <= locked:
+                break
+            self.conn.execute(g.lock_sql(sorted(reads - locked)))
+            locked |= reads
+        cursor = self.conn.execute(s.observe_sql(target, options.depends_on))
+        cursor.nextset()
+        row = cursor.fetchone()
+        if row is None:  # pragma: no cover - the query always returns one row
+            raise q.RefreshDatabaseError("catalog check returned no row")
+        observed = q.observation_from_row(tuple(row))
+        if observed.volatile_functions and not options.allow_volatile:
+            raise q.RefreshDatabaseError(
+                f"refused: the query calls volatile function(s) {', '.join(observed.volatile_functions)} "
+                "(changed since the check; set allowVolatileFunctions: true to accept; dangerous)")
 
     def _counts(self, target: q.ViewTarget) -> tuple[int, int, float]:
         row = self.conn.execute(s.rows_after_sql(target)).fetchone()

@@ -13,7 +13,9 @@ Execution rules (docs/architecture.md, "PostgreSQL and PgBouncer facts" and "Own
 * the steps of one object stop at its first failure, undo what they left behind, and the next
   object goes on: one outcome per object; a lost session ends the run with the outcomes so far;
 * error messages carry PostgreSQL's primary message and SQLSTATE only (never DETAIL, which can
-  quote row data), and no connection parameters.
+  quote row data), and no connection parameters; for the error classes whose primary message can
+  quote a row value (a data exception such as 22P02 `invalid input syntax ... "tok_..."`, or a
+  function's RAISE) only SQLSTATE and object names (redact.describe_db_error).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import psycopg
 from psycopg import errors, sql
 
 from ... import backoff
-from ...sql import ownership
+from ...redact import describe_db_error
+from ...sql import ownership, refresh_guard
 from ...sql.catalog import (
     BLOCKERS,
     BUILD_BLOCKERS,
@@ -90,7 +93,18 @@ def check_view_columns(conn: Connection, query: str, timeout_seconds: float = 30
 # --- execution -----------------------------------------------------------------------------------
 
 
+# SQLSTATE classes whose primary message names objects and conditions, never a row value:
+# integrity (23: the values are in DETAIL), transaction rollback (40), syntax/access (42: names
+# from the spec or the catalog), resources (53), object state (55: lock_not_available, and the
+# operator's own refusals raised with object_not_in_prerequisite_state), operator intervention
+# (57: statement/lock timeout). Everything else (22 data exceptions quote the offending value,
+# P0 is whatever a function RAISEs, XX ...) is reported by SQLSTATE and object names only.
+_PRIMARY_IS_SAFE = ("23", "40", "42", "53", "55", "57")
+
+
 def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error) and exc.sqlstate and not exc.sqlstate.startswith(_PRIMARY_IS_SAFE):
+        return describe_db_error(exc)
     if isinstance(exc, psycopg.Error):
         primary = exc.diag.message_primary or type(exc).__name__
         return f"{primary} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else primary
@@ -310,6 +324,9 @@ def execute(conn: Connection, plan: Plan, policy: ExecutionPolicy, *, watch: Con
         raise ValueError("execute() needs an autocommit connection (CONCURRENTLY cannot run in a transaction)")
     original = conn.execute("SELECT pg_catalog.current_setting('lock_timeout'), "
                             "pg_catalog.current_setting('statement_timeout')").fetchone()
+    # The view queries are resolved (and first run) by this session: never through a "$user"
+    # schema another role planted (refresh_guard.SAFE_SEARCH_PATH).
+    conn.execute(refresh_guard.safe_search_path_sql(local=False))
     outcomes: list[StepOutcome] = []
     jitter = rng or random.Random()
     try:
