@@ -331,6 +331,10 @@ def test_a_statistics_reset_does_not_make_a_changed_view_skip(shop: Any) -> None
     assert outcome != "skipped-unchanged" and not stale, "skipped after a statistics reset: old prices served"
 
 
+@pytest.mark.xfail(strict=True, reason="open (issue 16, red3 finding 13): the statistics counters of a "
+                   "session are flushed when it goes idle; a write committed by a procedure that keeps running "
+                   "is invisible to skip-if-unchanged until then. Needs a change source that does not lag "
+                   "(README Limits)")
 def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) -> None:
     """Statistics are flushed when a backend goes idle, not at COMMIT. A procedure (an ETL batch)
     that commits an UPDATE and keeps running holds its counts for as long as it runs: every refresh

@@ -13,6 +13,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
+from . import view_calls
 from .refresh import LOCK_CLASS, STATE_COLUMNS, RefreshOptions, ViewTarget
 from .refresh_guard import SIGNATURE
 from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record, qualified
@@ -82,6 +83,7 @@ def check_function_ddl() -> sql.Composed:
     skip = compose_record(RECORD, {**variables, "outcome": sql.Literal("skipped-unchanged")}, " INTO v_done")
     # The state columns come back as s_<name> where they clash with the observation's.
     observe = sql.SQL(OBSERVE).format(
+        calls=view_calls.CALLS,
         schema=sql.SQL("p_schema"), name=sql.SQL("p_name"), depends=sql.SQL("p_depends"), state=STATE,
         signature=sql.SQL(SIGNATURE),
         state_columns=sql.SQL(", ").join(
@@ -96,7 +98,7 @@ def check_function_ddl() -> sql.Composed:
         "p_max_staleness double precision, p_skip boolean, p_force boolean, p_depends text[], "
         "p_allow_volatile boolean, p_history integer) "
         "RETURNS TABLE (locked boolean, skipped boolean, age double precision) "
-        "LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp "
+        "LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp SET jit = off "
         "SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off "
         "SET enable_seqscan = off AS {}"
     ).format(CHECK, sql.Literal(body))

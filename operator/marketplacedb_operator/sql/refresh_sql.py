@@ -12,6 +12,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
+from . import view_calls
 from .ddl import qualified as qualified_name
 from .ddl import render
 from .refresh import DDL_LOCK, STATE_COLUMNS, RefreshOptions, StateUpdate, ViewTarget
@@ -202,7 +203,7 @@ deps (oid, depth) AS (
 ),
 base AS (
   SELECT DISTINCT c.oid, c.relkind FROM deps JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
-  WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't')
+  WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
 ),
 rules AS (
   SELECT DISTINCT r.oid, r.ev_action::text AS action FROM deps
@@ -210,37 +211,7 @@ rules AS (
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   WHERE deps.depth = 0 OR dc.relkind = 'v'
 ),
-bodies (oid, action) AS (
-  -- The rules, and recursively the SQL-standard (BEGIN ATOMIC) bodies of the functions they call,
-  -- read as the plan reads them (a SQL-string body is not parsed: its calls stay unknown).
-  SELECT rules.oid, rules.action FROM rules
-  UNION
-  SELECT p.oid, p.prosqlbody::text FROM bodies CROSS JOIN LATERAL pg_catalog.regexp_matches(bodies.action,
-    ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)', 'g') AS b
-  JOIN pg_catalog.pg_proc AS p ON p.oid = b[1]::oid WHERE p.prosqlbody IS NOT NULL
-),
-calls AS (
-  -- One pass over each stored rule and body: called function oids, and CURRENT_DATE-style values (op 0-8).
-  SELECT m[1] AS oid, m[2] AS svf FROM bodies CROSS JOIN LATERAL pg_catalog.regexp_matches(bodies.action,
-    ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+)|\\{{SQLVALUEFUNCTION :op ([0-8]) ', 'g') AS m
-),
-fn AS (
-  SELECT DISTINCT p.oid, pg_catalog.md5(p.prosrc || '/' || coalesce(p.prosqlbody::text, '') || '/'
-    || p.provolatile::text || '/' || coalesce(p.proconfig::text, '')) AS definition,
-  CASE WHEN n.nspname = 'pg_catalog' THEN p.proname ELSE n.nspname || '.' || p.proname END AS name,
-    p.provolatile = 'v' AS volatile,
-    n.nspname = 'pg_catalog' AND (p.proname IN ('now', 'clock_timestamp', 'statement_timestamp',
-      'transaction_timestamp', 'timeofday') OR (p.proname = 'age' AND p.pronargs = 1)) AS clock,
-    p.oid >= 16384 OR p.provolatile <> 'i' AS untracked
-  FROM (SELECT DISTINCT called.oid::oid FROM calls AS called WHERE called.oid IS NOT NULL) AS called
-  JOIN pg_catalog.pg_proc AS p ON p.oid = called.oid
-  JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
-),
-svf AS (
-  SELECT DISTINCT (ARRAY['current_date', 'current_time', 'current_time', 'current_timestamp', 'current_timestamp',
-    'localtime', 'localtime', 'localtimestamp', 'localtimestamp'])[calls.svf::int + 1] AS name
-  FROM calls WHERE calls.svf IS NOT NULL
-)
+{calls}
 SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS populated,
   coalesce(t.owned, false) AS owned,
   (SELECT i.indexrelid::pg_catalog.regclass::text FROM pg_catalog.pg_index AS i
@@ -248,13 +219,13 @@ SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS po
       AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey::int2[]))
     ORDER BY i.indexrelid LIMIT 1) AS unique_index,
   (SELECT count(*) FROM base) AS base_tables,
-  (SELECT count(*) FROM base WHERE base.relkind = 'f') AS untracked,
+  (SELECT count(*) FROM base WHERE base.relkind IN ('f', 'S')) AS untracked,
   (SELECT coalesce(sum(pg_catalog.pg_stat_get_tuples_inserted(base.oid)
                      + pg_catalog.pg_stat_get_tuples_updated(base.oid)
                      + pg_catalog.pg_stat_get_tuples_deleted(base.oid)), 0) FROM base) AS counters,
 {signature}
   ARRAY(SELECT DISTINCT name FROM fn WHERE volatile ORDER BY name) AS volatile_functions,
-  ARRAY(SELECT name || '()' FROM fn WHERE clock UNION SELECT name FROM svf ORDER BY 1) AS time_functions,
+  ARRAY(SELECT name FROM fn WHERE clock UNION SELECT name FROM svf ORDER BY 1) AS time_functions,
   ARRAY(SELECT DISTINCT name FROM fn WHERE untracked AND NOT clock AND NOT volatile ORDER BY name)
     AS untracked_functions,
   ARRAY(SELECT declared.name FROM declared WHERE declared.oid IS NULL ORDER BY 1) AS missing_depends,
@@ -265,7 +236,7 @@ LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
 
 def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composable) -> sql.Composed:
     return sql.SQL(OBSERVE).format(
-        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE),
+        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE), calls=view_calls.CALLS,
         state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
     )
 
@@ -281,7 +252,9 @@ def observe_sql(target: ViewTarget, depends_on: tuple[str, ...] = ()) -> sql.Com
     depends = sql.Literal(qualified(target, depends_on))
     query = _observe(sql.Literal(target.schema), sql.Literal(target.name), depends)
     # Two statements, one message: sent without parameters, psycopg uses the simple query protocol.
-    return sql.SQL("{}; {}").format(CLEAR_STATS_SNAPSHOT, query)
+    # jit off for this message's implicit transaction: a catalog query gains nothing from JIT, and
+    # the recursive CTEs' estimates pass jit_above_cost (compiling took ~250 ms per check).
+    return sql.SQL("{}, pg_catalog.set_config('jit', 'off', true); {}").format(CLEAR_STATS_SNAPSHOT, query)
 
 
 def read_states_sql() -> sql.Composed:
