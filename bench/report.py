@@ -220,7 +220,7 @@ def _home(results: dict[str, Any], targets: Targets, plot_files: dict[str, str])
     lines = ["## 1. Home page: base tables vs materialized views", "",
              "One client, one home page per pgbench transaction (the BFF's two queries, "
              "`workload.HOME_QUERIES_BASE` vs `HOME_QUERIES_VIEWS`, same rows in the same order). *Before*: the "
-             "database as the operator finds it (primary keys only). *Indexes only*: the operator's five indexes "
+             "database as the operator finds it (primary keys only). *Indexes only*: the example's indexes "
              "but no views (what adding indexes by hand would give). *Views*: through the materialized views. "
              f"Before: {scale['base_pages']} page(s) per run; indexes only: {scale['indexed_pages']} pages per run; "
              f"views and the floor: {scale['view_pages']:,} pages (lookups) per run.", ""]

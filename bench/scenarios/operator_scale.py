@@ -4,7 +4,7 @@ What is realistic on 2 cores: every resource gets a database of its own (the ref
 with a small data set, copied from a template with CREATE DATABASE ... STRATEGY FILE_COPY, ~80 ms
 each) and a login role of its own that owns its tables, as a platform team's tenants would. All
 databases live on one PostgreSQL because this is one machine; in production they would be spread
-over servers. Each resource is the example resource (5 indexes, 2 views, pooler, 3 probed
+over servers. Each resource is the example resource (its indexes and views, pooler, 3 probed
 Deployments of its own) pointed at its database.
 
 The operator is the real `marketplacedb run` process (bench/operator_proc.py) against the KMock
