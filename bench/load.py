@@ -39,13 +39,17 @@ def postmaster_pid(datadir: Path) -> int | None:
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, utime + stime in clock ticks) of a live process."""
+    """(parent pid, CPU clock ticks) of a live process: its own utime + stime and its reaped
+    children's (cutime + cstime). The children's share matters: a process that starts and exits
+    between two samples (initdb's helpers, a CLI run, a short-lived backend) is never seen alive,
+    and its CPU would otherwise count as load from outside; once its parent reaps it, it is in
+    the parent's cutime."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    return int(fields[1]), sum(int(f) for f in fields[11:15])
 
 
 def _all_processes() -> dict[int, tuple[int, int]]:
@@ -106,12 +110,22 @@ class LoadSampler:
         with self._lock:
             self._label = label
 
-    def _bench_ticks(self, table: dict[int, tuple[int, int]], last: dict[int, int]) -> tuple[int, dict[int, int]]:
+    def _bench_ticks(self, table: dict[int, tuple[int, int]],
+                     last: dict[int, tuple[int, int]]) -> tuple[int, dict[int, tuple[int, int]]]:
+        """(ticks used by the bench since the last sample, {pid: (ticks now, ticks counted so far)})."""
         roots = [os.getpid(), *(p for p in map(postmaster_pid, _SERVERS) if p is not None)]
-        now = {pid: table[pid][1] for pid in descendants(roots, table)}
-        # Only growth since the last sample counts; a process new since then counts from zero,
-        # except what it used before we first saw it (unknown: at most one period).
-        return sum(max(0, ticks - last.get(pid, ticks)) for pid, ticks in now.items()), now
+        now: dict[int, tuple[int, int]] = {}
+        grown = 0
+        for pid in descendants(roots, table):
+            ticks = table[pid][1]
+            before, counted = last.get(pid, (ticks, 0))  # first seen: counted from here on
+            growth = max(0, ticks - before)
+            grown += growth
+            now[pid] = (ticks, counted + growth)
+        # A process seen before and gone now was reaped by its parent (all of ours are): the
+        # parent's cutime grew by the child's whole total, of which we had already counted some.
+        counted_before = sum(counted for pid, (_, counted) in last.items() if pid not in now)
+        return max(0, grown - counted_before), now
 
     def _run(self) -> None:
         busy0, total0 = _cpu_totals()

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def test_pooling_compares_both_paths_below_the_direct_paths_saturation(
         assert result[f"{where}_flat_backend_processes"] > 1 and result[f"{where}_flat_backend_rss_mib"] > 0
     assert 0 <= result["bouncer_rate_cpu"] and 0 <= result["bouncer_rate_wait"]
     assert not math.isnan(result["p99_ratio"]) and not math.isnan(result["memory_ratio"])
+
+
+def test_load_sampler_counts_children_too_short_lived_to_be_sampled() -> None:
+    """Children that start and exit between two samples (initdb's helpers, a CLI run) are the
+    bench's: their CPU reaches the sampler through the parent's reaped-children time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with load.LoadSampler(period=0.5) as sampler:
+        sampler.mark("short")
+        for _ in range(6):
+            subprocess.run([sys.executable, "-c", "import time\nwhile time.process_time() < 0.15: pass"],
+                           check=True)
+        time.sleep(0.6)  # one more sample after the last child
+        sampler.mark("after")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    short = sampler.summary()["short"]
+    assert short["bench_cpu_seconds"] >= 0.8 * child, (short, child)
 
 
 def test_load_sampler_counts_the_benchs_own_children_as_its_own() -> None:
