@@ -389,11 +389,16 @@ def _pooling_targets(results: dict[str, Any], targets: Targets, peak: list[dict[
                      many: list[dict[str, Any]]) -> None:
     direct99, pooled99 = med(peak, "direct_rate_p99_ms"), med(peak, "pooled_rate_p99_ms")
     failed = sum(int(r.get("pooled_rate_failed") or 0) for r in peak)
+    # A direct run that failed (pgbench stopped: no latency at all) leaves the comparison to the
+    # other runs: that is not the side-by-side figure the target asks for.
+    broken = [r for r in peak if int(r.get("direct_rate_failed") or 0) or r.get("direct_rate_error")]
     targets.add(f"(a) at {UTILISATION:.0%} of direct throughput, pooled p99 not worse than direct, zero failed "
                 "(spread: of direct p99 / pooled p99)",
-                f"direct {num(direct99, 'ms')}, pooled {num(pooled99, 'ms')}, {failed} failed",
-                pooled99 <= direct99 and failed == 0,
-                lambda: "see the flagged contradiction in section 2." if pooled99 > direct99 else
+                f"direct {num(direct99, 'ms')}, pooled {num(pooled99, 'ms')}, {failed} failed"
+                + (f"; the direct run failed in {len(broken)} of {len(peak)} runs" if broken else ""),
+                pooled99 <= direct99 and failed == 0 and not broken,
+                lambda: f"the direct run failed in {len(broken)} run(s): {broken[0].get('direct_rate_error') or '?'}"
+                        if broken else "see the flagged contradiction in section 2." if pooled99 > direct99 else
                         f"{failed} pooled transactions failed. " + UNKNOWN, issue="#19", values=col(peak, "p99_ratio"))
     fraction = med(many, "many_pooled_fraction")
     many_failed = sum(int(r.get("many_pooled_failed") or 0) for r in many)

@@ -9,6 +9,7 @@ explanation quotes the figures it is computed from.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,16 @@ def test_a_check_cheaper_than_a_lookup_and_pooled_memory_above_direct_are_flagge
     assert "(fewer server connections should take less server memory): pooled, sum of RSS 3,500 MiB is worse than " \
         "direct, sum of RSS 3,000 MiB" in text
     assert "Contradicts" not in render(figures())
+
+
+def test_a_failed_direct_run_is_not_read_as_a_side_by_side_comparison() -> None:
+    """A full run's direct rated runs failed at connection time in 2 of 3 runs (the pooled run had
+    left its server connections open); the target read the one that worked as "yes"."""
+    results = figures(direct99=300.0, pooled99=3.0)
+    for broken in results["workbench"]["peak"][0], results["workbench"]["peak"][2]:
+        broken.update({"direct_rate_p99_ms": math.nan, "direct_rate_p50_ms": math.nan, "direct_rate_failed": 1,
+                    "direct_rate_error": "pgbench: error: ... remaining connection slots are reserved",
+                    "p99_ratio": math.nan})
+    row = target_row(render(results), "(a) at 60% of direct throughput")
+    assert "the direct run failed in 2 of 3 runs" in row and "**no**" in row, row
+    assert "yes" in target_row(render(figures(direct99=300.0, pooled99=3.0)), "(a) at 60% of direct throughput")
