@@ -193,6 +193,25 @@ def test_teardown_never_drops_an_index_a_dba_attached_to_ours(orders: FreshDatab
     assert oid_of(orders, "dba_orders_04") == dba and oid_of(orders, "ix_orders_customer") is not None
 
 
+def test_an_index_a_dba_attaches_after_the_plan_stops_the_drop(orders: FreshDatabase) -> None:
+    """The check is repeated in the DROP's transaction, under the table's lock: a partition attached
+    between plan and execution (a rebuild's drop comes after hours of builds) keeps its index."""
+    d = desired([INDEX], policy="Drop")
+    assert all(o.ok for o in apply(orders, d))
+    with orders.connect() as conn:
+        down = teardown_plan(d, gateway.observe(conn, d))
+        assert "drop-index" in [s.kind for s in down.steps]
+        conn.execute("CREATE TABLE orders_2026_04 (LIKE orders)")
+        conn.execute("CREATE INDEX dba_orders_04 ON orders_2026_04 (customer_id, created_at DESC)")
+        conn.execute("ALTER TABLE orders ATTACH PARTITION orders_2026_04 FOR VALUES FROM ('2026-04-01') "
+                     "TO ('2026-05-01')")
+        dba = oid_of(orders, "dba_orders_04")
+        outcomes = gateway.execute(conn, down, FAST)
+    failed = [o for o in outcomes if not o.ok]
+    assert failed and "not this resource's" in failed[0].message, outcomes
+    assert oid_of(orders, "dba_orders_04") == dba and oid_of(orders, "ix_orders_customer") is not None
+
+
 # --- redefinition (issue 18): a new parent ON ONLY under the build name, CONCURRENTLY per partition,
 # attach, swap the names in one short transaction, drop the old parent in another.
 
@@ -411,3 +430,23 @@ def test_our_unattached_index_left_at_a_partitions_other_name_is_dropped(orders:
     assert all(o.ok for o in apply(orders, d))
     assert oid_of(orders, orphan) is None and oid_of(orders, "dba_orders_02") is not None
     assert not planned(orders, d).steps and parent_valid(orders, "ix_orders_customer")
+
+
+def test_a_leftover_old_parent_with_a_dbas_index_attached_is_left_alone(orders: FreshDatabase) -> None:
+    """A rebuild's last step (drop the old parent) did not run; a DBA then attaches a partition whose
+    matching index PostgreSQL attaches to that old parent. The next reconcile leaves it alone."""
+    assert all(o.ok for o in apply(orders, desired([INDEX])))
+    full = planned(orders, desired([CHANGED]))
+    assert full.steps[-1].kind == "drop-index"
+    with orders.connect() as conn:
+        assert all(o.ok for o in gateway.execute(conn, dataclasses.replace(full, steps=full.steps[:-1]), FAST))
+        conn.execute("CREATE TABLE orders_2026_04 (LIKE orders)")
+        conn.execute("CREATE INDEX dba_orders_04 ON orders_2026_04 (customer_id, created_at DESC)")
+        conn.execute("ALTER TABLE orders ATTACH PARTITION orders_2026_04 FOR VALUES FROM ('2026-04-01') "
+                     "TO ('2026-05-01')")
+    dba = oid_of(orders, "dba_orders_04")
+    p = planned(orders, desired([CHANGED]))
+    assert not [s for s in p.steps if s.kind == "drop-index" and "__old" in s.description], p.steps
+    assert any("ix_orders_customer__old" in n and "dba_orders_04" in n for n in p.notes), p.notes
+    apply(orders, desired([CHANGED]))
+    assert oid_of(orders, "dba_orders_04") == dba

@@ -121,6 +121,27 @@ def pin_build(pid: int) -> sql.Composed:
     ).format(records=RECORDS, pid=sql.Literal(pid))
 
 
+def assert_partitions_ours(owner: str, schema: str, name: str) -> sql.Composed:
+    """Fail unless every index attached to the partitioned index `schema.name` is recorded as
+    `owner`'s (by OID), checked under the table's ACCESS EXCLUSIVE lock (which the DROP takes
+    anyway and which ATTACH PARTITION waits for). DROP INDEX on a partitioned index drops every
+    index attached to it; PostgreSQL attaches a DBA's matching index when their table becomes a
+    partition, possibly after the plan (a rebuild's drop comes hours of builds later)."""
+    body = sql.SQL(
+        "DECLARE parent pg_catalog.regclass := pg_catalog.to_regclass({reg}); foreign_child text; BEGIN "
+        "IF parent IS NULL THEN RETURN; END IF; "
+        "EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', "
+        "(SELECT i.indrelid::pg_catalog.regclass FROM pg_catalog.pg_index i WHERE i.indexrelid = parent)); "
+        "SELECT pg_catalog.string_agg(h.inhrelid::pg_catalog.regclass::text, ', ') INTO foreign_child "
+        "FROM pg_catalog.pg_inherits h WHERE h.inhparent = parent AND NOT EXISTS ("
+        "SELECT 1 FROM {records} r WHERE r.oid = h.inhrelid AND r.owner = {owner}); "
+        "IF foreign_child IS NOT NULL THEN RAISE EXCEPTION "
+        "'partitioned index % has indexes attached that are not this resource''s (%): left alone', "
+        "{reg}, foreign_child USING ERRCODE = 'object_not_in_prerequisite_state'; END IF; END"
+    ).format(reg=sql.Literal(render(qualified(schema, name))), records=RECORDS, owner=sql.Literal(owner))
+    return sql.SQL("DO {}").format(sql.Literal(render(body)))
+
+
 def forget(owner: str, schema: str, name: str) -> sql.Composed:
     """Delete `owner`'s row for `schema.name` (after the object was dropped, or a build undone)."""
     return sql.SQL("DELETE FROM {} WHERE schema_name = {} AND name = {} AND owner = {}").format(

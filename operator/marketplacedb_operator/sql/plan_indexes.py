@@ -27,8 +27,10 @@ def drop_index_step(obj: str, owner: str, info: IndexInfo, why: str) -> Step:
     if info.table_kind == "p":  # no CONCURRENTLY for a partitioned index (its partitions' go with it)
         return Step("drop-index", obj, f"drop partitioned index {schema}.{name} (with its partitions' indexes; "
                     f"a brief ACCESS EXCLUSIVE lock on the table): {why}",
-                    (ownership.assert_oid(schema, name, info.oid), ddl.drop_partitioned_index(schema, name),
-                     ownership.forget(owner, schema, name)), transactional=True)
+                    (ownership.assert_oid(schema, name, info.oid),
+                     ownership.assert_partitions_ours(owner, schema, name),
+                     ddl.drop_partitioned_index(schema, name), ownership.forget(owner, schema, name)),
+                    transactional=True)
     return Step("drop-index", obj, f"drop index {schema}.{name} CONCURRENTLY: {why}",
                 (ownership.assert_oid(schema, name, info.oid), ddl.drop_index(schema, name),
                  ownership.forget(owner, schema, name)),

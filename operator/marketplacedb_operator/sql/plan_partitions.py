@@ -76,13 +76,16 @@ def _assert_ready(owner: str, schema: str, name: str) -> sql.Composed:
     return sql.SQL("DO {}").format(sql.Literal(ddl.render(body)))
 
 
-def _drop_step(d: DesiredIndex, owner: str, info: IndexInfo, why: str, children: list[tuple[str, str]]) -> Step:
+def _drop_step(d: DesiredIndex, owner: str, info: IndexInfo, why: str, children: list[tuple[str, str]],
+               replace: bool = False) -> Step:
+    """`replace`: the spec says adopt: Replace, so indexes attached that are not ours go too."""
     schema, name = info.schema, info.name
     forget = [ownership.forget(owner, s, n) for s, n in children]
+    guard = () if replace else (ownership.assert_partitions_ours(owner, schema, name),)
     if info.table_kind == "p":  # no CONCURRENTLY for a partitioned index (its partitions' go with it)
         return Step("drop-index", d.object, f"drop partitioned index {schema}.{name} (with its partitions' "
                     f"indexes; a brief ACCESS EXCLUSIVE lock on the table, under lockTimeout): {why}",
-                    (ownership.assert_oid(schema, name, info.oid), ddl.drop_partitioned_index(schema, name),
+                    (ownership.assert_oid(schema, name, info.oid), *guard, ddl.drop_partitioned_index(schema, name),
                      ownership.forget(owner, schema, name), *forget), transactional=True)
     return Step("drop-index", d.object, f"drop index {schema}.{name} CONCURRENTLY: {why}",
                 (ownership.assert_oid(schema, name, info.oid), ddl.drop_index(schema, name),
@@ -220,6 +223,9 @@ def _leftover(d: DesiredIndex, owner: str, cat: Catalog, declared: set[tuple[str
     if _sweepable(info, owner):
         children = [(s, c) for s, c, _, _ in cat.children(schema, name) if (i := cat.index(s, c)) is not None
                     and i.owned_by(owner)]
+        foreign = [c for s, c, _, _ in cat.children(schema, name) if (s, c) not in children]
+        if foreign:  # dropping it would drop them (a DBA's index attached since, with their partition)
+            return [], f"index {schema}.{name} (indexes not this resource's are attached to it: {', '.join(foreign)})"
         return [_drop_step(d, owner, info, "left over by an interrupted rebuild", children)], ""
     return [], f"index {schema}.{name} ({bound(info) or foreign_reason(info, owner)})"
 
@@ -331,5 +337,6 @@ def _rebuild(d: DesiredIndex, owner: str, cat: Catalog, existing: IndexInfo, why
          ownership.forget(owner, schema, build)), transactional=True)
     also = f" and {', '.join(foreign)} (not this resource's: adopt: Replace)" if foreign else ""
     renamed = dataclasses.replace(existing, name=old)  # same OID, under its new name
-    drop = _drop_step(d, owner, renamed, f"replaced by the rebuilt {name}{also}", ours_children)
+    drop = _drop_step(d, owner, renamed, f"replaced by the rebuilt {name}{also}", ours_children,
+                      replace=spec.adopt == "Replace")
     return steps + found + [swap, drop], [], notes
