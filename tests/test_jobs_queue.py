@@ -91,3 +91,21 @@ def test_a_job_plans_when_it_starts_and_runs_only_the_approved_plan(fresh_db: Fr
     assert job.result == [], "a plan nobody approved ran"
     with fresh_db.connect() as conn:
         assert conn.execute("SELECT to_regclass('public.ix_items_sku')::oid").fetchone() == dba
+
+
+def test_a_waiting_job_starts_from_the_latest_spec_and_approval(fresh_db: FreshDatabase) -> None:
+    """While the job waits, the user takes the index out of the spec, or switches to approval:
+    Manual without approving: the job starts from what reconcile saw last, not what it was queued with."""
+    deps, info, desired, policy = _setup(fresh_db)
+    emptied = planning.desired_state(MarketplaceDBSpec.model_validate({
+        "database": {"host": "127.0.0.1", "port": fresh_db.server.port, "dbname": fresh_db.name,
+                     "credentialsSecretRef": {"name": "creds"}}}), fresh_db.owner)
+    for later in ((emptied, "", policy, False), (desired, "", policy, True)):
+        release = _hold_the_only_slot(deps)
+        job = jobs.submit_schema(deps, ("prod/shop", "schema"), info, desired, _plan(info, desired).hash, policy,
+                                 manual=False)
+        assert deps.background.refresh_inputs(("prod/shop", "schema"), later)
+        release.set()
+        assert job.done.wait(60) and job.error is None, job.error
+        assert job.result == [] and not _index_exists(fresh_db), job.result
+        assert not deps.background.refresh_inputs(("prod/shop", "schema"), later)  # started: too late

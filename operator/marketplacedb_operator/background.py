@@ -43,6 +43,7 @@ class Job:
     cancel: Callable[[], None] | None = None  # set by the work: stops it (terminates its session)
     cancelled: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    inputs: Any = None  # what the work reads when it starts; replaceable while queued (Background.refresh_inputs)
 
     @property
     def running(self) -> bool:
@@ -74,6 +75,16 @@ class Background:
             self._queue.append(job)
         self._dispatch()
         return job
+
+    def refresh_inputs(self, key: Key, inputs: Any) -> bool:
+        """Replace a queued (not started) job's inputs, so that it starts from the latest reconcile's
+        view (the spec, its approval) rather than the one that queued it. False once it started."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.started is not None or not job.running:
+                return False
+            job.inputs = inputs
+            return True
 
     def take(self, key: Key) -> Job | None:
         """A finished job's record, removed so that it is reported once."""

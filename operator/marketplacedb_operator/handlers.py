@@ -274,6 +274,10 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
             background.cancel((resource, kind), wait=10.0)
         states.pop(resource, None)
         with state.lock:
+            # Again under the lock: a reconcile that was running when the first cancel ran may
+            # have queued new work since, which would plan against the database after teardown.
+            for kind in ("schema", "refresh"):
+                background.cancel((resource, kind), wait=10.0)
             result = teardown(dict(body), deps, state.released)
         if result.problem is None:
             logger.info("teardown done (deletionPolicy honoured)")

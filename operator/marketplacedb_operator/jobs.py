@@ -36,14 +36,17 @@ def submit_schema(deps: Deps, job_key: Key, info: ConnInfo, desired: Desired, pl
 
     A queued job keeps the desired state (tens of KiB), not the plan (its composed SQL: ~150 KiB
     for the example): at N = 1,000 resources on one pool most jobs wait, and their plans were
-    most of the operator's peak memory. Planning at the start also runs what the database needs
-    then, not what it needed when the job was queued. With `approval: Manual` only the approved
-    plan (`planned`, its hash) runs: a changed plan runs nothing, and the next reconcile asks for
-    approval of the new one.
+    a large part of the operator's peak memory. While the job waits, each reconcile replaces its
+    inputs (the spec and approval as they are now: an index put back in the spec, a switch to
+    `approval: Manual`, a new `deletionPolicy`), and it plans when it starts: it runs what the
+    database needs then. With `approval: Manual` only the approved plan (`planned`, its hash)
+    runs: a changed plan runs nothing, and the next reconcile asks for approval of the new one.
     """
     assert deps.background is not None
+    inputs = (desired, planned, policy, manual)
 
     def work(job: Job) -> list[StepOutcome]:
+        desired, planned, policy, manual = job.inputs
         database = deps.open_database(info)
         try:
             job.backend_pid, job.cancel = database.backend_pid(), database.cancel
@@ -56,7 +59,7 @@ def submit_schema(deps: Deps, job_key: Key, info: ConnInfo, desired: Desired, pl
         finally:
             _close(database)
 
-    return deps.background.submit(Job(job_key, database_key(info), work, tag=planned))
+    return deps.background.submit(Job(job_key, database_key(info), work, tag=planned, inputs=inputs))
 
 
 def submit_refresh(deps: Deps, job_key: Key, info: ConnInfo, views: Sequence[MaterializedViewSpec], force: bool,

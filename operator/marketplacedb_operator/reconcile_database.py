@@ -36,6 +36,11 @@ def schema(ctx: Context, database: Database, report: Report) -> None:
             report.schema_problem = Problem("DDLFailed", finished.error.replace(ctx.password or "\0", "***"))
     retry_later = finished is not None and (finished.error is not None or any(not o.ok for o in outcomes))
     if running is not None:
+        if running.started is None and ctx.deps.background is not None:  # still queued: start from today's spec
+            manual = ctx.spec.ddl.approval == "Manual"
+            approved = (ctx.annotation(naming.ANN_APPROVE_PLAN) or "") if manual else plan.hash
+            ctx.deps.background.refresh_inputs(running.key, (
+                desired, approved, planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings), manual))
         report.progress = jobs.progress(running, database, len(plan.steps))
     elif not plan.empty and not retry_later:  # a failed run is retried at the next resync, not now
         if ctx.spec.ddl.approval == "Manual" and ctx.annotation(naming.ANN_APPROVE_PLAN) != plan.hash:
