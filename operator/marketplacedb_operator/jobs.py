@@ -9,7 +9,7 @@ reports its outcome.
 
 from __future__ import annotations
 
-import time
+import datetime
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,21 +83,21 @@ def submit_refresh(deps: Deps, job_key: Key, info: ConnInfo, views: Sequence[Mat
 
 def progress(job: Job, database: Database, steps: int) -> DDLProgress:
     """What the running job does now, read from pg_stat_progress_create_index by its pid."""
-    since = job.started if job.started is not None else job.submitted
-    seconds = round(max(0.0, time.monotonic() - since), 1)
+    wall = job.started_at if job.started_at is not None else job.submitted_at
+    since = datetime.datetime.fromtimestamp(int(wall), datetime.UTC)  # whole seconds: the same at every look
     if job.started is None:
-        return DDLProgress(steps=steps, phase="queued", seconds=seconds)
+        return DDLProgress(steps=steps, phase="queued", since=since)
     row = database.build_progress(job.backend_pid) if job.backend_pid else None
     if row is None:
-        return DDLProgress(steps=steps, phase="running", seconds=seconds)
+        return DDLProgress(steps=steps, phase="running", since=since)
     return DDLProgress(steps=steps, phase=row.phase[:100], index=row.index, blocks_done=row.blocks_done,
-                       blocks_total=row.blocks_total, seconds=seconds)
+                       blocks_total=row.blocks_total, since=since)
 
 
 def describe(progress: DDLProgress) -> str:
     where = f" of index {progress.index}" if progress.index else ""
     blocks = f", {progress.blocks_done}/{progress.blocks_total} blocks" if progress.blocks_total else ""
-    head = f"{progress.steps} step(s) running in the background for {progress.seconds:g}s"
+    head = f"{progress.steps} step(s) in the background since {progress.since:%Y-%m-%dT%H:%M:%SZ}"
     return f"{head}: {progress.phase}{where}{blocks}"
 
 
