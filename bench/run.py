@@ -223,7 +223,8 @@ def run_fleet(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
             out[str(count)] = _runs(log, seg[f"fleet {count}"], runs, lambda _, c=count, t=timeout:
                                     operator_scale.run_once(fleet, c, workdir / f"fleet-{c}-{time.monotonic_ns()}",
                                                             ready_timeout=t, idle_timeout=t,
-                                                            idle_resync=c <= scale.idle_resync_max))
+                                                            idle_resync=c <= scale.idle_resync_max,
+                                                            trace_restart=scale.name == "fleet"))
         out["database_create_seconds"] = fleet.create_seconds
         out["databases"] = len(fleet.tenants)
         return out
