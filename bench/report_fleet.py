@@ -24,7 +24,7 @@ def restart_rows() -> list[tuple[str, str, str]]:
 
 
 def restart_lines(runs: list[dict[str, Any]]) -> list[str]:
-    traced = [r.get("idle_writes_traced") for r in runs if r.get("idle_writes_traced")]
+    traced: list[dict[str, Any]] = [r["idle_writes_traced"] for r in runs if r.get("idle_writes_traced")]
     if not traced:
         return []
     first = traced[0]

@@ -226,7 +226,8 @@ def operator_section(results: dict[str, Any], targets: Targets, plot_files: dict
             *restart_rows(),
             ("idle resync: API reads per reconcile", "idle_api_reads_per_reconcile", ""),
             ("idle resync: DDL statements (all N)", "idle_ddl", ""),
-            ("resident memory after the idle resync (restarted process)", "rss_after_resync_mib", "MiB")]))
+            ("resident memory after the idle resync (restarted process; inflated by tracemalloc when profiled)",
+             "rss_after_resync_mib", "MiB")]))
         lines += load_line(results, f"6. operator with {int(count):,} ")
         writes = runs[0].get("writes_by_resource", {})
         if writes:
