@@ -1,5 +1,6 @@
-"""A queued background job costs no status writes while it waits (issue 14, "Restart" item: the
-operator's memory and write volume at N = 1,000, where most schema jobs wait for a slot).
+"""A queued background job costs no status writes while it waits, and little memory (issue 14,
+"Restart" item: the operator's memory and write volume at N = 1,000, where most schema jobs wait
+for a slot).
 
 Found by profiling the benchmark: status.progress carried `seconds` (an age) and a queued job's
 resource was reconciled every progress_seconds, so each look at each waiting resource rewrote its
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import pathlib
 import secrets
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -26,9 +29,14 @@ import pytest
 
 from harness.kube import KubeObjects, eventually, kopf_runner
 from harness.postgres import FreshDatabase, PostgresServer
-from marketplacedb_operator import handlers, naming
+from marketplacedb_operator import handlers, jobs, naming
+from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
+from marketplacedb_operator.sql import plan as planning
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/ is a top-level package
+from bench.env import example_body
 
 NS = "prod"
 API = "marketplacedb.io/v1alpha1"
@@ -100,7 +108,8 @@ async def test_a_queued_job_is_not_rewritten_while_it_waits(
                         index_lock_timeout_seconds=120.0, ddl_retries=0, progress_seconds=PROGRESS_SECONDS,
                         max_background_jobs=1, max_background_jobs_per_database=1)
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, make_deps(settings, kube_client))
+    deps = make_deps(settings, kube_client)
+    handlers.register(registry, deps)
     # A lock that CREATE INDEX CONCURRENTLY waits for (SHARE UPDATE EXCLUSIVE conflicts with itself).
     holder = await asyncio.to_thread(psycopg.connect, two_databases[0].superuser_dsn)
     try:
@@ -116,6 +125,12 @@ async def test_a_queued_job_is_not_rewritten_while_it_waits(
                 lambda: (_get(kube_objects, "shop-1").get("status") or {}).get("progress"),
                 timeout=60, interval=0.1, message="the second resource's job reported")
             assert progress["phase"] == "queued", progress
+            # What the waiting job holds: its inputs packed (the spec as compressed JSON), not the
+            # spec model and desired state (~43 KiB of objects for the example; ~990 wait at N = 1,000).
+            assert deps.background is not None
+            waiting = deps.background.get(("prod/shop-1", "schema"))
+            assert waiting is not None and waiting.started is None
+            assert isinstance(waiting.inputs[0], bytes) and len(waiting.inputs[0]) < 4096, type(waiting.inputs[0])
             version = _get(kube_objects, "shop-1")["metadata"]["resourceVersion"]
             # Time passes; nothing about the queued job changes: its resource is not rewritten.
             await asyncio.sleep(WATCHED_PERIODS * PROGRESS_SECONDS)
@@ -130,3 +145,14 @@ async def test_a_queued_job_is_not_rewritten_while_it_waits(
                              timeout=90, interval=0.2, message="both Ready once the lock is gone")
     finally:
         await asyncio.to_thread(holder.close)
+
+
+def test_packed_inputs_rebuild_the_same_desired_state() -> None:
+    """The example resource (indexes, partial and expression ones, views, settings) round-trips
+    through jobs.pack/unpack to the very desired state reconcile planned from."""
+    body = example_body()
+    body["metadata"] = {"name": "shop", "namespace": NS}
+    spec = MarketplaceDB.model_validate(body).spec
+    packed = jobs.pack(spec, "prod/shop", ["work_mem"])
+    assert len(packed) < 4096
+    assert jobs.unpack(packed) == planning.desired_state(spec, "prod/shop", ["work_mem"])
