@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,7 +26,7 @@ from psycopg import sql
 
 from admission_corpus import CORPUS, EXAMPLE, Case
 from harness.kube import KubeEmulator, KubeObjects, eventually, iter_requests, kopf_runner
-from marketplacedb_operator import handlers, jobs, naming
+from marketplacedb_operator import handlers, jobs, naming, scheduler
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
@@ -308,3 +309,24 @@ def test_packed_inputs_round_trip_every_accepted_spec(case: Any) -> None:
     spec = MarketplaceDB.model_validate(body).spec
     expected = planning.desired_state(spec, "prod/shop", ["work_mem"])
     assert jobs.unpack(jobs.pack(spec, "prod/shop", ["work_mem"])) == expected
+
+
+# -- 4. the memory trim ------------------------------------------------------------------------------
+
+def test_trimming_freed_memory_starts_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scheduler.trim() runs once a minute in the operator (and cap_arenas() at start); each call
+    looks libc up with ctypes.util.find_library, which on Linux runs `/sbin/ldconfig -p` every time
+    (and `file -b <python>` the first time): a fork/exec of a process with the operator's RSS and
+    threads, ~0.1 s, each minute; in an image without ldconfig it finds nothing and trims nothing,
+    silently."""
+    started: list[Any] = []
+    original = subprocess.Popen.__init__
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
+        started.append(args[0] if args else kwargs.get("args"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recorded)
+    scheduler.trim()
+    scheduler.trim()
+    assert started == [], f"trim() started {len(started)} process(es): {started}"
