@@ -87,3 +87,25 @@ async def test_status_is_a_merge_patch_on_the_subresource(
 async def test_a_kind_the_operator_does_not_manage_is_refused(kube_client: kubernetes.client.ApiClient) -> None:
     with pytest.raises(KubeError, match="does not manage"):
         await asyncio.to_thread(KubeGateway(kube_client).get, "v1", "Pod", NS, "p")
+
+
+async def test_a_call_the_api_never_answers_gives_up_after_the_timeout(
+        kube_api: KubeEmulator, kube_client: kubernetes.client.ApiClient) -> None:
+    """Without a request timeout a GET the API server (or a half-open connection) never answers
+    holds its thread for good: the scheduler's reads then stalled every resync (test_loop_redteam4)."""
+    gateway = KubeGateway(kube_client, timeout=(2.0, 1.0))
+    await asyncio.to_thread(gateway.apply, _config_map("cfg", {"a": "1"}))
+    released = asyncio.Event()
+
+    async def hold(_: Any) -> int:
+        await released.wait()
+        return 503
+
+    kube_api[lambda r: r.method == "GET" and r.name == "cfg"] << hold
+    try:  # held until the test ends (60 s) without a timeout; ~4 x 1 s with it (urllib3 retries a GET)
+        with pytest.raises(KubeError) as failed:
+            await asyncio.wait_for(asyncio.to_thread(gateway.get, "v1", "ConfigMap", NS, "cfg"), 60)
+        assert failed.value.status == 0
+        assert str(failed.value) == "HTTP 0: no answer from the API server (ReadTimeoutError)"
+    finally:
+        released.set()

@@ -14,14 +14,19 @@ import threading
 import time
 from typing import Any
 
+import kopf
 import kubernetes
+import pytest
 from kopf._cogs.aiokits import aiotoggles
 from kopf._cogs.configs.configuration import OperatorSettings
 from kopf._cogs.structs.references import Resource
-from kopf._core.engines import peering
+from kopf._core.actions import lifecycles
+from kopf._core.engines import activities, peering
+from kopf._core.intents import causes
 
 from harness.kube import KubeObjects, eventually
 from marketplacedb_operator import handlers
+from marketplacedb_operator import scheduler as scheduler_module
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.scheduler import PEERING_LOGGER, PeeringPause, Scheduler
 from marketplacedb_operator.settings import Settings
@@ -96,3 +101,58 @@ async def test_a_due_resource_is_run_once_from_a_fresh_read(
     finally:
         release.set()
         scheduler.stop()
+
+
+async def test_a_dead_or_stalled_scheduler_fails_liveness(
+    kube_client: kubernetes.client.ApiClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf's /healthz runs the operator's probes (kopf.on.probe) and fails when one raises. The
+    scheduler is every resource's resync: /healthz stayed green with its thread dead or stuck
+    (test_loop_redteam4: hung reads). Through kopf's own probe activity, with the handlers' registry."""
+    monkeypatch.setattr(scheduler_module, "STALL_MIN_SECONDS", 0.5)  # stalled after 10 ticks or 0.5 s
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, make_deps(Settings(tick_seconds=0.02), kube_client))
+
+    async def probe() -> dict[str, Any]:
+        return await activities.run_activity(lifecycle=lifecycles.all_at_once, registry=registry,
+                                             settings=OperatorSettings(), activity=causes.Activity.PROBE,
+                                             indices={}, memo=kopf.Memo())
+
+    with pytest.raises(activities.ActivityError):  # not started (or its thread died): no resyncs
+        await probe()
+    stuck, release = threading.Event(), threading.Event()
+
+    def tick(self: Scheduler) -> int:
+        if stuck.is_set():
+            release.wait(30)
+        return 0
+
+    monkeypatch.setattr(Scheduler, "tick", tick)
+    await activities.run_activity(lifecycle=lifecycles.all_at_once, registry=registry, settings=OperatorSettings(),
+                                  activity=causes.Activity.STARTUP, indices={},
+                                  memo=kopf.Memo())
+    try:
+        reports: list[dict[str, Any]] = []
+
+        async def healthy() -> bool:
+            try:
+                reports.append((await probe())["scheduler"])
+            except activities.ActivityError:
+                return False
+            return True
+
+        async def failing() -> bool:
+            return not await healthy()
+
+        await eventually(healthy, timeout=30, interval=0.1, message="the running scheduler passes the probe")
+        assert reports[-1]["alive"] is True and reports[-1]["paused"] is False, reports[-1]
+        stuck.set()  # a tick that never returns: the thread is alive, the resyncs are not
+        await eventually(failing, timeout=30, interval=0.2, message="the stalled scheduler fails the probe")
+        with pytest.raises(activities.ActivityError) as failed:
+            await probe()
+        assert "last tick" in str(failed.value.__cause__)
+    finally:
+        release.set()
+        await activities.run_activity(lifecycle=lifecycles.all_at_once, registry=registry,
+                                      settings=OperatorSettings(), activity=causes.Activity.CLEANUP,
+                                      indices={}, memo=kopf.Memo())

@@ -31,7 +31,7 @@ from .background import Background
 from .backoff import delay as backoff_delay
 from .ports import Deps
 from .reconcile import Outcome, comparable_status, reconcile
-from .scheduler import PeeringPause, Scheduler, cap_arenas
+from .scheduler import PeeringPause, Scheduler, SchedulerStalled, cap_arenas
 from .teardown import teardown
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class ResourceState:
         self.handled_generation: int | None = None
         self.handled_triggers: tuple[str, str] = ("", "")
         self.next_due: float = 0.0
-        self.pending = False  # something arrived while a reconcile ran: run again at the next tick
+        # A reconcile was asked for and did not run (it found the lock held; a background job
+        # woke the resource): the scheduler runs one from a fresh read, which clears this.
+        self.pending = False
         # (generation, triggers) an event reconcile was queued for and has not started yet: later
         # events for the same (kopf's finalizer patch, our status write) queue no second one.
         self.queued: tuple[Any, tuple[str, str]] | None = None
@@ -92,18 +94,32 @@ def _state(memo: kopf.Memo) -> ResourceState:
     return state
 
 
+def _wanted(body: Mapping[str, Any]) -> tuple[Any, tuple[str, str]]:
+    """What an event asks a reconcile for: the object's generation and its trigger annotations."""
+    return body.get("metadata", {}).get("generation"), _triggers(body)
+
+
 def _triggers(body: Mapping[str, Any]) -> tuple[str, str]:
     annotations = body.get("metadata", {}).get("annotations") or {}
     return annotations.get(naming.ANN_REFRESH_NOW, ""), annotations.get(naming.ANN_APPROVE_PLAN, "")
 
 
 def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any) -> None:
-    """Reconcile once (serialized per resource), post Events, schedule the next run."""
+    """Reconcile once (serialized per resource), post Events, schedule the next run.
+
+    A run that cannot take the lock does not happen; it leaves a request (`pending`) that the
+    scheduler serves with a fresh read once the lock is free, and never leaves next_due infinite
+    (on_event set it so) nor its own `queued` behind. The order matters: it sets `pending` and
+    then looks at the lock; the holder releases the lock and then looks at `pending`: one of the
+    two always sees the other and re-arms next_due."""
+    if state.queued == _wanted(body):  # started: a later event for the same (generation, triggers) queues again
+        state.queued = None
     if not state.lock.acquire(blocking=False):
-        state.pending = True  # a reconcile is running; the next tick runs again with the new body
+        state.pending = True
+        if not state.lock.locked():  # the holder released meanwhile, perhaps before `pending` was set
+            state.next_due = 0.0
         return
     try:
-        state.pending, state.queued = False, None
         try:
             current = _current(deps, body, state)
             if current is None:  # deleted meanwhile: on_delete's business
@@ -130,6 +146,8 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
         state.lock.release()
+    if state.pending:  # asked for after next_due was chosen above (a run that found the lock held)
+        state.next_due = 0.0
 
 
 def _current(deps: Deps, body: Mapping[str, Any], state: ResourceState) -> dict[str, Any] | None:
@@ -204,7 +222,8 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         state = states.get(key[0])
         if state is not None:
             state.pending = True  # also when the reconcile that submitted it is still running
-            state.next_due = 0.0
+            if state.queued is None:  # else the queued event reconcile runs first and then sees `pending`
+                state.next_due = 0.0
 
     if deps.background is None:
         deps.background = Background(
@@ -212,11 +231,9 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         )
     background = deps.background
 
-    def tracked(body: kopf.Body, memo: kopf.Memo) -> ResourceState:
-        state = _state(memo)
+    def tracked(body: kopf.Body, state: ResourceState) -> None:
         meta = body.get("metadata", {})
         states[f"{meta.get('namespace')}/{meta.get('name')}"] = state
-        return state
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -252,14 +269,18 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     async def on_event(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        state = tracked(body, memo)
+        state = _state(memo)
         if scheduler.context is None:  # kopf's context variables (kopf.event's queue) for its threads
             scheduler.context = contextvars.copy_context()
-        wanted = (body.get("metadata", {}).get("generation"), _triggers(body))
-        if wanted != (state.handled_generation, state.handled_triggers) and wanted != state.queued:
-            # The queued reconcile runs it: the timer must not run the same reconcile beside it
-            # (after a restart every resource was reconciled twice at once). _run sets next_due.
+        wanted = _wanted(body)
+        run = wanted != (state.handled_generation, state.handled_triggers) and wanted != state.queued
+        if run:
+            # The queued reconcile runs it: the scheduler must not run the same reconcile beside it
+            # (after a restart every resource was reconciled twice at once). _run sets next_due,
+            # also when it cannot run. Set before the scheduler sees a new resource (tracked).
             state.queued, state.next_due = wanted, math.inf
+        tracked(body, state)
+        if run:
             # kopf.event() finds its posting queue through context variables: carry them over.
             context = contextvars.copy_context()
             asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run, deps, body, state, logger)
@@ -275,6 +296,15 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     def start_scheduler(**_: Any) -> None:
         pause.attach()
         scheduler.start()
+
+    @kopf.on.probe(id="scheduler", registry=registry)
+    def scheduler_health(**_: Any) -> dict[str, Any]:
+        # /healthz (kopf's liveness endpoint) fails while this raises: a dead or stalled scheduler
+        # means no resync, retry or background-job report for any resource.
+        try:
+            return scheduler.health()
+        except SchedulerStalled as exc:
+            raise kopf.PermanentError(str(exc)) from None  # permanent: kopf would retry the probe
 
     @kopf.on.cleanup(registry=registry)
     def stop_scheduler(**_: Any) -> None:

@@ -12,6 +12,15 @@ with it. This thread follows the same decision: kopf logs it (kopf/_core/engines
 into a flag. A replica that was never active has no resources to look at anyway (on_event,
 which registers them, does not run while kopf is paused).
 
+Reads: each due resource is read (GET) on a pool of READERS_PER_WORKER x workers threads, and
+only a body that was read is handed to the `workers` reconcile threads: a few reads the API server
+never answers (the gateway's request timeout bounds each) hold reader threads, not every
+reconcile thread, so the other resources keep their resync (tests/test_loop_redteam4.py).
+
+Health: health() (kopf's liveness probe, handlers.py) fails when the thread died or its last tick
+is older than STALL_TICKS ticks (at least STALL_MIN_SECONDS): /healthz then fails and the kubelet
+restarts a process whose resyncs stopped.
+
 Memory: the reconciles' transient allocations (plans, catalog rows, API replies) are freed, but
 glibc keeps freed pages in per-thread arenas. At start the arenas are capped (M_ARENA_MAX) and
 after a pass with work the free pages are handed back (malloc_trim), at most once a minute.
@@ -22,7 +31,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import ctypes
-import ctypes.util
+import functools
 import logging
 import math
 import threading
@@ -38,6 +47,9 @@ log = logging.getLogger(__name__)
 PEERING_LOGGER = "kopf._core.engines.peering"
 _M_ARENA_MAX = -8  # glibc's mallopt() parameter number
 TRIM_EVERY = 60.0  # seconds between malloc_trim() calls (each costs a few ms)
+READERS_PER_WORKER = 4  # reads are I/O only: more reader threads than reconcile threads
+STALL_TICKS = 10  # health(): a scheduler that has not ticked for this many ticks is stalled
+STALL_MIN_SECONDS = 60.0
 
 
 class Due(Protocol):
@@ -45,6 +57,7 @@ class Due(Protocol):
 
     next_due: float
     failures: int
+    pending: bool  # a reconcile was asked for and did not run; a read that starts after it covers it
     lock: threading.Lock
 
 
@@ -88,9 +101,12 @@ class Scheduler:
         self.pause = pause or PeeringPause()
         self.context: contextvars.Context | None = None  # kopf's (for kopf.event), from the first event
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync")
+        self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=workers * READERS_PER_WORKER,
+                                                            thread_name_prefix="scheduler-read")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._trimmed = 0.0
+        self.ticked = time.monotonic()  # when the loop last finished a tick (health)
 
     def start(self) -> None:
         if self._thread is None:
@@ -100,6 +116,18 @@ class Scheduler:
     def stop(self) -> None:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> dict[str, Any]:
+        """The liveness verdict: raises SchedulerStalled when the thread is dead or stalled."""
+        age = time.monotonic() - self.ticked
+        alive = self._thread is not None and self._thread.is_alive()
+        limit = max(STALL_MIN_SECONDS, STALL_TICKS * self.deps.settings.tick_seconds)
+        if not alive or age > limit:
+            raise SchedulerStalled(f"scheduler {'alive' if alive else 'not running'}, last tick {age:.0f}s ago "
+                                   f"(limit {limit:g}s): periodic reconciles have stopped")
+        return {"alive": alive, "last_tick_seconds": round(age, 1), "paused": self.pause.paused,
+                "resources": len(self.states)}
 
     def _loop(self) -> None:
         while not self._stop.wait(self.deps.settings.tick_seconds):
@@ -107,6 +135,7 @@ class Scheduler:
                 self.tick()
             except Exception:  # never let the loop die: every resource's resync depends on it
                 log.warning("scheduler tick failed", exc_info=True)
+            self.ticked = time.monotonic()
 
     def tick(self) -> int:
         """Submit every due resource (once: its next_due is infinite until its reconcile ran)."""
@@ -116,15 +145,17 @@ class Scheduler:
         for key, state in list(self.states.items()):
             if now >= state.next_due and not state.lock.locked():
                 state.next_due = math.inf
-                self._pool.submit(self.context.copy().run, self._due, key, state)
+                self._reads.submit(self._read, key, state, self.context.copy())
                 submitted += 1
         if submitted and time.monotonic() - self._trimmed > TRIM_EVERY:
             self._trimmed = time.monotonic()
             trim()
         return submitted
 
-    def _due(self, key: str, state: Due) -> None:
+    def _read(self, key: str, state: Due, context: contextvars.Context) -> None:
+        """Read a due resource (a reader thread), then reconcile it on a reconcile thread."""
         namespace, name = key.split("/", 1)
+        state.pending = False  # this read starts after every request so far: its body covers them
         try:
             body = self.deps.kube.get(naming.API_VERSION, naming.KIND, namespace, name)
         except Exception as exc:  # the API is unreachable: try again with backoff
@@ -139,7 +170,15 @@ class Scheduler:
         if body.get("metadata", {}).get("deletionTimestamp"):  # kopf's deletion handler has it
             state.next_due = self.deps.monotonic() + self.deps.settings.resync_seconds
             return
-        self.run(body, state, _Prefixed(logging.getLogger("kopf.objects"), {"resource": key}))
+        logger = _Prefixed(logging.getLogger("kopf.objects"), {"resource": key})
+        try:
+            self._pool.submit(context.run, self.run, body, state, logger)
+        except RuntimeError:  # stopped meanwhile (shutdown): nothing more runs
+            pass
+
+
+class SchedulerStalled(Exception):
+    """The scheduler thread is dead or has not ticked for too long (health())."""
 
 
 def cap_arenas(arenas: int = 2) -> None:
@@ -157,9 +196,12 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache
 def _libc() -> Any:
-    name = ctypes.util.find_library("c")
+    """The C library, loaded once. Not ctypes.util.find_library("c"): on Linux it runs
+    `/sbin/ldconfig -p` (a fork/exec of this process) at every call, and finds nothing where
+    ldconfig is absent. The process's own symbols (dlopen(NULL)) include the C library's."""
     try:
-        return ctypes.CDLL(name) if name else None
+        return ctypes.CDLL(None)
     except OSError:
         return None

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     ddl_retries: Annotated[int, Field(ge=0)] = 3
     ddl_retry_base_seconds: Positive = 0.5
     connect_timeout_seconds: Positive = 5.0
+    # Every Kubernetes API call (not kopf's watch) gives up after this long (connect, then the
+    # answer): a request the API server or a half-open connection never answers holds a thread,
+    # and the scheduler's reads of due resources run on a few (scheduler.py).
+    kube_connect_timeout_seconds: Positive = 10.0
+    kube_request_timeout_seconds: Positive = 30.0
     # Temporary errors (unreachable database, missing Secret) retry after base, 2x base, 4x base...
     # (with jitter) up to max_backoff_seconds.
     retry_base_seconds: Positive = 5.0

@@ -87,4 +87,5 @@ class PostgresDatabase:
 
 
 def make_deps(settings: Settings, api_client: k8s.ApiClient) -> Deps:
-    return Deps(kube=KubeGateway(api_client), open_database=PostgresDatabase, settings=settings)
+    timeout = (settings.kube_connect_timeout_seconds, settings.kube_request_timeout_seconds)
+    return Deps(kube=KubeGateway(api_client, timeout=timeout), open_database=PostgresDatabase, settings=settings)

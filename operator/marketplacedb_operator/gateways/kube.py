@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.discovery import LazyDiscoverer
@@ -63,6 +64,11 @@ RESOURCES: dict[tuple[str, str], str] = {
 # How long a kind the server does not serve is taken as absent before discovery is asked again
 # (a CRD installed later, e.g. the Prometheus Operator's, is picked up within this).
 MISSING_TTL_SECONDS = 300.0
+# (connect, read) timeout of each call unless the caller gives one (settings.py:
+# MARKETPLACEDB_KUBE_CONNECT_TIMEOUT_SECONDS, MARKETPLACEDB_KUBE_REQUEST_TIMEOUT_SECONDS). Per
+# attempt: urllib3 retries an idempotent call (GET, DELETE) whose answer timed out up to 3 times,
+# so a read the server never answers gives up after about 4 x the read timeout.
+DEFAULT_TIMEOUT = (10.0, 30.0)
 
 # What this gateway's calls need from RBAC: (apiGroup, resource, verbs). install.py builds the
 # chart's and deploy/install.yaml's Role/ClusterRole from this list (and kopf's in handlers.py);
@@ -111,8 +117,11 @@ def _raw(_client: Any, data: Any) -> Any:
 class KubeGateway:
     """Synchronous calls through the official client (kopf runs sync handlers in threads)."""
 
-    def __init__(self, api_client: k8s.ApiClient, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, api_client: k8s.ApiClient, monotonic: Callable[[], float] = time.monotonic,
+                 timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
         self._api = api_client
+        # (connect, read) seconds for every call: urllib3 waits forever by default.
+        self._timeout = timeout
         self._monotonic = monotonic
         self._dynamic: DynamicClient | None = None  # discovery on first use, not at construction
         self._lock = threading.Lock()
@@ -163,7 +172,7 @@ class KubeGateway:
         self.writes += 1
         result: dict[str, Any] = _call(lambda: resource.server_side_apply(
             body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=field_manager,
-            force_conflicts=True if force else None, serializer=_raw))
+            force_conflicts=True if force else None, serializer=_raw, _request_timeout=self._timeout))
         return result
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +181,8 @@ class KubeGateway:
         resource = self._served(obj["apiVersion"], obj["kind"], meta["name"])
         self.writes += 1
         created: dict[str, Any] = _call(lambda: resource.create(
-            body=obj, namespace=meta["namespace"], field_manager=naming.FIELD_MANAGER, serializer=_raw))
+            body=obj, namespace=meta["namespace"], field_manager=naming.FIELD_MANAGER, serializer=_raw,
+            _request_timeout=self._timeout))
         return created
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -180,13 +190,15 @@ class KubeGateway:
         resource = self._served(naming.API_VERSION, naming.KIND, name)
         self.writes += 1
         _call(lambda: resource.status.patch(body={"status": status}, name=name, namespace=namespace,
-                                            content_type="application/merge-patch+json", serializer=_raw))
+                                            content_type="application/merge-patch+json", serializer=_raw,
+                                            _request_timeout=self._timeout))
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         resource = self._resource(api_version, kind)
         if resource is None:
             return None
-        found: dict[str, Any] | None = _call(lambda: resource.get(name=name, namespace=namespace, serializer=_raw),
+        found: dict[str, Any] | None = _call(lambda: resource.get(name=name, namespace=namespace, serializer=_raw,
+                                                                  _request_timeout=self._timeout),
                                              missing=None)
         return found
 
@@ -195,7 +207,8 @@ class KubeGateway:
         if resource is None:
             return []
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        result = _call(lambda: resource.get(namespace=namespace, label_selector=label_selector, serializer=_raw),
+        result = _call(lambda: resource.get(namespace=namespace, label_selector=label_selector, serializer=_raw,
+                                                  _request_timeout=self._timeout),
                        missing=None)
         items: list[dict[str, Any]] = (result or {}).get("items") or []
         return items
@@ -206,7 +219,8 @@ class KubeGateway:
         if resource is None:
             return False
         self.writes += 1
-        return _call(lambda: resource.delete(name=name, namespace=namespace, serializer=_raw), missing=None) is not None
+        return _call(lambda: resource.delete(name=name, namespace=namespace, serializer=_raw,
+                                                   _request_timeout=self._timeout), missing=None) is not None
 
 
 _RAISE = object()
@@ -217,6 +231,9 @@ def _call(request: Callable[[], Any], missing: Any = _RAISE) -> Any:
     dynamic client's own exception text quotes the whole response body and headers)."""
     try:
         return request()
+    except urllib3.exceptions.HTTPError as exc:  # no answer within the timeout (after the client's retries)
+        cause = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+        raise KubeError(0, f"no answer from the API server ({type(cause).__name__})") from None
     except DynamicApiError as exc:
         if exc.status == 404 and missing is not _RAISE:
             return missing
