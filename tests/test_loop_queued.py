@@ -18,6 +18,7 @@ import datetime
 import pathlib
 import secrets
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from harness.kube import KubeObjects, eventually, kopf_runner
 from harness.postgres import FreshDatabase, PostgresServer
 from marketplacedb_operator import handlers, jobs, naming
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
+from marketplacedb_operator.background import Job
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.sql import plan as planning
@@ -156,3 +158,79 @@ def test_packed_inputs_rebuild_the_same_desired_state() -> None:
     packed = jobs.pack(spec, "prod/shop", ["work_mem"])
     assert len(packed) < 4096
     assert jobs.unpack(packed) == planning.desired_state(spec, "prod/shop", ["work_mem"])
+
+
+async def test_a_job_still_queued_at_a_restart_keeps_its_since(
+    kube_api: Any, kube_objects: KubeObjects, kube_client: kubernetes.client.ApiClient,
+    two_databases: list[FreshDatabase], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator restart loses its queue: the new process queues the same work again. Its
+    status said `queued since T`; with the new process's queue time in it, every resource still
+    waiting was rewritten after the restart (and its condition message changed). Both processes
+    have one background slot, held: in the first by the first resource's build (waiting for a
+    lock), in the second by an unrelated job. The second resource is queued in both."""
+    await kube_objects.ensure_namespace(NS)
+    for i, db in enumerate(two_databases):
+        await kube_objects.create({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": f"owner-{i}", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                         "annotations": {naming.ANN_CREDENTIALS_FOR: f"shop-{i}"}},
+            "stringData": {"username": db.owner, "password": db.owner_password},
+        })
+    settings = Settings(resync_seconds=300.0, tick_seconds=0.25, retry_base_seconds=1.0, max_backoff_seconds=8.0,
+                        index_lock_timeout_seconds=120.0, ddl_retries=0, progress_seconds=PROGRESS_SECONDS,
+                        max_background_jobs=1, max_background_jobs_per_database=1)
+    finished: list[str] = []  # resources whose reconcile returned, in the second process
+    original = handlers._run
+
+    def recorded(deps: Any, body: Any, state: Any, logger: Any) -> None:
+        original(deps, body, state, logger)
+        finished.append(body.get("metadata", {}).get("name"))
+
+    holder = await asyncio.to_thread(psycopg.connect, two_databases[0].superuser_dsn)
+    first = make_deps(settings, kube_client)
+    # The second process gets its own API client: a connection from the first one's pool was
+    # not answered by the emulator after the first kopf stopped.
+    client = kubernetes.client.ApiClient(kube_client.configuration)
+    slot = threading.Event()
+    try:
+        await asyncio.to_thread(holder.execute, "BEGIN")
+        await asyncio.to_thread(holder.execute, "LOCK TABLE items IN SHARE UPDATE EXCLUSIVE MODE")
+        registry = kopf.OperatorRegistry()
+        handlers.register(registry, first)
+        async with kopf_runner(kube_api, registry, namespaces=[NS]):
+            await kube_objects.create(_resource(0, two_databases[0]))
+            await eventually(lambda: ((_get(kube_objects, "shop-0").get("status") or {}).get("progress") or {})
+                             .get("phase") not in (None, "queued"), timeout=60, interval=0.1,
+                             message="the first build running (waiting for the lock)")
+            await kube_objects.create(_resource(1, two_databases[1]))
+            queued = await eventually(lambda: (_get(kube_objects, "shop-1").get("status") or {}).get("progress"),
+                                      timeout=60, interval=0.1, message="the second resource's job reported")
+            assert queued["phase"] == "queued", queued
+        background = first.background
+        assert background is not None
+        for i in range(2):  # the process is gone: so are its jobs (the build's session is terminated)
+            await asyncio.to_thread(background.cancel, (f"{NS}/shop-{i}", "schema"), 10.0)
+        before = _get(kube_objects, "shop-1")
+        await asyncio.sleep(1.1)  # `since` has whole seconds: the new process's queue time differs
+        monkeypatch.setattr(handlers, "_run", recorded)
+        registry, second = kopf.OperatorRegistry(), make_deps(settings, client)
+        handlers.register(registry, second)
+        assert second.background is not None
+        second.background.submit(Job(("other/blocker", "schema"), "elsewhere", lambda job: slot.wait(120)))
+        async with kopf_runner(kube_api, registry, namespaces=[NS]):
+            await eventually(lambda: "shop-1" in finished, timeout=60, interval=0.1,
+                             message="the second process reconciled shop-1")
+            job = second.background.get((f"{NS}/shop-1", "schema"))
+            assert job is not None and job.started is None, "shop-1's job is queued again"
+            after = _get(kube_objects, "shop-1")
+            assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], (
+                queued, (after.get("status") or {}).get("progress"))
+            slot.set()
+            await asyncio.to_thread(holder.execute, "ROLLBACK")
+            await eventually(lambda: _ready(kube_objects, "shop-0") and _ready(kube_objects, "shop-1"),
+                             timeout=90, interval=0.2, message="both Ready once the slot and the lock are free")
+    finally:
+        slot.set()
+        await asyncio.to_thread(holder.close)
+        client.close()  # type: ignore[no-untyped-call]

@@ -100,6 +100,14 @@ def submit_refresh(deps: Deps, job_key: Key, info: ConnInfo, views: Sequence[Mat
     return deps.background.submit(Job(job_key, database_key(info), work, tag=request))
 
 
+def keep_queued_since(job: Job, earlier: DDLProgress | None, steps: int) -> None:
+    """A new job for work the status already shows queued (an operator restart lost the old
+    process's queue) is queued since then, not since now: `since` is unchanged, and so is the
+    status (a new time in it was a write after every restart for each resource still waiting)."""
+    if earlier is not None and earlier.phase == "queued" and earlier.steps == steps:
+        job.submitted_at = min(job.submitted_at, earlier.since.timestamp())
+
+
 def progress(job: Job, database: Database, steps: int) -> DDLProgress:
     """What the running job does now, read from pg_stat_progress_create_index by its pid."""
     wall = job.started_at if job.started_at is not None else job.submitted_at

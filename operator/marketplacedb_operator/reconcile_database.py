@@ -55,6 +55,7 @@ def schema(ctx: Context, database: Database, report: Report) -> None:
             packed = jobs.pack(ctx.spec, ctx.owner, previous_settings)  # not `desired`: most jobs wait (jobs.pack)
             job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, packed,
                                      plan.hash, policy, manual=ctx.spec.ddl.approval == "Manual")
+            jobs.keep_queued_since(job, ctx.previous.progress if ctx.previous else None, len(plan.steps))
             report.progress = jobs.progress(job, database, len(plan.steps))
         else:  # no background pool (the CLI): inline
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
