@@ -112,9 +112,10 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
     (on_event set it so) nor its own `queued` behind. The order matters: it sets `pending` and
     then looks at the lock; the holder releases the lock and then looks at `pending`: one of the
     two always sees the other and re-arms next_due."""
-    if state.queued == _wanted(body):  # started: a later event for the same (generation, triggers) queues again
-        state.queued = None
+    wanted = _wanted(body)
     if not state.lock.acquire(blocking=False):
+        if state.queued == wanted:  # nothing is queued for it any more: the scheduler's run covers it
+            state.queued = None
         state.pending = True
         if not state.lock.locked():  # the holder released meanwhile, perhaps before `pending` was set
             state.next_due = 0.0
@@ -122,10 +123,15 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
     try:
         try:
             current = _current(deps, body, state)
-            if current is None:  # deleted meanwhile: on_delete's business
+            if current is None:  # deleted meanwhile: on_delete's business (the scheduler looks again)
+                state.next_due = deps.monotonic() + deps.settings.resync_seconds
                 return
             state.handled_generation = current.get("metadata", {}).get("generation")
             state.handled_triggers = _triggers(current)
+            # Cleared once `handled` says the same: an event for it in between is deduplicated
+            # by one or the other, never queued a second time (a duplicate reconcile).
+            if state.queued == wanted:
+                state.queued = None
             outcome: Outcome | None = reconcile(current, deps)
             if outcome is not None and outcome.status is not None:
                 state.written = _digest(outcome.status)
@@ -145,6 +151,8 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
         if outcome is not None and outcome.events:
             logger.info("conditions changed: %s", "; ".join(e.message for e in outcome.events))
     finally:
+        if state.queued == wanted:  # a run that failed before reconcile(): nothing queued for it either
+            state.queued = None
         state.lock.release()
     if state.pending:  # asked for after next_due was chosen above (a run that found the lock held)
         state.next_due = 0.0
