@@ -144,7 +144,10 @@ async def test_a_spec_change_during_a_scheduled_reconciles_end_is_applied(
     gate = _Gate()
     objects_logger = logging.getLogger("kopf.objects")
     objects_logger.addHandler(gate)
-    monkeypatch.setattr(objects_logger, "level", logging.INFO)  # the "conditions changed" line is INFO
+    level = objects_logger.level
+    # The "conditions changed" line is INFO. setLevel, not the attribute: loggers cache isEnabledFor()
+    # and only setLevel clears it (after an earlier test's INFO record was dropped, it stayed dropped).
+    objects_logger.setLevel(logging.INFO)
     settings = Settings(resync_seconds=1.0, tick_seconds=0.25, retry_base_seconds=1.0, max_backoff_seconds=4.0)
     try:
         async with _operator(kube_api, kube_client, settings):
@@ -175,6 +178,7 @@ async def test_a_spec_change_during_a_scheduled_reconciles_end_is_applied(
     finally:
         gate.opened.set()
         objects_logger.removeHandler(gate)
+        objects_logger.setLevel(level)
 
 
 # -- 2. one resource's failures do not stop the others' resyncs; the load is one GET per resync -----
