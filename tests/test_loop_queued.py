@@ -209,7 +209,7 @@ async def test_a_job_still_queued_at_a_restart_keeps_its_since(
             assert queued["phase"] == "queued", queued
         background = first.background
         assert background is not None
-        for i in range(2):  # the process is gone: so are its jobs (the build's session is terminated)
+        for i in (1, 0):  # the process is gone: so are its jobs (shop-1's first: it would start once shop-0's ended)
             await asyncio.to_thread(background.cancel, (f"{NS}/shop-{i}", "schema"), 10.0)
         before = _get(kube_objects, "shop-1")
         await asyncio.sleep(1.1)  # `since` has whole seconds: the new process's queue time differs
