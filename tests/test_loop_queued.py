@@ -166,20 +166,18 @@ async def test_a_job_still_queued_at_a_restart_keeps_its_since(
 ) -> None:
     """An operator restart loses its queue: the new process queues the same work again. Its
     status said `queued since T`; with the new process's queue time in it, every resource still
-    waiting was rewritten after the restart (and its condition message changed). Both processes
-    have one background slot, held: in the first by the first resource's build (waiting for a
-    lock), in the second by an unrelated job. The second resource is queued in both."""
+    waiting was rewritten after the restart (and its condition message changed). Each process has
+    one background slot, held by an unrelated job, so the resource's schema job is queued in both."""
     await kube_objects.ensure_namespace(NS)
-    for i, db in enumerate(two_databases):
-        await kube_objects.create({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": f"owner-{i}", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
-                         "annotations": {naming.ANN_CREDENTIALS_FOR: f"shop-{i}"}},
-            "stringData": {"username": db.owner, "password": db.owner_password},
-        })
+    db = two_databases[1]
+    await kube_objects.create({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "owner-1", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
+                     "annotations": {naming.ANN_CREDENTIALS_FOR: "shop-1"}},
+        "stringData": {"username": db.owner, "password": db.owner_password},
+    })
     settings = Settings(resync_seconds=300.0, tick_seconds=0.25, retry_base_seconds=1.0, max_backoff_seconds=8.0,
-                        index_lock_timeout_seconds=120.0, ddl_retries=0, progress_seconds=PROGRESS_SECONDS,
-                        max_background_jobs=1, max_background_jobs_per_database=1)
+                        progress_seconds=PROGRESS_SECONDS, max_background_jobs=1, max_background_jobs_per_database=1)
     finished: list[str] = []  # resources whose reconcile returned, in the second process
     original = handlers._run
 
@@ -187,37 +185,35 @@ async def test_a_job_still_queued_at_a_restart_keeps_its_since(
         original(deps, body, state, logger)
         finished.append(body.get("metadata", {}).get("name"))
 
-    holder = await asyncio.to_thread(psycopg.connect, two_databases[0].superuser_dsn)
+    slot = threading.Event()
+
+    def blocker(deps: Any) -> None:
+        assert deps.background is not None
+        deps.background.submit(Job(("other/blocker", "schema"), "elsewhere", lambda job: slot.wait(120)))
+
     first = make_deps(settings, kube_client)
     # The second process gets its own API client: a connection from the first one's pool was
     # not answered by the emulator after the first kopf stopped.
     client = kubernetes.client.ApiClient(kube_client.configuration)
-    slot = threading.Event()
     try:
-        await asyncio.to_thread(holder.execute, "BEGIN")
-        await asyncio.to_thread(holder.execute, "LOCK TABLE items IN SHARE UPDATE EXCLUSIVE MODE")
         registry = kopf.OperatorRegistry()
         handlers.register(registry, first)
+        blocker(first)
         async with kopf_runner(kube_api, registry, namespaces=[NS]):
-            await kube_objects.create(_resource(0, two_databases[0]))
-            await eventually(lambda: ((_get(kube_objects, "shop-0").get("status") or {}).get("progress") or {})
-                             .get("phase") not in (None, "queued"), timeout=60, interval=0.1,
-                             message="the first build running (waiting for the lock)")
-            await kube_objects.create(_resource(1, two_databases[1]))
+            await kube_objects.create(_resource(1, db))
             queued = await eventually(lambda: (_get(kube_objects, "shop-1").get("status") or {}).get("progress"),
-                                      timeout=60, interval=0.1, message="the second resource's job reported")
+                                      timeout=60, interval=0.1, message="the resource's job reported")
             assert queued["phase"] == "queued", queued
-        background = first.background
-        assert background is not None
-        for i in (1, 0):  # the process is gone: so are its jobs (shop-1's first: it would start once shop-0's ended)
-            await asyncio.to_thread(background.cancel, (f"{NS}/shop-{i}", "schema"), 10.0)
+        assert first.background is not None
+        await asyncio.to_thread(first.background.cancel, (f"{NS}/shop-1", "schema"), 10.0)  # the process is gone
+        assert first.background.get((f"{NS}/shop-1", "schema")) is None
         before = _get(kube_objects, "shop-1")
         await asyncio.sleep(1.1)  # `since` has whole seconds: the new process's queue time differs
         monkeypatch.setattr(handlers, "_run", recorded)
         registry, second = kopf.OperatorRegistry(), make_deps(settings, client)
         handlers.register(registry, second)
         assert second.background is not None
-        second.background.submit(Job(("other/blocker", "schema"), "elsewhere", lambda job: slot.wait(120)))
+        blocker(second)
         async with kopf_runner(kube_api, registry, namespaces=[NS]):
             await eventually(lambda: "shop-1" in finished, timeout=60, interval=0.1,
                              message="the second process reconciled shop-1")
@@ -227,10 +223,8 @@ async def test_a_job_still_queued_at_a_restart_keeps_its_since(
             assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], (
                 queued, (after.get("status") or {}).get("progress"))
             slot.set()
-            await asyncio.to_thread(holder.execute, "ROLLBACK")
-            await eventually(lambda: _ready(kube_objects, "shop-0") and _ready(kube_objects, "shop-1"),
-                             timeout=90, interval=0.2, message="both Ready once the slot and the lock are free")
+            await eventually(lambda: _ready(kube_objects, "shop-1"), timeout=90, interval=0.2,
+                             message="Ready once the slot is free")
     finally:
         slot.set()
-        await asyncio.to_thread(holder.close)
         client.close()  # type: ignore[no-untyped-call]
