@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 from typing import Any
 
@@ -65,8 +66,8 @@ def under_reads(bench: Workbench, scripts: Scripts, *, seconds: float, lead: flo
         modes.reverse()
     result: dict[str, Any] = {"order": "/".join(mode for mode, _ in modes), "timelines": {}}
     for mode, action in modes:
-        load = Background(lambda mode=mode: pgbench.run(f"reads-{mode}", bench.direct(), scripts.one("home_views"),
-                                                        clients=READ_CLIENTS, rate=READ_RATE, seconds=seconds))
+        load = Background(functools.partial(pgbench.run, f"reads-{mode}", bench.direct(), scripts.one("home_views"),
+                                            clients=READ_CLIENTS, rate=READ_RATE, seconds=seconds))
         time.sleep(lead)
         with bench.superuser() as conn:
             lsn = wal_lsn(conn)
@@ -130,7 +131,7 @@ _EPSILON = datetime.timedelta(seconds=1)  # each tick a moment before the hour: 
 
 def _ticks_per_hour(view: MaterializedViewSpec) -> int:
     """Runs per hour of the view's schedule: `*/N * * * *` gives 60/N; anything else hourly."""
-    schedule = view.refresh.schedule if view.refresh else "@hourly"
+    schedule = (view.refresh.schedule if view.refresh else None) or "@hourly"
     minute = schedule.split()[0] if len(schedule.split()) == 5 else ""
     if minute.startswith("*/") and minute[2:].isdigit():
         return 60 // int(minute[2:])
