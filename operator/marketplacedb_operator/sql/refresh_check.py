@@ -13,7 +13,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
-from . import view_calls
+from . import refresh_cache, view_calls
 from .refresh import LOCK_CLASS, STATE_COLUMNS, RefreshOptions, ViewTarget
 from .refresh_guard import SIGNATURE
 from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record, qualified
@@ -38,6 +38,7 @@ DECLARE
   v_rule text;
   v_done integer;
   v_unreported text[];
+  v_fresh boolean := false;
 BEGIN
   IF NOT pg_catalog.pg_try_advisory_lock({lock_class}, p_key) THEN
     {busy};
@@ -45,7 +46,13 @@ BEGIN
     RETURN;
   END IF;
   PERFORM pg_catalog.pg_stat_clear_snapshot();
-  SELECT * INTO v_obs FROM ({observe}) AS q;
+  -- The call analysis from the state row while its key (catalog rows' versions) is unchanged,
+  -- otherwise analysed again (sql/refresh_cache.py); the counters are read by the first.
+  SELECT * INTO v_obs FROM ({observe_cached}) AS q;
+  IF v_obs.s_analysis IS NULL OR v_obs.analysis_key_live IS DISTINCT FROM v_obs.s_analysis_key THEN
+    SELECT * INTO v_obs FROM ({observe}) AS q;
+    v_fresh := true;
+  END IF;
   -- After the counters were read (sql/refresh_stats.py): the sessions that may hold unreported writes.
   SELECT q.unreported INTO v_unreported FROM ({activity}) AS q;
   v_age := extract(epoch FROM p_now - v_obs.last_success);
@@ -81,23 +88,31 @@ def check_function_ddl() -> sql.Composed:
         "counters": sql.SQL("NULL::numeric"), "signature": sql.SQL("NULL::text"),
         "reason": sql.Literal(SKIP_REASON), "error": sql.SQL("NULL::text"), "max_staleness": sql.SQL("p_max_staleness"),
         "rule": sql.SQL("v_rule"), "limit": sql.SQL("p_history"), "counters_at": sql.SQL("NULL::timestamptz"),
+        "analysis": sql.SQL("NULL::jsonb"), "analysis_key": sql.SQL("NULL::text"),
     }
     busy_reason = sql.Literal("another refresh of this view holds its advisory lock")
     busy = compose_record(
         BUSY, {**variables, "outcome": sql.Literal("skipped-busy"), "reason": busy_reason}, " INTO v_done"
     )
-    skip = compose_record(RECORD, {**variables, "outcome": sql.Literal("skipped-unchanged")}, " INTO v_done")
+    skip = compose_record(RECORD, {
+        **variables, "outcome": sql.Literal("skipped-unchanged"),
+        "analysis": sql.SQL("CASE WHEN v_fresh THEN v_obs.analysis_live END"),
+        "analysis_key": sql.SQL("v_obs.analysis_key_live"),
+    }, " INTO v_done")
     # The state columns come back as s_<name> where they clash with the observation's.
-    observe = sql.SQL(OBSERVE).format(
-        calls=view_calls.CALLS,
-        schema=sql.SQL("p_schema"), name=sql.SQL("p_name"), depends=sql.SQL("p_depends"), state=STATE,
-        signature=sql.SQL(SIGNATURE),
-        state_columns=sql.SQL(", ").join(
-            sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(_alias(c))) for c in STATE_COLUMNS
-        ),
-    )
+    state_columns = sql.SQL(", ").join([
+        *(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(_alias(c))) for c in STATE_COLUMNS),
+        sql.SQL("s.analysis AS s_analysis, s.analysis_key AS s_analysis_key"),
+    ])
+    fixed = {"schema": sql.SQL("p_schema"), "name": sql.SQL("p_name"), "depends": sql.SQL("p_depends"),
+             "state": STATE, "signature": sql.SQL(SIGNATURE), "state_columns": state_columns}
+    observe = sql.SQL(OBSERVE).format(calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE),
+                                      cache_columns=refresh_cache.columns(live=True), **fixed)
+    observe_cached = sql.SQL(OBSERVE).format(
+        calls=refresh_cache.cached_calls(STATE, sql.SQL("p_schema"), sql.SQL("p_name")),
+        cache_columns=refresh_cache.columns(live=False), **fixed)
     body = sql.SQL(_CHECK_BODY).format(
-        lock_class=sql.Literal(LOCK_CLASS), busy=busy, skip=skip, observe=observe,
+        lock_class=sql.Literal(LOCK_CLASS), busy=busy, skip=skip, observe=observe, observe_cached=observe_cached,
         activity=activity_sql(sql.SQL("v_obs.counters_at")),
     ).as_string(None)
     return sql.SQL(

@@ -35,7 +35,7 @@ def state_from_row(row: tuple[object, ...]) -> RefreshState:
     )
 
 
-OBSERVE_FIXED_COLUMNS: Final = 14
+OBSERVE_FIXED_COLUMNS: Final = 16
 
 
 def _names(value: object) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def observation_from_row(row: tuple[object, ...], unreported: object = None) -> 
     """The OBSERVE row, and the ACTIVITY row's kinds (read after it: sql/refresh_stats.py)."""
     fixed, rest = row[:OBSERVE_FIXED_COLUMNS], row[OBSERVE_FIXED_COLUMNS:]
     (exists, populated, owned, index, base, untracked, counters, signature, volatile, clock, functions, missing,
-     observed_at, own) = fixed
+     observed_at, own, _key, _analysis) = fixed
     kinds = (OWN,) if own else ()
     state = state_from_row(rest) if rest[0] is not None else None
     return Observation(

@@ -12,7 +12,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
-from . import view_calls
+from . import refresh_cache, view_calls
 from .ddl import qualified as qualified_name
 from .ddl import render
 from .refresh import DDL_LOCK, STATE_COLUMNS, RefreshOptions, StateUpdate, ViewTarget
@@ -59,7 +59,7 @@ _STATE_DEFINITION: Final = (
     "last_seconds double precision, row_count bigint, counters numeric, signature text, result text, reason text, "
     "error text, consecutive_failures integer NOT NULL DEFAULT 0, max_staleness_seconds double precision, "
     "outcomes jsonb NOT NULL DEFAULT '{}'::jsonb, rule text, recent jsonb NOT NULL DEFAULT '[]'::jsonb, "
-    "counters_at timestamptz, PRIMARY KEY (view_schema, view_name)"
+    "counters_at timestamptz, analysis jsonb, analysis_key text, PRIMARY KEY (view_schema, view_name)"
 )
 _HISTORY_DEFINITION: Final = (
     "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, view_schema text NOT NULL, view_name text NOT NULL, "
@@ -90,6 +90,8 @@ def upgrade_state_table() -> list[sql.Composed]:
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS rule text").format(STATE),
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS recent jsonb NOT NULL DEFAULT '[]'::jsonb").format(STATE),
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS counters_at timestamptz").format(STATE),
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS analysis jsonb").format(STATE),
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS analysis_key text").format(STATE),
     ]
 
 
@@ -235,6 +237,7 @@ SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS po
   (SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_inserted(base.oid)
                      + pg_catalog.pg_stat_get_xact_tuples_updated(base.oid)
                      + pg_catalog.pg_stat_get_xact_tuples_deleted(base.oid)), 0) FROM base) AS own_unreported,
+  {cache_columns}
   {state_columns}
 FROM (SELECT 1) AS one
 LEFT JOIN target AS t ON true
@@ -242,7 +245,8 @@ LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
 
 def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composable) -> sql.Composed:
     return sql.SQL(OBSERVE).format(
-        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE), calls=view_calls.CALLS,
+        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE),
+        calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE), cache_columns=refresh_cache.columns(live=True),
         state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
     )
 
@@ -284,17 +288,18 @@ def read_history_sql(view: str | None) -> sql.Composed:
 # --- recording an attempt ----------------------------------------------------------------------
 
 # Placeholders: {schema} {name} {attempt} {success} {seconds} {rows} {counters} {signature}
-# {outcome} {reason} {error} {max_staleness} {rule} {limit} {counters_at}; filled with %(..)s client-side, or
-# with the check function's variables server-side. One statement: state row, history row, retention.
+# {outcome} {reason} {error} {max_staleness} {rule} {limit} {counters_at} {analysis} {analysis_key};
+# filled with %(..)s client-side, or with the check function's variables server-side. One statement:
+# state row, history row, retention.
 RECORD: Final = """\
 WITH state AS (
   INSERT INTO {state} AS s (view_schema, view_name, last_attempt, last_success, last_seconds, row_count, counters,
     signature, result, reason, error, consecutive_failures, max_staleness_seconds, outcomes, rule, recent,
-    counters_at)
+    counters_at, analysis, analysis_key)
   VALUES ({schema}, {name}, {attempt}, CASE WHEN {success} THEN {attempt} END, {seconds}, {rows}, {counters},
     {signature}, {outcome}, {reason}, {error}, CASE WHEN {outcome} = 'failed' THEN 1 ELSE 0 END, {max_staleness},
     pg_catalog.jsonb_build_object({outcome}::text, 1), {rule}, pg_catalog.jsonb_build_array({outcome}::text),
-    {counters_at})
+    {counters_at}, {analysis}, {analysis_key})
   ON CONFLICT (view_schema, view_name) DO UPDATE SET
     last_attempt = EXCLUDED.last_attempt,
     last_success = CASE WHEN {success} THEN EXCLUDED.last_success ELSE s.last_success END,
@@ -303,6 +308,8 @@ WITH state AS (
     counters = CASE WHEN {success} THEN EXCLUDED.counters ELSE s.counters END,
     signature = CASE WHEN {success} THEN EXCLUDED.signature ELSE s.signature END,
     counters_at = CASE WHEN {success} THEN EXCLUDED.counters_at ELSE s.counters_at END,
+    analysis = CASE WHEN EXCLUDED.analysis IS NULL THEN s.analysis ELSE EXCLUDED.analysis END,
+    analysis_key = CASE WHEN EXCLUDED.analysis IS NULL THEN s.analysis_key ELSE EXCLUDED.analysis_key END,
     result = EXCLUDED.result, reason = EXCLUDED.reason, error = EXCLUDED.error,
     consecutive_failures = CASE WHEN {outcome} = 'failed' THEN s.consecutive_failures + 1 ELSE 0 END,
     max_staleness_seconds = EXCLUDED.max_staleness_seconds,
@@ -342,11 +349,13 @@ history AS (
 )"""
 
 _RECORD_FIELDS: Final = ("schema", "name", "attempt", "success", "seconds", "rows", "counters", "signature",
-                         "outcome", "reason", "error", "max_staleness", "rule", "limit", "counters_at")
+                         "outcome", "reason", "error", "max_staleness", "rule", "limit", "counters_at",
+                         "analysis", "analysis_key")
 _TYPES: Final = {"schema": "text", "name": "text", "attempt": "timestamptz", "success": "boolean",
                  "seconds": "double precision", "rows": "bigint", "counters": "numeric", "signature": "text",
                  "outcome": "text", "reason": "text", "error": "text", "max_staleness": "double precision",
-                 "rule": "text", "limit": "integer", "counters_at": "timestamptz"}
+                 "rule": "text", "limit": "integer", "counters_at": "timestamptz",
+                 "analysis": "jsonb", "analysis_key": "text"}
 
 
 def compose_record(template: str, values: dict[str, sql.Composable], into: str = "") -> sql.Composed:
@@ -378,5 +387,5 @@ def record_params(target: ViewTarget, update: StateUpdate) -> dict[str, object]:
         "rows": update.rows, "counters": update.counters, "signature": update.signature,
         "outcome": update.outcome, "reason": update.reason, "error": update.error,
         "max_staleness": update.max_staleness, "rule": update.rule, "limit": update.history_limit,
-        "counters_at": update.counters_at,
+        "counters_at": update.counters_at, "analysis": None, "analysis_key": None,
     }
