@@ -57,10 +57,10 @@ analysed AS (
           CROSS JOIN LATERAL pg_catalog.jsonb_array_elements_text(cached.analysis -> 'domains') AS e) AS domains
 )"""
 
-# The key, from live catalog rows (needs CTEs rules, base, analysed).
+# The key, from live catalog rows (needs CTEs rule_rows, base, analysed).
 KEY: Final = """pg_catalog.md5(
     coalesce((SELECT pg_catalog.string_agg(r.oid::text || ':' || r.xmin::text, ',' ORDER BY r.oid)
-              FROM rules JOIN pg_catalog.pg_rewrite AS r ON r.oid = rules.oid), '')
+              FROM rule_rows JOIN pg_catalog.pg_rewrite AS r ON r.oid = rule_rows.oid), '')
     || '/' || coalesce((SELECT pg_catalog.string_agg(p.oid::text || ':' || p.xmin::text || ':'
                                                      || coalesce(a.xmin::text, ''), ',' ORDER BY p.oid)
               FROM analysed CROSS JOIN LATERAL pg_catalog.unnest(analysed.procs) AS u (oid)

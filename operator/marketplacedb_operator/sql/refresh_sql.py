@@ -209,11 +209,15 @@ base AS (
   SELECT DISTINCT c.oid, c.relkind FROM deps JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
   WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
 ),
-rules AS (
-  SELECT DISTINCT r.oid, r.ev_action::text AS action FROM deps
+rule_rows AS (
+  SELECT DISTINCT r.oid FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   WHERE deps.depth = 0 OR dc.relkind = 'v'
+),
+-- The node trees (large: read only by the call analysis, not when the check's cache is used).
+rules AS (
+  SELECT r.oid, r.ev_action::text AS action FROM rule_rows JOIN pg_catalog.pg_rewrite AS r ON r.oid = rule_rows.oid
 ),
 {calls}
 SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS populated,
