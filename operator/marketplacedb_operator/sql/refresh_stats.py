@@ -47,7 +47,8 @@ SINCE_MARGIN_SECONDS: Final = 1
 # Counted: sessions with a role (usesysid), i.e. client backends, background workers (pg_cron jobs,
 # logical replication apply workers, parallel workers) and walsenders (PostgreSQL 15 pgstat_bestart
 # sets st_userid for those only), minus walsenders (replication connections stream, they do not
-# write) and this session. Autovacuum and auxiliary processes have no role and write no rows.
+# write) and this session (and its own parallel workers). Autovacuum and auxiliary processes have
+# no role and write no rows (measured: an autovacuum worker shows no usesysid).
 # In order: hidden (another role's session, details hidden without pg_read_all_stats: nothing can
 # be proved); worker (a background worker: no idle flush timer, its flushes are not bounded);
 # committed-inside (a procedure or DO block that committed: counts held until it ends); running
@@ -70,7 +71,8 @@ SELECT ARRAY(
     END AS kind
     FROM pg_catalog.pg_stat_get_activity(NULL) AS a
     WHERE a.datid = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
-      AND a.pid <> pg_catalog.pg_backend_pid() AND a.usesysid IS NOT NULL
+      AND a.pid <> pg_catalog.pg_backend_pid() AND a.leader_pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
+      AND a.usesysid IS NOT NULL
       AND a.backend_type IS DISTINCT FROM 'walsender'
   ) AS k WHERE k.kind IS NOT NULL ORDER BY 1) AS unreported"""
 
