@@ -221,11 +221,12 @@ def run_fleet(scale: Scale, workdir: Path, log: Log) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for count, runs in scale.fleet:
             timeout = 120 + count * 1.0
-            out[str(count)] = _runs(log, seg[f"fleet {count}"], runs, lambda _, c=count, t=timeout:
-                                    operator_scale.run_once(fleet, c, workdir / f"fleet-{c}-{time.monotonic_ns()}",
-                                                            ready_timeout=t, idle_timeout=t,
-                                                            idle_resync=c <= scale.idle_resync_max,
-                                                            trace_restart=scale.name == "fleet"))
+            def once(_: int, c: int = count, t: float = timeout) -> dict[str, Any]:
+                return operator_scale.run_once(fleet, c, workdir / f"fleet-{c}-{time.monotonic_ns()}",
+                                               ready_timeout=t, idle_timeout=t, idle_resync=c <= scale.idle_resync_max,
+                                               trace_restart=scale.name == "fleet")
+
+            out[str(count)] = _runs(log, seg[f"fleet {count}"], runs, once)
         out["database_create_seconds"] = fleet.create_seconds
         out["databases"] = len(fleet.tenants)
         return out
