@@ -82,7 +82,7 @@ def skip_section(results: dict[str, Any], targets: Targets) -> list[str]:
              "writes, run through the project's refresh with the clock advanced to each tick (maxStaleness 1 h is "
              "not reached). *Always refreshing* (pg_cron's behaviour: it has no notion of unchanged) would run every "
              "tick; its cost is the same number of refreshes times a forced refresh measured in the same run. "
-             "Each run checks in one round trip (`marketplacedb.refresh_check_v2`: advisory lock, catalog check, "
+             "Each run checks in one round trip (`marketplacedb.refresh_check_v3`: advisory lock, catalog check, "
              "skip record and unlock in one statement); its cost is 4b below.", ""]
     rows = run_rows(runs, [
         ("scheduled runs in the hour", "period_runs", ""), ("refreshes with skip-if-unchanged", "period_refreshes", ""),

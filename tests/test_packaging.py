@@ -394,3 +394,14 @@ def test_e2e_script_says_why_it_did_not_run(tmp_path: pathlib.Path) -> None:
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("e2e: NOT RUN:"), result.stdout
     assert "passed" not in result.stdout.lower()
+
+
+def test_every_operator_module_stays_under_400_lines() -> None:
+    """CONTRIBUTING's rule, enforced: a module that outgrows 400 lines is split by concern."""
+    package = ROOT / "operator" / "marketplacedb_operator"
+    too_long = {
+        str(path.relative_to(ROOT)): count
+        for path in sorted(package.rglob("*.py"))
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) >= 400
+    }
+    assert not too_long, f"modules at or over 400 lines: {too_long}"

@@ -102,3 +102,19 @@ def test_the_plan_skip_rule_covers_every_case_in_decide_order() -> None:
     declared = spec(refresh={"schedule": "*/5 * * * *", "dependsOn": ["prices"]})
     assert skip_rule(declared, ViewCalls(untracked=("public.g() (stable)",))) == \
         "skip-if-unchanged: on (no table read directly; dependsOn declared: prices, trusted for public.g() (stable))"
+
+
+def test_unreported_write_statistics_refuse_the_skip_and_say_why() -> None:
+    """Checked last, after every rule that refreshes anyway: the counters proved nothing."""
+    now = utcnow()
+    kinds = ("own", "hidden", "hidden", "committed-inside", "running", "recent", "worker")
+    decision = decide(observed(unreported=kinds), OPTIONS, now)
+    assert decision.action == "refresh" and decision.concurrently
+    assert decision.reason.startswith("write statistics may be unreported: this session has writes")
+    assert "2 session(s) of other roles are hidden from this role: GRANT pg_read_all_stats (or pg_monitor)" \
+        in decision.reason
+    for text in ("1 background worker(s)", "1 statement(s) committed inside themselves", "1 statement(s) running",
+                 "1 session(s) active since the last refresh"):
+        assert text in decision.reason
+    # A reason that refreshes anyway comes first (the write is seen: no need to blame sessions).
+    assert "counters" in decide(observed(unreported=("recent",), counters=Decimal(11)), OPTIONS, now).reason

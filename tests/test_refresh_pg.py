@@ -151,7 +151,7 @@ def test_unchanged_base_tables_skip_with_one_catalog_round_trip(views_db: Any) -
     assert "no writes" in outcome.reason
     # Lock, catalog check, skip record and unlock: one round trip (the server-side check function).
     assert len(log) == 1, log
-    assert "refresh_check_v2" in log[0]
+    assert "refresh_check_v3" in log[0]
     state = state_of(views_db, HOT)
     assert state.result == "skipped-unchanged" and state.outcomes == {"refreshed": 1, "skipped-unchanged": 1}
     assert state.last_success == start  # a skip does not pretend the data is newer

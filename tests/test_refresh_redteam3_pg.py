@@ -331,14 +331,11 @@ def test_a_statistics_reset_does_not_make_a_changed_view_skip(shop: Any) -> None
     assert outcome != "skipped-unchanged" and not stale, "skipped after a statistics reset: old prices served"
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 16, red3 finding 13): the statistics counters of a "
-                   "session are flushed when it goes idle; a write committed by a procedure that keeps running "
-                   "is invisible to skip-if-unchanged until then. Needs a change source that does not lag "
-                   "(README Limits)")
 def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) -> None:
     """Statistics are flushed when a backend goes idle, not at COMMIT. A procedure (an ETL batch)
     that commits an UPDATE and keeps running holds its counts for as long as it runs: every refresh
-    meanwhile is skipped with the old prices (README: 'about a second'; here: unbounded)."""
+    meanwhile was skipped with the old prices. Fixed: a session that committed inside its running
+    statement (xact_start > query_start) refuses the skip (sql/refresh_stats.py)."""
     query = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
     _, outcomes, _ = apply(shop, view("mv_join", query))
     assert all(o.ok for o in outcomes), outcomes
@@ -357,12 +354,12 @@ def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) 
                         break
                     probe.execute("SELECT pg_sleep(0.05)")
             assert rows(shop, "SELECT price FROM prices WHERE product_id = 1") == [(20,)]
-            outcome, stale = skipped_while_stale(shop, "mv_join", query)
+            outcome, stale = changed_then_refreshed(shop, "mv_join", query)
         finally:
             holder.execute("SELECT pg_advisory_unlock(4242)")
             batch.join(60)
-    assert stale, "the setup did not change the query's result"
-    assert outcome != "skipped-unchanged", "skipped while a committed UPDATE was unflushed: old prices served"
+    assert outcome != "skipped-unchanged" and not stale, \
+        "skipped while a committed UPDATE was unflushed: old prices served"
 
 
 def test_a_plain_view_redefined_between_refreshes_is_not_skipped(shop: Any) -> None:
@@ -447,7 +444,7 @@ def planter(shop: Any) -> Any:
 
 def test_a_check_function_planted_by_another_role_is_not_called(shop: Any, planter: Any) -> None:
     """Another role with CREATE on the database creates schema marketplacedb and a function
-    refresh_check_v2 with the expected signature before the operator's schema exists. The schema
+    refresh_check_v3 with the expected signature before the operator's schema exists. The schema
     engine refuses such a schema ('cannot be trusted (its schema is owned by another role)'); the
     refresh path does not: ensure_state_table() keeps what exists (by signature, whoever owns it),
     and every refresh (the CronJob entrypoint, a human's `marketplacedb refresh`) calls the planted
@@ -463,7 +460,7 @@ def test_a_check_function_planted_by_another_role_is_not_called(shop: Any, plant
     with psycopg.connect(dsn, autocommit=True) as app:
         app.execute("CREATE SCHEMA marketplacedb")
         app.execute(sql.SQL(
-            "CREATE FUNCTION marketplacedb.refresh_check_v2(p_schema text, p_name text, p_key integer, "
+            "CREATE FUNCTION marketplacedb.refresh_check_v3(p_schema text, p_name text, p_key integer, "
             "p_now timestamptz, p_max_staleness double precision, p_skip boolean, p_force boolean, "
             "p_depends text[], p_allow_volatile boolean, p_history integer) "
             "RETURNS TABLE (locked boolean, skipped boolean, age double precision) LANGUAGE plpgsql AS {}"

@@ -8,6 +8,7 @@ at a fixed rate; the figure is the longest write in flight during the build.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -73,8 +74,8 @@ def under_writes(bench: Workbench, scripts: Scripts, *, seconds: float, lead: fl
         modes.reverse()
     result: dict[str, Any] = {"order": "/".join(mode for mode, _ in modes)}
     for mode, build in modes:
-        load = Background(lambda mode=mode: pgbench.run(f"writes-{mode}", bench.direct(), scripts.one("sale"),
-                                                        clients=WRITE_CLIENTS, rate=WRITE_RATE, seconds=seconds))
+        load = Background(functools.partial(pgbench.run, f"writes-{mode}", bench.direct(), scripts.one("sale"),
+                                            clients=WRITE_CLIENTS, rate=WRITE_RATE, seconds=seconds))
         time.sleep(lead)
         start = time.time()
         build(bench)

@@ -1,6 +1,6 @@
 """Scenario 4b: the one-round-trip skip check beside a primary-key lookup, on one session.
 
-The check (`marketplacedb.refresh_check_v2`, called by `refresh_view` exactly as the CronJob runs
+The check (`marketplacedb.refresh_check_v3`, called by `refresh_view` exactly as the CronJob runs
 it: advisory lock, catalog check, skip record and unlock in one statement) and the floor, a
 primary-key lookup of a random product, alternate on the same psycopg connection: the same
 client library, the same socket, the same moment, so their ratio says how many round trips' worth

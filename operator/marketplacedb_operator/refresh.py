@@ -168,7 +168,8 @@ def _locked(db: RefreshDatabase, target: ViewTarget, options: RefreshOptions, no
         kind: Outcome = "refreshed" if decision.concurrently else "refreshed-plain"
         reason = decision.reason if decision.concurrently else f"{decision.reason}; plain: {decision.plain_reason}"
         update = StateUpdate(kind, now, reason, options.max_staleness, counters=observed.counters,
-                             signature=observed.signature, rule=rule, history_limit=limit)
+                             signature=observed.signature, rule=rule, history_limit=limit,
+                             counters_at=observed.observed_at)
         previous = observed.state.rows if observed.state is not None else None
         done = db.refresh(target, decision.concurrently, options, update, previous)
         return outcome(kind, reason, rows=done.rows, refresh_seconds=done.seconds)

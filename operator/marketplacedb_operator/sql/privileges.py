@@ -14,7 +14,8 @@ The needs are PostgreSQL 15's (verified in tests/test_doctor.py against a real s
   `CREATE SCHEMA IF NOT EXISTS` before any DDL (and before the first refresh), which PostgreSQL
   checks against CREATE on the database even when the schema exists: so CREATE on the database;
 - `spec.database.settings`: `ALTER DATABASE ... SET` needs the database's owner;
-- optional: `pg_read_all_stats` to name the sessions that block an index build.
+- optional: `pg_read_all_stats` to name the sessions that block an index build, and for
+  skip-if-unchanged to see other roles' sessions (sql/refresh_stats.py: hidden ones refuse a skip).
 """
 
 from __future__ import annotations
@@ -174,6 +175,12 @@ def checks(spec: MarketplaceDBSpec, facts: Facts) -> list[Check]:
         out.append(Check("spec.indexes", "pg_read_all_stats (optional): name the state and age of sessions that "
                          "block an index build, not only their pid", "advice",
                          sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(facts.role.role))))
+    skipping = any(v.refresh is None or v.refresh.skip_if_unchanged for v in spec.materialized_views)
+    if skipping and not facts.role.read_all_stats:
+        # sql/refresh_stats.py: another role's session is hidden, so its unreported writes cannot be ruled out.
+        out.append(Check("spec.materializedViews", "pg_read_all_stats (or pg_monitor): skip-if-unchanged skips only "
+                         "when no other role's session may hold unreported writes, which it cannot see without it",
+                         "advice", sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(facts.role.role))))
     # A schema shared by several objects is one need: report it once, under the first object.
     seen: set[tuple[str, str]] = set()
     unique = []

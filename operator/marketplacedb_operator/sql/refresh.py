@@ -20,6 +20,7 @@ from croniter import croniter
 from .. import naming
 from ..api.v1alpha1 import MaterializedViewSpec
 from ..durations import parse_duration
+from .refresh_stats import unreported_reason
 
 Outcome = Literal["refreshed", "refreshed-plain", "skipped-busy", "skipped-unchanged", "failed"]
 OUTCOMES: Final[tuple[Outcome, ...]] = (
@@ -48,7 +49,7 @@ DEFAULT_HISTORY: Final = 20
 STATE_COLUMNS: Final = (
     "view_schema", "view_name", "last_attempt", "last_success", "last_seconds", "row_count", "counters",
     "signature", "result", "reason", "error", "consecutive_failures", "max_staleness_seconds", "outcomes",
-    "rule", "recent",
+    "rule", "recent", "counters_at",
 )
 
 
@@ -122,6 +123,9 @@ class RefreshState:
     outcomes: dict[str, int] = dataclasses.field(default_factory=dict)
     rule: str | None = None
     recent: tuple[str, ...] = ()
+    # The server's time when the counters recorded at the last success were read (before that
+    # refresh's REFRESH): a write committed later is in the counters or still unreported.
+    counters_at: datetime.datetime | None = None
 
     @property
     def view(self) -> str:
@@ -163,6 +167,10 @@ class Observation:
     untracked_functions: tuple[str, ...] = ()  # non-built-in or non-immutable: what they read is unknown
     missing_depends: tuple[str, ...] = ()  # declared dependsOn tables that do not exist
     state: RefreshState | None = None
+    observed_at: datetime.datetime | None = None  # the server's time when the counters were read
+    # Sessions that may hold write counts not reported to the statistics yet (sql/refresh_stats.py):
+    # the counters prove nothing while one exists.
+    unreported: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +218,8 @@ def _why_refresh(obs: Observation, options: RefreshOptions, now: datetime.dateti
         return f"base tables written since the last refresh (counters {state.counters} -> {obs.counters})"
     if obs.signature != state.signature:
         return "base tables were rewritten or replaced (TRUNCATE, VACUUM FULL, new table)"
+    if obs.unreported:
+        return unreported_reason(obs.unreported)
     return None
 
 
@@ -320,61 +330,4 @@ class StateUpdate:
     signature: str | None = None
     rule: str | None = None
     history_limit: int = DEFAULT_HISTORY
-
-
-def state_from_row(row: tuple[object, ...]) -> RefreshState:
-    """A RefreshState from the STATE_COLUMNS of a row (in that order)."""
-    values = dict(zip(STATE_COLUMNS, row, strict=True))
-    outcomes = values["outcomes"] if isinstance(values["outcomes"], dict) else {}
-    recent = values["recent"] if isinstance(values["recent"], list) else []
-    return RefreshState(
-        schema=str(values["view_schema"]),
-        name=str(values["view_name"]),
-        last_attempt=values["last_attempt"],  # type: ignore[arg-type]
-        last_success=values["last_success"],  # type: ignore[arg-type]
-        last_seconds=values["last_seconds"],  # type: ignore[arg-type]
-        rows=values["row_count"],  # type: ignore[arg-type]
-        counters=values["counters"],  # type: ignore[arg-type]
-        signature=values["signature"],  # type: ignore[arg-type]
-        result=values["result"],  # type: ignore[arg-type]
-        reason=values["reason"],  # type: ignore[arg-type]
-        error=values["error"],  # type: ignore[arg-type]
-        consecutive_failures=int(values["consecutive_failures"] or 0),  # type: ignore[call-overload]
-        max_staleness=values["max_staleness_seconds"],  # type: ignore[arg-type]
-        outcomes={str(k): int(v) for k, v in outcomes.items()},
-        rule=values["rule"],  # type: ignore[arg-type]
-        recent=tuple(str(r) for r in recent),
-    )
-
-
-OBSERVE_FIXED_COLUMNS: Final = 12
-
-
-def _names(value: object) -> tuple[str, ...]:
-    return tuple(str(v) for v in value) if isinstance(value, list) else ()
-
-
-def observation_from_row(row: tuple[object, ...]) -> Observation:
-    fixed, rest = row[:OBSERVE_FIXED_COLUMNS], row[OBSERVE_FIXED_COLUMNS:]
-    exists, populated, owned, index, base, untracked, counters, signature, volatile, clock, functions, missing = fixed
-    state = state_from_row(rest) if rest[0] is not None else None
-    return Observation(
-        exists=bool(exists),
-        populated=bool(populated),
-        owned=bool(owned),
-        unique_index=str(index) if index is not None else None,
-        base_tables=int(base),  # type: ignore[call-overload]
-        untracked=int(untracked),  # type: ignore[call-overload]
-        counters=Decimal(str(counters)),
-        signature=str(signature) if signature is not None else None,
-        volatile_functions=_names(volatile),
-        time_functions=_names(clock),
-        untracked_functions=_names(functions),
-        missing_depends=_names(missing),
-        state=state,
-    )
-
-
-def history_from_row(row: tuple[object, ...]) -> HistoryEntry:
-    schema, name, attempt, outcome, reason, seconds, rows, error = row
-    return HistoryEntry(str(schema), str(name), attempt, str(outcome), reason, seconds, rows, error)  # type: ignore[arg-type]
+    counters_at: datetime.datetime | None = None

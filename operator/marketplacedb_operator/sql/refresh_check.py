@@ -1,6 +1,6 @@
 """The common refresh check in one round trip: a server-side function (pure builder, no I/O).
 
-`marketplacedb.refresh_check_v2(...)` tries the view's advisory lock (busy: records the skip and
+`marketplacedb.refresh_check_v3(...)` tries the view's advisory lock (busy: records the skip and
 returns), runs the catalog check, and when every skip rule holds records the skip, unlocks and
 returns: lock, check, record and unlock in one call. Otherwise it returns with the lock held and
 the client decides (decide() in sql/refresh.py, the source of truth for reasons) and refreshes.
@@ -13,14 +13,16 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
-from . import view_calls
+from . import refresh_cache, view_calls
 from .refresh import LOCK_CLASS, STATE_COLUMNS, RefreshOptions, ViewTarget
 from .refresh_guard import SIGNATURE
 from .refresh_sql import BUSY, OBSERVE, RECORD, STATE, compose_record, qualified
+from .refresh_stats import activity_sql
 
 # Versioned: a new body gets a new name, so releases side by side never replace each other's
-# (v2: reads BEGIN ATOMIC bodies, definitions and policies in the signature; v1 is left to its release).
-CHECK_FUNCTION: Final = "refresh_check_v2"
+# (v2: reads BEGIN ATOMIC bodies, definitions and policies in the signature; v3: no skip while a
+# session may hold unreported writes, sql/refresh_stats.py; older ones are left to their release).
+CHECK_FUNCTION: Final = "refresh_check_v3"
 CHECK: Final = sql.Identifier(naming.STATE_SCHEMA, CHECK_FUNCTION)
 CHECK_SIGNATURE: Final = (
     "text, text, integer, timestamptz, double precision, boolean, boolean, text[], boolean, integer"
@@ -35,6 +37,8 @@ DECLARE
   v_age double precision;
   v_rule text;
   v_done integer;
+  v_unreported text[];
+  v_fresh boolean := false;
 BEGIN
   IF NOT pg_catalog.pg_try_advisory_lock({lock_class}, p_key) THEN
     {busy};
@@ -42,7 +46,15 @@ BEGIN
     RETURN;
   END IF;
   PERFORM pg_catalog.pg_stat_clear_snapshot();
-  SELECT * INTO v_obs FROM ({observe}) AS q;
+  -- The call analysis from the state row while its key (catalog rows' versions) is unchanged,
+  -- otherwise analysed again (sql/refresh_cache.py); the counters are read by the first.
+  SELECT * INTO v_obs FROM ({observe_cached}) AS q;
+  IF v_obs.s_analysis IS NULL OR v_obs.analysis_key_live IS DISTINCT FROM v_obs.s_analysis_key THEN
+    SELECT * INTO v_obs FROM ({observe}) AS q;
+    v_fresh := true;
+  END IF;
+  -- After the counters were read (sql/refresh_stats.py): the sessions that may hold unreported writes.
+  SELECT q.unreported INTO v_unreported FROM ({activity}) AS q;
   v_age := extract(epoch FROM p_now - v_obs.last_success);
   IF v_obs.view_exists AND v_obs.owned AND v_obs.populated AND NOT p_force AND p_skip
      AND v_obs.last_success IS NOT NULL AND v_obs.counters IS NOT NULL AND v_obs.result IS DISTINCT FROM 'failed'
@@ -50,6 +62,7 @@ BEGIN
      AND pg_catalog.cardinality(v_obs.volatile_functions) = 0 AND pg_catalog.cardinality(v_obs.time_functions) = 0
      AND (pg_catalog.cardinality(v_obs.untracked_functions) = 0 OR pg_catalog.cardinality(p_depends) > 0)
      AND pg_catalog.cardinality(v_obs.missing_depends) = 0
+     AND v_obs.own_unreported = 0 AND pg_catalog.cardinality(v_unreported) = 0
      AND v_age < p_max_staleness AND v_obs.counters = v_obs.s_counters AND v_obs.signature = v_obs.s_signature THEN
     v_rule := v_obs.rule;
     {skip};
@@ -74,24 +87,33 @@ def check_function_ddl() -> sql.Composed:
         "success": sql.SQL("false"), "seconds": sql.SQL("NULL::double precision"), "rows": sql.SQL("NULL::bigint"),
         "counters": sql.SQL("NULL::numeric"), "signature": sql.SQL("NULL::text"),
         "reason": sql.Literal(SKIP_REASON), "error": sql.SQL("NULL::text"), "max_staleness": sql.SQL("p_max_staleness"),
-        "rule": sql.SQL("v_rule"), "limit": sql.SQL("p_history"),
+        "rule": sql.SQL("v_rule"), "limit": sql.SQL("p_history"), "counters_at": sql.SQL("NULL::timestamptz"),
+        "analysis": sql.SQL("NULL::jsonb"), "analysis_key": sql.SQL("NULL::text"),
     }
     busy_reason = sql.Literal("another refresh of this view holds its advisory lock")
     busy = compose_record(
         BUSY, {**variables, "outcome": sql.Literal("skipped-busy"), "reason": busy_reason}, " INTO v_done"
     )
-    skip = compose_record(RECORD, {**variables, "outcome": sql.Literal("skipped-unchanged")}, " INTO v_done")
+    skip = compose_record(RECORD, {
+        **variables, "outcome": sql.Literal("skipped-unchanged"),
+        "analysis": sql.SQL("CASE WHEN v_fresh THEN v_obs.analysis_live END"),
+        "analysis_key": sql.SQL("v_obs.analysis_key_live"),
+    }, " INTO v_done")
     # The state columns come back as s_<name> where they clash with the observation's.
-    observe = sql.SQL(OBSERVE).format(
-        calls=view_calls.CALLS,
-        schema=sql.SQL("p_schema"), name=sql.SQL("p_name"), depends=sql.SQL("p_depends"), state=STATE,
-        signature=sql.SQL(SIGNATURE),
-        state_columns=sql.SQL(", ").join(
-            sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(_alias(c))) for c in STATE_COLUMNS
-        ),
-    )
+    state_columns = sql.SQL(", ").join([
+        *(sql.SQL("{} AS {}").format(sql.Identifier("s", c), sql.Identifier(_alias(c))) for c in STATE_COLUMNS),
+        sql.SQL("s.analysis AS s_analysis, s.analysis_key AS s_analysis_key"),
+    ])
+    fixed = {"schema": sql.SQL("p_schema"), "name": sql.SQL("p_name"), "depends": sql.SQL("p_depends"),
+             "state": STATE, "signature": sql.SQL(SIGNATURE), "state_columns": state_columns}
+    observe = sql.SQL(OBSERVE).format(calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE),
+                                      cache_columns=refresh_cache.columns(live=True), **fixed)
+    observe_cached = sql.SQL(OBSERVE).format(
+        calls=refresh_cache.cached_calls(STATE, sql.SQL("p_schema"), sql.SQL("p_name")),
+        cache_columns=refresh_cache.columns(live=False), **fixed)
     body = sql.SQL(_CHECK_BODY).format(
-        lock_class=sql.Literal(LOCK_CLASS), busy=busy, skip=skip, observe=observe
+        lock_class=sql.Literal(LOCK_CLASS), busy=busy, skip=skip, observe=observe, observe_cached=observe_cached,
+        activity=activity_sql(sql.SQL("v_obs.counters_at")),
     ).as_string(None)
     return sql.SQL(
         "CREATE FUNCTION {}(p_schema text, p_name text, p_key integer, p_now timestamptz, "

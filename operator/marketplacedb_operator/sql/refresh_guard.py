@@ -104,12 +104,13 @@ def lock_sql(relations: list[tuple[str, str]]) -> sql.Composed:
     )
 
 
-# The observation's signature column (part of refresh_sql.OBSERVE: `t` the view, `base`, `rules` and
+# The observation's signature column (part of refresh_sql.OBSERVE: `t` the view, `base`, `rule_rows` and
 # `fn` its CTEs). Recorded at each refresh; a different value means the rows may differ without a
 # counted write, so the check refreshes.
 SIGNATURE: Final = """\
   -- What the rows depend on besides writes: the base tables' storage and row security (policies),
-  -- the rules of the view and the plain views it reads, the called functions' definitions, and
+  -- the rules of the view and the plain views it reads (row versions: CREATE OR REPLACE VIEW writes a
+  -- new one), the called functions' definitions, and
   -- the statistics' reset time (a reset sets the counters back: equal sums prove nothing then).
   pg_catalog.md5(t.oid::text || '/' || coalesce((SELECT pg_catalog.string_agg(
             base.oid::text || ':' || coalesce(pg_catalog.pg_relation_filenode(base.oid), 0)::text || ':'
@@ -118,8 +119,8 @@ SIGNATURE: Final = """\
                                    pl.polwithcheck), ';' ORDER BY pl.polname)
               FROM pg_catalog.pg_policy AS pl WHERE pl.polrelid = base.oid), ''), ','
             ORDER BY base.oid) FROM base JOIN pg_catalog.pg_class AS c ON c.oid = base.oid), '')
-    || '/' || coalesce((SELECT pg_catalog.md5(pg_catalog.string_agg(rules.action, ',' ORDER BY rules.oid))
-                        FROM rules), '')
+    || '/' || coalesce((SELECT pg_catalog.string_agg(r.oid::text || ':' || r.xmin::text, ',' ORDER BY r.oid)
+                        FROM rule_rows JOIN pg_catalog.pg_rewrite AS r ON r.oid = rule_rows.oid), '')
     || '/' || coalesce((SELECT pg_catalog.string_agg(fn.definition, ',' ORDER BY fn.oid) FROM fn), '')
     || '/' || coalesce(pg_catalog.pg_stat_get_db_stat_reset_time(
                          (SELECT d.oid FROM pg_catalog.pg_database AS d

@@ -12,11 +12,12 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
-from . import view_calls
+from . import refresh_cache, view_calls
 from .ddl import qualified as qualified_name
 from .ddl import render
 from .refresh import DDL_LOCK, STATE_COLUMNS, RefreshOptions, StateUpdate, ViewTarget
 from .refresh_guard import SIGNATURE
+from .refresh_stats import activity_sql
 
 SCHEMA: Final = sql.Identifier(naming.STATE_SCHEMA)
 STATE: Final = sql.Identifier(naming.STATE_SCHEMA, naming.STATE_TABLE)
@@ -58,7 +59,7 @@ _STATE_DEFINITION: Final = (
     "last_seconds double precision, row_count bigint, counters numeric, signature text, result text, reason text, "
     "error text, consecutive_failures integer NOT NULL DEFAULT 0, max_staleness_seconds double precision, "
     "outcomes jsonb NOT NULL DEFAULT '{}'::jsonb, rule text, recent jsonb NOT NULL DEFAULT '[]'::jsonb, "
-    "PRIMARY KEY (view_schema, view_name)"
+    "counters_at timestamptz, analysis jsonb, analysis_key text, PRIMARY KEY (view_schema, view_name)"
 )
 _HISTORY_DEFINITION: Final = (
     "id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, view_schema text NOT NULL, view_name text NOT NULL, "
@@ -88,6 +89,9 @@ def upgrade_state_table() -> list[sql.Composed]:
     return [
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS rule text").format(STATE),
         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS recent jsonb NOT NULL DEFAULT '[]'::jsonb").format(STATE),
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS counters_at timestamptz").format(STATE),
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS analysis jsonb").format(STATE),
+        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS analysis_key text").format(STATE),
     ]
 
 
@@ -205,11 +209,15 @@ base AS (
   SELECT DISTINCT c.oid, c.relkind FROM deps JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
   WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
 ),
-rules AS (
-  SELECT DISTINCT r.oid, r.ev_action::text AS action FROM deps
+rule_rows AS (
+  SELECT DISTINCT r.oid FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   WHERE deps.depth = 0 OR dc.relkind = 'v'
+),
+-- The node trees (large: read only by the call analysis, not when the check's cache is used).
+rules AS (
+  SELECT r.oid, r.ev_action::text AS action FROM rule_rows JOIN pg_catalog.pg_rewrite AS r ON r.oid = rule_rows.oid
 ),
 {calls}
 SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS populated,
@@ -229,6 +237,11 @@ SELECT t.oid IS NOT NULL AS view_exists, coalesce(t.relispopulated, false) AS po
   ARRAY(SELECT DISTINCT name FROM fn WHERE untracked AND NOT clock AND NOT volatile ORDER BY name)
     AS untracked_functions,
   ARRAY(SELECT declared.name FROM declared WHERE declared.oid IS NULL ORDER BY 1) AS missing_depends,
+  pg_catalog.statement_timestamp() AS observed_at,
+  (SELECT coalesce(sum(pg_catalog.pg_stat_get_xact_tuples_inserted(base.oid)
+                     + pg_catalog.pg_stat_get_xact_tuples_updated(base.oid)
+                     + pg_catalog.pg_stat_get_xact_tuples_deleted(base.oid)), 0) FROM base) AS own_unreported,
+  {cache_columns}
   {state_columns}
 FROM (SELECT 1) AS one
 LEFT JOIN target AS t ON true
@@ -236,7 +249,8 @@ LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
 
 def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composable) -> sql.Composed:
     return sql.SQL(OBSERVE).format(
-        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE), calls=view_calls.CALLS,
+        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE),
+        calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE), cache_columns=refresh_cache.columns(live=True),
         state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
     )
 
@@ -248,13 +262,17 @@ def qualified(target: ViewTarget, depends_on: tuple[str, ...]) -> list[str]:
 
 
 def observe_sql(target: ViewTarget, depends_on: tuple[str, ...] = ()) -> sql.Composed:
-    """The catalog check: clear the stats snapshot, then one catalog query (one message)."""
+    """The catalog check: clear the stats snapshot, one catalog query, then the sessions that may
+    hold unreported writes (read after the counters: sql/refresh_stats.py), in one message."""
     depends = sql.Literal(qualified(target, depends_on))
     query = _observe(sql.Literal(target.schema), sql.Literal(target.name), depends)
-    # Two statements, one message: sent without parameters, psycopg uses the simple query protocol.
+    since = sql.SQL("(SELECT s.counters_at FROM {} AS s WHERE s.view_schema = {} AND s.view_name = {})").format(
+        STATE, sql.Literal(target.schema), sql.Literal(target.name))
+    # Three statements, one message: sent without parameters, psycopg uses the simple query protocol.
     # jit off for this message's implicit transaction: a catalog query gains nothing from JIT, and
     # the recursive CTEs' estimates pass jit_above_cost (compiling took ~250 ms per check).
-    return sql.SQL("{}, pg_catalog.set_config('jit', 'off', true); {}").format(CLEAR_STATS_SNAPSHOT, query)
+    return sql.SQL("{}, pg_catalog.set_config('jit', 'off', true); {}; {}").format(
+        CLEAR_STATS_SNAPSHOT, query, activity_sql(since))
 
 
 def read_states_sql() -> sql.Composed:
@@ -274,15 +292,18 @@ def read_history_sql(view: str | None) -> sql.Composed:
 # --- recording an attempt ----------------------------------------------------------------------
 
 # Placeholders: {schema} {name} {attempt} {success} {seconds} {rows} {counters} {signature}
-# {outcome} {reason} {error} {max_staleness} {rule} {limit}; filled with %(..)s client-side, or
-# with the check function's variables server-side. One statement: state row, history row, retention.
+# {outcome} {reason} {error} {max_staleness} {rule} {limit} {counters_at} {analysis} {analysis_key};
+# filled with %(..)s client-side, or with the check function's variables server-side. One statement:
+# state row, history row, retention.
 RECORD: Final = """\
 WITH state AS (
   INSERT INTO {state} AS s (view_schema, view_name, last_attempt, last_success, last_seconds, row_count, counters,
-    signature, result, reason, error, consecutive_failures, max_staleness_seconds, outcomes, rule, recent)
+    signature, result, reason, error, consecutive_failures, max_staleness_seconds, outcomes, rule, recent,
+    counters_at, analysis, analysis_key)
   VALUES ({schema}, {name}, {attempt}, CASE WHEN {success} THEN {attempt} END, {seconds}, {rows}, {counters},
     {signature}, {outcome}, {reason}, {error}, CASE WHEN {outcome} = 'failed' THEN 1 ELSE 0 END, {max_staleness},
-    pg_catalog.jsonb_build_object({outcome}::text, 1), {rule}, pg_catalog.jsonb_build_array({outcome}::text))
+    pg_catalog.jsonb_build_object({outcome}::text, 1), {rule}, pg_catalog.jsonb_build_array({outcome}::text),
+    {counters_at}, {analysis}, {analysis_key})
   ON CONFLICT (view_schema, view_name) DO UPDATE SET
     last_attempt = EXCLUDED.last_attempt,
     last_success = CASE WHEN {success} THEN EXCLUDED.last_success ELSE s.last_success END,
@@ -290,6 +311,9 @@ WITH state AS (
     row_count = CASE WHEN {success} THEN EXCLUDED.row_count ELSE s.row_count END,
     counters = CASE WHEN {success} THEN EXCLUDED.counters ELSE s.counters END,
     signature = CASE WHEN {success} THEN EXCLUDED.signature ELSE s.signature END,
+    counters_at = CASE WHEN {success} THEN EXCLUDED.counters_at ELSE s.counters_at END,
+    analysis = CASE WHEN EXCLUDED.analysis IS NULL THEN s.analysis ELSE EXCLUDED.analysis END,
+    analysis_key = CASE WHEN EXCLUDED.analysis IS NULL THEN s.analysis_key ELSE EXCLUDED.analysis_key END,
     result = EXCLUDED.result, reason = EXCLUDED.reason, error = EXCLUDED.error,
     consecutive_failures = CASE WHEN {outcome} = 'failed' THEN s.consecutive_failures + 1 ELSE 0 END,
     max_staleness_seconds = EXCLUDED.max_staleness_seconds,
@@ -329,11 +353,13 @@ history AS (
 )"""
 
 _RECORD_FIELDS: Final = ("schema", "name", "attempt", "success", "seconds", "rows", "counters", "signature",
-                         "outcome", "reason", "error", "max_staleness", "rule", "limit")
+                         "outcome", "reason", "error", "max_staleness", "rule", "limit", "counters_at",
+                         "analysis", "analysis_key")
 _TYPES: Final = {"schema": "text", "name": "text", "attempt": "timestamptz", "success": "boolean",
                  "seconds": "double precision", "rows": "bigint", "counters": "numeric", "signature": "text",
                  "outcome": "text", "reason": "text", "error": "text", "max_staleness": "double precision",
-                 "rule": "text", "limit": "integer"}
+                 "rule": "text", "limit": "integer", "counters_at": "timestamptz",
+                 "analysis": "jsonb", "analysis_key": "text"}
 
 
 def compose_record(template: str, values: dict[str, sql.Composable], into: str = "") -> sql.Composed:
@@ -365,4 +391,5 @@ def record_params(target: ViewTarget, update: StateUpdate) -> dict[str, object]:
         "rows": update.rows, "counters": update.counters, "signature": update.signature,
         "outcome": update.outcome, "reason": update.reason, "error": update.error,
         "max_staleness": update.max_staleness, "rule": update.rule, "limit": update.history_limit,
+        "counters_at": update.counters_at, "analysis": None, "analysis_key": None,
     }

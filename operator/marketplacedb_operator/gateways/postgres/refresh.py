@@ -23,6 +23,7 @@ from ... import naming
 from ...sql import refresh as q
 from ...sql import refresh_check as c
 from ...sql import refresh_guard as g
+from ...sql import refresh_rows as r
 from ...sql import refresh_sql as s
 from ...sql import view_calls as vc
 from ...sql.catalog import Catalog
@@ -58,6 +59,17 @@ def _condition_name(kind: type) -> str:
 
 
 _TRUSTED_TABLES = (naming.STATE_TABLE, s.HISTORY_TABLE)
+
+
+def _observation(cursor: psycopg.Cursor[Any]) -> q.Observation:
+    """The results of s.observe_sql(): pg_stat_clear_snapshot()'s, the catalog row, the sessions."""
+    cursor.nextset()
+    row = cursor.fetchone()
+    cursor.nextset()
+    sessions = cursor.fetchone()
+    if row is None or sessions is None:  # pragma: no cover - the queries always return one row
+        raise q.RefreshDatabaseError("catalog check returned no row")
+    return r.observation_from_row(tuple(row), sessions[0])
 
 
 def _error(exc: psycopg.Error) -> q.RefreshDatabaseError:
@@ -188,14 +200,9 @@ class PostgresRefresh:
     def observe(self, target: q.ViewTarget, depends_on: tuple[str, ...] = ()) -> q.Observation:
         """One round trip: clear the stats snapshot and read view, base tables, functions, state."""
         try:
-            cursor = self._with_state_table(s.observe_sql(target, depends_on))
-            cursor.nextset()  # the first result is pg_stat_clear_snapshot()'s
-            row = cursor.fetchone()
+            return _observation(self._with_state_table(s.observe_sql(target, depends_on)))
         except psycopg.Error as exc:
             raise _error(exc) from None
-        if row is None:  # pragma: no cover - the query always returns one row
-            raise q.RefreshDatabaseError("catalog check returned no row")
-        return q.observation_from_row(tuple(row))
 
     # --- refresh and record --------------------------------------------------------------------
 
@@ -237,12 +244,7 @@ class PostgresRefresh:
                 break
             self.conn.execute(g.lock_sql(sorted(reads - locked)))
             locked |= reads
-        cursor = self.conn.execute(s.observe_sql(target, options.depends_on))
-        cursor.nextset()
-        row = cursor.fetchone()
-        if row is None:  # pragma: no cover - the query always returns one row
-            raise q.RefreshDatabaseError("catalog check returned no row")
-        observed = q.observation_from_row(tuple(row))
+        observed = _observation(self.conn.execute(s.observe_sql(target, options.depends_on)))
         if observed.volatile_functions and not options.allow_volatile:
             raise q.RefreshDatabaseError(
                 f"refused: the query calls volatile function(s) {', '.join(observed.volatile_functions)} "
@@ -359,7 +361,7 @@ def read_refresh_states(conn: psycopg.Connection[Any]) -> list[q.RefreshState]:
         return []
     except psycopg.Error as exc:
         raise _error(exc) from None
-    return [q.state_from_row(tuple(row)) for row in rows]
+    return [r.state_from_row(tuple(row)) for row in rows]
 
 
 def read_history(conn: psycopg.Connection[Any], view: str | None = None) -> list[q.HistoryEntry]:
@@ -370,4 +372,4 @@ def read_history(conn: psycopg.Connection[Any], view: str | None = None) -> list
         return []
     except psycopg.Error as exc:
         raise _error(exc) from None
-    return [q.history_from_row(tuple(row)) for row in rows]
+    return [r.history_from_row(tuple(row)) for row in rows]

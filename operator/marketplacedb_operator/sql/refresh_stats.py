@@ -1,0 +1,110 @@
+"""Unreported write statistics: which sessions may hold write counts the skip check cannot see yet.
+
+Skip-if-unchanged compares the base tables' cumulative write counters (pg_stat_get_tuples_*) with
+those recorded at the last success. PostgreSQL 15 counts a write in the writing backend and
+flushes the counts to shared memory only when that backend reaches ReadyForQuery outside a
+transaction block, at most once a second (pgstat_report_stat(false), PGSTAT_MIN_INTERVAL = 1 s;
+src/backend/tcop/postgres.c, src/backend/utils/activity/pgstat.c): a flush that is too soon is
+deferred to an idle timer (PGSTAT_IDLE_INTERVAL = 10 s) that flushes only while the session is
+still idle outside a transaction; the next transaction end flushes otherwise. Nothing is flushed
+inside a running statement (a procedure or DO block that COMMITs, a multi-statement message
+with COMMIT), nor while a session is idle in a transaction. A backend that exits flushes in a
+before_shmem_exit hook (pgstat_shutdown_hook), before its pg_stat_activity entry is cleared by
+an on_shmem_exit hook (pgstat_beshutdown_hook): there is no moment when a gone session still
+holds counts. https://www.postgresql.org/docs/15/monitoring-stats.html
+
+Measured on PostgreSQL 15.18 (issue 16; each kind is tested in tests/test_refresh_unreported_pg.py):
+two commits within a second, then idle: the counts appear 10.2 s after the session went idle; a
+statement started 2 s after the deferral holds them until it ends (the timer does not flush during
+a statement); a session idle in a transaction after a commit holds them until that transaction
+ends (16 s and more); a procedure or DO block that committed shows xact_start > query_start
+(xact.c StartTransaction takes GetCurrentTimestamp() in a nonatomic SPI context); a multi-statement
+message with COMMIT does not (xact_start = query_start = the message's receipt); sessions of
+other roles show no state, times or backend type without pg_read_all_stats (autovacuum workers
+included).
+
+So the check reads the counters first, then pg_stat_activity (not lagging), and may skip only
+when no other session of this database could hold counts of a write committed after the last
+success read its counters (`since`): every such session is listed here by kind, and decide()
+refreshes and says why. This makes skips rarer on busy databases, on purpose: a refresh that was
+not needed costs CPU, a wrong skip serves stale rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Final
+
+from psycopg import sql
+
+# 10 s idle timer + 2 s for the timer's latency and the flush on a loaded host (measured: 10.2 s).
+FLUSHED_AFTER_IDLE_SECONDS: Final = 12
+# Activity this long before `since` still counts (timestamps of one server clock; the margin
+# covers a clock stepped back between the refresh and the check).
+SINCE_MARGIN_SECONDS: Final = 1
+
+# One row: the kinds of the sessions that may hold unreported counts (one element per session).
+# Counted: sessions with a role (usesysid), i.e. client backends, background workers (pg_cron jobs,
+# logical replication apply workers, parallel workers) and walsenders (PostgreSQL 15 pgstat_bestart
+# sets st_userid for those only), minus walsenders (replication connections stream, they do not
+# write) and this session (and its own parallel workers). Autovacuum and auxiliary processes have
+# no role and write no rows (measured: an autovacuum worker shows no usesysid).
+# In order: hidden (another role's session, details hidden without pg_read_all_stats: nothing can
+# be proved); worker (a background worker: no idle flush timer, its flushes are not bounded);
+# committed-inside (a procedure or DO block that committed: counts held until it ends); running
+# (any other statement in progress: it may have committed inside a multi-statement message, or
+# committed a moment ago and not reached its flush; also 'disabled' when track_activities is off);
+# recent (active since `since` and not provably flushed: idle for less than the idle timer plus a
+# margin, or idle in a transaction since then). An idle session older than that has flushed.
+ACTIVITY: Final = """\
+SELECT ARRAY(
+  SELECT k.kind FROM (
+    SELECT CASE
+      WHEN a.backend_type IS NULL THEN 'hidden'
+      WHEN a.backend_type <> 'client backend' THEN 'worker'
+      WHEN a.state = 'active' AND a.xact_start > a.query_start THEN 'committed-inside'
+      WHEN a.state IS NULL OR a.state NOT IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
+        THEN 'running'
+      WHEN a.state = 'idle' AND a.state_change < pg_catalog.statement_timestamp() - {flushed} THEN NULL
+      WHEN coalesce(GREATEST(a.state_change, a.xact_start, a.query_start, a.backend_start), 'infinity')
+           >= coalesce({since}, '-infinity') - {margin} THEN 'recent'
+    END AS kind
+    FROM pg_catalog.pg_stat_get_activity(NULL) AS a
+    WHERE a.datid = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
+      AND a.pid <> pg_catalog.pg_backend_pid() AND a.leader_pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
+      AND a.usesysid IS NOT NULL
+      AND a.backend_type IS DISTINCT FROM 'walsender'
+  ) AS k WHERE k.kind IS NOT NULL ORDER BY 1) AS unreported"""
+
+
+def activity_sql(since: sql.Composable) -> sql.Composed:
+    """The sessions' kinds; `since` is a timestamptz expression (NULL: any activity counts)."""
+    return sql.SQL(ACTIVITY).format(
+        since=since,
+        flushed=sql.SQL("interval {}").format(sql.Literal(f"{FLUSHED_AFTER_IDLE_SECONDS} seconds")),
+        margin=sql.SQL("interval {}").format(sql.Literal(f"{SINCE_MARGIN_SECONDS} seconds")),
+    )
+
+
+OWN: Final = "own"  # this session's own counts of the base tables, not flushed yet
+
+_TEXT: Final = {
+    OWN: "this session has writes to the tracked tables not reported yet",
+    "hidden": "session(s) of other roles are hidden from this role: GRANT pg_read_all_stats (or pg_monitor) "
+              "TO the operator's role",
+    "worker": "background worker(s) (pg_cron job, logical replication, ...) connected: when they report "
+              "their writes is not bounded",
+    "committed-inside": "statement(s) committed inside themselves (a procedure or DO block with COMMIT): "
+                        "reported only when they end",
+    "running": "statement(s) running: what they commit is reported only when they end",
+    "recent": "session(s) active since the last refresh, not reported yet (a session reports within ~10 s "
+              "of going idle, inside a transaction only when it ends)",
+}
+KINDS: Final = tuple(_TEXT)
+
+
+def unreported_reason(kinds: tuple[str, ...]) -> str:
+    """Why the counters prove nothing now, counted per kind, in KINDS order."""
+    counts = Counter(kinds)
+    parts = [f"{counts[k]} {_TEXT[k]}" if k != OWN else _TEXT[k] for k in KINDS if counts[k]]
+    return "write statistics may be unreported: " + "; ".join(parts)
