@@ -105,7 +105,7 @@ def check_function_ddl() -> sql.Composed:
         sql.SQL("s.analysis AS s_analysis, s.analysis_key AS s_analysis_key"),
     ])
     fixed = {"schema": sql.SQL("p_schema"), "name": sql.SQL("p_name"), "depends": sql.SQL("p_depends"),
-             "state": STATE, "signature": sql.SQL(SIGNATURE), "state_columns": state_columns}
+             "state": STATE, "signature": SIGNATURE, "state_columns": state_columns}
     observe = sql.SQL(OBSERVE).format(calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE),
                                       cache_columns=refresh_cache.columns(live=True), **fixed)
     observe_cached = sql.SQL(OBSERVE).format(
