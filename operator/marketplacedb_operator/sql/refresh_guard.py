@@ -150,10 +150,13 @@ RIGHTS: Final = """\
     || '/' || coalesce((SELECT pg_catalog.string_agg(c.oid::text || ':' || c.relowner::text || ':'
         || coalesce(c.reloptions::text, '') || ':' || (SELECT ro.rolsuper::text || ro.rolbypassrls::text
                                                        FROM pg_catalog.pg_roles AS ro WHERE ro.oid = c.relowner)
-        || CASE WHEN c.relrowsecurity THEN coalesce((SELECT pg_catalog.string_agg(pl.oid::text || ':' || o.relowner::text
-                 || ':' || pg_catalog.pg_has_role(o.relowner, pr.role, 'USAGE')::text, ';' ORDER BY pl.oid, o.relowner, pr.role)
+        || CASE WHEN c.relrowsecurity THEN coalesce((SELECT pg_catalog.string_agg(
+                 pl.oid::text || ':' || o.relowner::text || ':'
+                 || pg_catalog.pg_has_role(o.relowner, pr.role, 'USAGE')::text, ';'
+                 ORDER BY pl.oid, o.relowner, pr.role)
                FROM pg_catalog.pg_policy AS pl CROSS JOIN LATERAL pg_catalog.unnest(pl.polroles) AS pr (role)
-               CROSS JOIN (SELECT DISTINCT oc.relowner FROM deps JOIN pg_catalog.pg_class AS oc ON oc.oid = deps.oid) AS o
+               CROSS JOIN (SELECT DISTINCT oc.relowner FROM deps
+                           JOIN pg_catalog.pg_class AS oc ON oc.oid = deps.oid) AS o
                WHERE pl.polrelid = c.oid AND pr.role <> 0), '') ELSE '' END, ',' ORDER BY c.oid)
       FROM (SELECT DISTINCT deps.oid FROM deps) AS w JOIN pg_catalog.pg_class AS c ON c.oid = w.oid), '')"""
 
