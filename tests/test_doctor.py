@@ -77,6 +77,9 @@ def test_table_owner_without_the_database_is_told_what_is_missing(weak: Weak, ca
             f'ALTER DATABASE "{weak.db}" OWNER TO "{weak.role}"',
     }
     assert found["own table public.seller_products (CREATE INDEX needs its owner)"]["level"] == "ok"
+    # Skip-if-unchanged cannot see other roles' sessions without it (sql/refresh_stats.py): advised.
+    stats = [c for need, c in found.items() if need.startswith("pg_read_all_stats (or pg_monitor): skip-if-unchanged")]
+    assert [(c["level"], c["grant"]) for c in stats] == [("advice", f'GRANT pg_read_all_stats TO "{weak.role}"')]
 
     # What doctor calls missing really is: the same role fails exactly there.
     assert main(["apply", "-f", str(EXAMPLE), "--dsn", weak.dsn, "-o", "json"]) == 1

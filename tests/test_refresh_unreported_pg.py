@@ -157,29 +157,37 @@ def test_a_session_idle_in_a_new_transaction_after_a_commit_is_not_skipped(shop:
 
 def test_two_quick_commits_then_idle_is_not_skipped(shop: Any) -> None:
     """The second of two commits within a second is deferred to the idle timer (~10 s): the
-    session is idle and its counts are not reported yet."""
-    with connect(shop) as writer:
-        writer.execute("INSERT INTO audit DEFAULT VALUES")  # flushed: the next flush waits a second
-        writer.execute("UPDATE prices SET price = price + 1")  # deferred
-        with connect(shop) as conn:
-            observed = PostgresRefresh(conn).observe(MV)
-        if observed.state is not None and observed.counters != observed.state.counters:
-            pytest.fail("the second commit was flushed at once (more than a second between the two): "
-                        "this machine was too slow to set up the case")
-        agree_and_refresh(shop, "active since the last refresh")
+    session is idle and its counts are not reported yet. (Should more than a second pass between
+    the two on a stalled machine, the second is reported at once: the case is set up again.)"""
+    for _ in range(5):
+        with connect(shop) as writer:
+            writer.execute("INSERT INTO audit DEFAULT VALUES")  # flushed: the next flush waits a second
+            writer.execute("UPDATE prices SET price = price + 1")  # deferred
+            with connect(shop) as conn:
+                observed = PostgresRefresh(conn).observe(MV)
+            if observed.state is not None and observed.counters == observed.state.counters:
+                agree_and_refresh(shop, "active since the last refresh")
+                return
+        assert refresh(shop).outcome == "refreshed"  # reported at once: a new baseline, try again
+    pytest.fail("the second commit was reported at once five times: the deferred case never arose")
 
 
 def test_the_checking_session_own_unreported_writes_are_not_skipped(shop: Any) -> None:
-    with connect(shop) as conn:
-        conn.execute("INSERT INTO audit DEFAULT VALUES")
-        conn.execute("UPDATE prices SET price = price + 1")  # deferred: in this session's counts only
-        now = datetime.datetime.now(datetime.UTC)
-        observed = PostgresRefresh(conn).observe(MV)
-        assert observed.state is not None and observed.counters == observed.state.counters
-        assert "not reported yet" in decide(observed, OPTIONS, now).reason
-        outcome = refresh(shop, conn)
-    assert outcome.outcome == "refreshed" and "this session" in outcome.reason, outcome
-    assert not stale(shop)
+    for _ in range(5):  # as above: set up again if the second commit was reported at once
+        with connect(shop) as conn:
+            conn.execute("INSERT INTO audit DEFAULT VALUES")
+            conn.execute("UPDATE prices SET price = price + 1")  # deferred: in this session's counts only
+            now = datetime.datetime.now(datetime.UTC)
+            observed = PostgresRefresh(conn).observe(MV)
+            assert observed.state is not None
+            if observed.counters == observed.state.counters:
+                assert "not reported yet" in decide(observed, OPTIONS, now).reason
+                outcome = refresh(shop, conn)
+                assert outcome.outcome == "refreshed" and "this session" in outcome.reason, outcome
+                assert not stale(shop)
+                return
+        assert refresh(shop).outcome == "refreshed"
+    pytest.fail("the second commit was reported at once five times: the deferred case never arose")
 
 
 @pytest.fixture
