@@ -10,6 +10,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
+from .view_calls import FIRST_NORMAL_OID
 
 # The session's own search_path minus the schema "$user" resolves to when another role owns it:
 # on PostgreSQL 15 CREATE on `public` is no longer granted to PUBLIC, but any role with CREATE on
@@ -170,7 +171,7 @@ RIGHTS: Final = """\
 TEXT_SEARCH: Final = """\
     || '/' || CASE WHEN EXISTS (SELECT 1 FROM fn JOIN pg_catalog.pg_proc AS p ON p.oid = fn.oid
                                 WHERE p.proargtypes::pg_catalog.oid[] && '{{3734,3769}}'::pg_catalog.oid[]
-                                   OR (p.oid < 16384 AND p.proname = ANY ({default_users})))
+                                   OR (p.oid < {first_normal} AND p.proname = ANY ({default_users})))
       THEN pg_catalog.current_setting('default_text_search_config') || (SELECT pg_catalog.string_agg(
              (pg_catalog.pg_stat_get_tuples_inserted(x.oid) + pg_catalog.pg_stat_get_tuples_updated(x.oid)
               + pg_catalog.pg_stat_get_tuples_deleted(x.oid))::text, ':' ORDER BY x.oid)
@@ -181,5 +182,5 @@ TEXT_SEARCH: Final = """\
 
 _USERS: Final = sql.SQL("ARRAY[{}]::pg_catalog.name[]").format(
     sql.SQL(", ").join(map(sql.Literal, TEXT_SEARCH_DEFAULT)))
-SIGNATURE: Final = sql.SQL(_SIGNATURE).format(rights=sql.SQL(RIGHTS),
-                                              text_search=sql.SQL(TEXT_SEARCH).format(default_users=_USERS))
+_TEXT_SEARCH: Final = sql.SQL(TEXT_SEARCH).format(default_users=_USERS, first_normal=sql.Literal(FIRST_NORMAL_OID))
+SIGNATURE: Final = sql.SQL(_SIGNATURE).format(rights=sql.SQL(RIGHTS), text_search=_TEXT_SEARCH)
