@@ -45,7 +45,7 @@ bench: $(VENV)/.bench-installed  ## full benchmark, writes bench/REPORT.md (8.1 
 bench-quick: $(VENV)/.bench-installed  ## quick benchmark, writes bench/REPORT.md (measured 3.5 and 4.2 min while other work used 70-95% of the CPUs)
 	$(PY) -m bench.run --quick
 
-bench-fleet: $(VENV)/.bench-installed  ## the operator at N=1,000 alone, writes bench/REPORT-fleet.md (estimated 9-10 min from the last run's phases)
+bench-fleet: $(VENV)/.bench-installed  ## the operator at N=1,000 alone, writes bench/REPORT-fleet.md (29 min measured on a loaded machine)
 	$(PY) -m bench.run --fleet
 
 # No $(STAMP) prerequisite: the script first checks for a container engine (and says NOT RUN

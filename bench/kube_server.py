@@ -5,7 +5,9 @@ process (so the operator's memory is the operator's alone), driven over stdin/st
 
 Commands: {"op": "create", "file": PATH} creates the objects in a JSON list through the HTTP API
 (watchers see them, as a GitOps sync would); {"op": "stats"} returns the requests served by method
-and resource, and when each MarketplaceDB first became Ready; {"op": "quit"}.
+and resource, and when each MarketplaceDB first became Ready; {"op": "writes", "since": EPOCH} returns
+the writes recorded since then (of the last 5,000: time, method, resource, namespace/name, body);
+{"op": "statuses"} returns every MarketplaceDB's stored status; {"op": "quit"}.
 
 KMock runs no controllers. Here the Deployment "controller" is instant: a Deployment is stored
 with all its replicas ready, so the benchmark measures the operator, not pod start-up.
@@ -53,7 +55,7 @@ class BenchEmulator(KubeEmulator):
         self.writes_by_resource: collections.Counter[str] = collections.Counter()
         # The last writes as (time, method, resource[/subresource], namespace/name, body): what a
         # write that should not have happened (a restart that is not quiet) actually changed.
-        self.write_log: collections.deque[tuple[float, str, str, str, Any]] = collections.deque(maxlen=2000)
+        self.write_log: collections.deque[tuple[float, str, str, str, Any]] = collections.deque(maxlen=5000)
 
     async def _handle(self, request: kmock.Request) -> Any:
         method = str(getattr(request.method, "value", request.method))
@@ -132,6 +134,13 @@ def stats(api: BenchEmulator) -> dict[str, Any]:
             "ready_at": dict(api.ready_at), "time": time.time()}
 
 
+def statuses(api: BenchEmulator) -> dict[str, Any]:
+    """The stored status of every MarketplaceDB, by namespace/name."""
+    return {f"{key[1]}/{key[2]}": copy.deepcopy(obj.raw.get("status"))
+            for resource, objects in api.by_resource.items() if resource.plural == "marketplacedbs"
+            for key, obj in objects.items() if not obj.deleted}
+
+
 async def create_all(api: BenchEmulator, path: str, concurrency: int = 16) -> dict[str, Any]:
     objects = json.loads(Path(path).read_text())
     client = KubeObjects(api)
@@ -162,9 +171,14 @@ async def serve() -> None:
                 reply = await create_all(api, command["file"])
             elif command["op"] == "stats":
                 reply = stats(api)
+            elif command["op"] == "writes":
+                since = float(command.get("since", 0))
+                reply = {"writes": [list(w) for w in api.write_log if w[0] >= since]}
+            elif command["op"] == "statuses":
+                reply = statuses(api)
             else:
                 reply = {"error": f"unknown op {command['op']!r}"}
-            print(json.dumps(reply), flush=True)
+            print(json.dumps(reply, default=str), flush=True)
 
 
 if __name__ == "__main__":

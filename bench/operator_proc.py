@@ -8,7 +8,9 @@ seconds) to LOG. The wrapper is instrumentation, not a stand-in: the original ru
 
 With BENCH_TRACEMALLOC=PATH set, where the memory grows is traced (tracemalloc, after the imports)
 and the largest growths since start-up, by allocation site, are rewritten to PATH every
-BENCH_TRACEMALLOC_SECONDS (30). Tracing slows the process down: for profiling, not for figures.
+BENCH_TRACEMALLOC_SECONDS (30) and at SIGUSR1, with BENCH_TRACEMALLOC_FRAMES (12) frames per
+allocation; PATH.json holds the traced total and the growth by owner (see owner()). Tracing
+slows the process down and inflates its RSS: for profiling, not for figures.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -45,18 +48,42 @@ def instrument(log_path: str) -> None:
     setattr(handlers, "reconcile", timed)  # noqa: B010  handlers._run calls it through the module global
 
 
+def owner(traceback: tracemalloc.Traceback) -> str:
+    """Who allocated a block: the innermost frame outside the standard library (json.loads called by
+    kopf's watch stream is kopf's), as a package or, for the operator, its module."""
+    for frame in reversed(traceback):  # tracemalloc lists the oldest frame first
+        name = frame.filename.replace("\\", "/")
+        if "/marketplacedb_operator/" in name:
+            return "operator:" + name.split("/marketplacedb_operator/", 1)[1]
+        if "/site-packages/" in name:
+            return name.split("/site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+        if "/bench/" in name:
+            return "bench instrumentation"
+    return "standard library only"
+
+
 def trace_memory(path: str, every: float, frames: int = 12) -> None:
-    """Every `every` s, write to `path` the growth since now by allocation site (see the docstring)."""
+    """Every `every` s, write to `path` the growth since now by allocation site (see the docstring),
+    and to `path`.json the traced total and the growth by owner (see owner())."""
     tracemalloc.start(frames)
     baseline = tracemalloc.take_snapshot()
     noise = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib*")]
 
+    trigger = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: trigger.set())  # dump now (the bench's last look)
+
     def dump() -> None:
         while True:
-            time.sleep(every)
+            trigger.wait(every)
+            trigger.clear()
             snapshot = tracemalloc.take_snapshot().filter_traces(noise)
-            lines = [f"rss_peak_mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} "
-                     f"traced_mib {tracemalloc.get_traced_memory()[0] / 2**20:.1f}"]
+            by_owner: dict[str, float] = {}
+            for stat in snapshot.compare_to(baseline, "traceback"):
+                by_owner[owner(stat.traceback)] = by_owner.get(owner(stat.traceback), 0.0) + stat.size_diff / 2**20
+            rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            traced = tracemalloc.get_traced_memory()[0] / 2**20
+            lines = [f"rss_peak_mib {rss_peak:.1f} traced_mib {traced:.1f}", "--- growth by owner"]
+            lines += [f"{mib:8.2f} MiB {name}" for name, mib in sorted(by_owner.items(), key=lambda kv: -kv[1])]
             for kind in ("filename", "lineno", "traceback"):
                 lines.append(f"--- growth by {kind}")
                 for stat in snapshot.compare_to(baseline, kind)[: 25 if kind != "traceback" else 15]:
@@ -64,10 +91,11 @@ def trace_memory(path: str, every: float, frames: int = 12) -> None:
                     frames_shown = stat.traceback.format()[-2 * frames:] if kind == "traceback" else \
                         [str(stat.traceback[0])]
                     lines.extend("    " + line for line in frames_shown)
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as out:
-                out.write("\n".join(lines) + "\n")
-            os.replace(tmp, path)
+            for name, text in ((path, "\n".join(lines) + "\n"), (f"{path}.json", json.dumps(
+                    {"time": time.time(), "traced_mib": traced, "rss_peak_mib": rss_peak, "by_owner_mib": by_owner}))):
+                with open(f"{name}.tmp", "w") as out:
+                    out.write(text)
+                os.replace(f"{name}.tmp", name)
 
     threading.Thread(target=dump, name="tracemalloc", daemon=True).start()
 
@@ -78,7 +106,8 @@ def main(argv: list[str]) -> int:
         return 2
     instrument(argv[0])
     if os.environ.get("BENCH_TRACEMALLOC"):
-        trace_memory(os.environ["BENCH_TRACEMALLOC"], float(os.environ.get("BENCH_TRACEMALLOC_SECONDS", "30")))
+        trace_memory(os.environ["BENCH_TRACEMALLOC"], float(os.environ.get("BENCH_TRACEMALLOC_SECONDS", "30")),
+                     int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
     return cli.main(argv[2:])
 
 

@@ -11,6 +11,8 @@ The operator is the real `marketplacedb run` process (bench/operator_proc.py) ag
 emulator in another process (bench/kube_server.py), so its resident memory is its own. Measured:
 time until all are Ready, reconcile p50/p99 (first reconciles and idle resyncs), resident memory,
 API writes per reconcile, and DDL statements (PostgreSQL's log_statement = ddl) in an idle window.
+Every write after the restart is traced and sorted into owed and spurious (restart_writes.py);
+with trace_restart, where the restarted process's memory went is profiled (tracemalloc).
 """
 
 from __future__ import annotations
@@ -18,21 +20,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import json
-import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -40,10 +36,11 @@ from psycopg import sql
 from marketplacedb_operator import workload
 
 from .. import load, stats
-from .._harness import ROOT, PostgresServer, free_port
+from .._harness import PostgresServer
 from ..env import example_body, pointed_at
+from . import restart_writes
+from .fleet_procs import NAMESPACE, KubeServer, Operator
 
-NAMESPACE = "bench"
 TEMPLATE_DB, TEMPLATE_OWNER = "fleet_template", "fleet_template_owner"
 TEMPLATE_PRODUCTS = 1000
 PROBED = ("bff-marketplace-home", "bff-marketplace-search", "bff-store-public")
@@ -190,119 +187,6 @@ def _app_deployment(name: str, probed_by: str) -> dict[str, Any]:
                                                            "ports": [{"containerPort": 8080}]}]}}}}
 
 
-class KubeServer:
-    """bench/kube_server.py in a subprocess, spoken to over its stdin/stdout."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.kube_server"], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(workdir / "kube.log", "ab"), text=True)
-        self.url = str(self._read()["url"])
-        self._files = 0
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the API emulator exited: {(self.workdir / 'kube.log').read_text()[-2000:]}")
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def call(self, command: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def create(self, objects: list[dict[str, Any]]) -> dict[str, Any]:
-        self._files += 1
-        path = self.workdir / f"objects-{self._files}.json"
-        path.write_text(json.dumps(objects))
-        return self.call({"op": "create", "file": str(path)})
-
-    def stats(self) -> dict[str, Any]:
-        return self.call({"op": "stats"})
-
-    def close(self) -> None:
-        try:
-            self.call({"op": "quit"})
-            self.proc.wait(10)
-        except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-class Operator:
-    """`python -m bench.operator_proc LOG -- run -n bench` against the emulator (kubeconfig)."""
-
-    def __init__(self, workdir: Path, url: str, label: str) -> None:
-        kubeconfig = workdir / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-            "users": [{"name": "anonymous", "user": {}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "anonymous",
-                                                        "namespace": NAMESPACE}}],
-        }))
-        self.log = workdir / f"reconciles-{label}.jsonl"
-        self.log.write_text("")
-        self.liveness = free_port()
-        # The operator's own defaults (resync 300 s, JSON logs at INFO), as `marketplacedb run` has them.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "MARKETPLACEDB_"))}
-        env.update(KUBECONFIG=str(kubeconfig))
-        self.stderr: IO[bytes] = open(workdir / f"operator-{label}.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.operator_proc", str(self.log), "--", "run", "-n", NAMESPACE,
-             "--liveness-port", str(self.liveness), "--metrics-port", str(free_port())],
-            cwd=ROOT, env=env, stdout=self.stderr, stderr=self.stderr)
-        self.rss_samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the operator exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("the operator's liveness endpoint did not answer")
-
-    def status_mib(self, key: str) -> float:
-        """VmRSS (resident now) or VmHWM (peak resident) of the operator process, in MiB."""
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-        except OSError:
-            pass
-        return float("nan")
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.5):
-            self.rss_samples.append((time.time(), self.status_mib("VmRSS")))
-
-    def reconciles(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-
-    def close(self) -> None:
-        self._stop.set()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.stderr.close()
-
-
 # --- one run ------------------------------------------------------------------------------------
 
 
@@ -362,7 +246,7 @@ def _create_phase(kube: KubeServer, operator: Operator, fleet: Fleet, resources:
 
 
 def _resync_phase(kube: KubeServer, operator: Operator, fleet: Fleet, names: set[str],
-                  timeout: float) -> dict[str, Any]:
+                  timeout: float, stored: dict[str, Any], stopped: float) -> dict[str, Any]:
     """A restarted operator reconciles every resource once with nothing to do: the idle resync.
 
     The same level-based reconcile() runs on the periodic timer (resyncSeconds, 300 s by default);
@@ -378,7 +262,15 @@ def _resync_phase(kube: KubeServer, operator: Operator, fleet: Fleet, names: set
     time.sleep(1.0)  # anything a reconcile would still write arrives now
     after = kube.stats()
     reconciles = operator.reconciles()
+    # Every write since the first operator stopped, against the statuses stored at that moment.
+    traced = restart_writes.classify(stored, kube.call({"op": "writes", "since": stopped})["writes"])
+    rss_after = operator.status_mib("VmRSS")
+    profile = operator.memory_profile()  # after every figure above: taking it costs time and memory
     return {
+        "idle_memory_profile": profile,
+        "idle_writes_owed": traced["owed"],
+        "idle_writes_spurious": traced["spurious"],
+        "idle_writes_traced": traced,
         "idle_complete": complete,
         "idle_pass_s": pass_seconds if complete else float("nan"),
         "idle_reconciles": len(reconciles),
@@ -389,15 +281,18 @@ def _resync_phase(kube: KubeServer, operator: Operator, fleet: Fleet, names: set
         "idle_api_reads_per_reconcile": (after["by_method"].get("GET", 0) - before["by_method"].get("GET", 0))
         / max(1, len(reconciles)),
         "idle_ddl": fleet.ddl_statements() - ddl_before,
-        "rss_after_resync_mib": operator.status_mib("VmRSS"),
+        "rss_after_resync_mib": rss_after,
+        "rss_after_resync_traced": operator.trace is not None,
         "rss_resync_peak_mib": operator.status_mib("VmHWM"),
     }
 
 
 def run_once(fleet: Fleet, count: int, workdir: Path, *, ready_timeout: float, idle_timeout: float,
-             idle_resync: bool = True) -> dict[str, Any]:
+             idle_resync: bool = True, trace_restart: bool = False) -> dict[str, Any]:
     """One run with `count` resources: create until all Ready, then (idle_resync) restart for an
-    idle resync of all of them."""
+    idle resync of all of them. trace_restart: the restarted process runs under tracemalloc (its
+    RSS is inflated by it; the first process's figures are not) and reports where its memory
+    went after the resync: what one resource costs at rest, by owner."""
     marks = [("start", time.perf_counter())]
     tenants = fleet.ensure(count)
     marks.append(("databases", time.perf_counter()))
@@ -417,11 +312,12 @@ def run_once(fleet: Fleet, count: int, workdir: Path, *, ready_timeout: float, i
         marks.append(("ready", time.perf_counter()))
         operator.close()
         marks.append(("operator stopped", time.perf_counter()))
+        stopped, stored = time.time(), kube.call({"op": "statuses"})
         if idle_resync:
-            operator = Operator(workdir, kube.url, "restarted")
+            operator = Operator(workdir, kube.url, "restarted", trace=trace_restart)
             operator.wait_ready()
             marks.append(("operator up again", time.perf_counter()))
-            result.update(_resync_phase(kube, operator, fleet, names, idle_timeout))
+            result.update(_resync_phase(kube, operator, fleet, names, idle_timeout, stored, stopped))
             marks.append(("idle resync", time.perf_counter()))
         result["idle_resync"] = idle_resync
         result["phases"] = {b[0]: round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:], strict=False)}

@@ -36,6 +36,8 @@ class Job:
     tag: str = ""  # what the job was started for (the plan hash, the refresh-now value)
     submitted: float = dataclasses.field(default_factory=time.monotonic)
     started: float | None = None
+    submitted_at: float = dataclasses.field(default_factory=time.time)  # wall clock, for status
+    started_at: float | None = None
     finished: float | None = None
     result: Any = None
     error: str | None = None
@@ -132,10 +134,12 @@ class Background:
                     continue
                 self._queue.remove(job)
                 self._running[job.database] += 1
-                job.started = time.monotonic()
+                job.started, job.started_at = time.monotonic(), time.time()
                 startable.append(job)
         for job in startable:
             threading.Thread(target=self._run, args=(job,), name=f"bg-{job.key[0]}-{job.key[1]}", daemon=True).start()
+            # A queued job's status does not change until it starts (nobody polls it): say so now.
+            self._notify(job)
 
     def _run(self, job: Job) -> None:
         try:
@@ -148,8 +152,12 @@ class Background:
                 self._running[job.database] -= 1
             job.done.set()
             self._dispatch()
-            if self.on_done is not None and not job.cancelled:
-                try:
-                    self.on_done(job.key)
-                except Exception:
-                    log.debug("on_done for %s failed", job.key, exc_info=True)
+            self._notify(job)
+
+    def _notify(self, job: Job) -> None:
+        """on_done(key) when a job starts or ends: its resource has news to report."""
+        if self.on_done is not None and not job.cancelled:
+            try:
+                self.on_done(job.key)
+            except Exception:
+                log.debug("on_done for %s failed", job.key, exc_info=True)

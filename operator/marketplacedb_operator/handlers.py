@@ -1,11 +1,11 @@
 """kopf wiring, and nothing else: every handler calls the same level-based reconcile().
 
-Why an event handler plus a timer rather than on.create/on.update: kopf's change detection keeps a
-copy of the whole spec in an annotation (a large spec would outgrow the 256 KiB annotation limit)
-and retries through progress annotations (more writes). Reconcile is level-based: a watch event
-for a new generation or a trigger annotation runs it at once; a short timer runs it when due
-(periodic drift detection, or the next attempt of a bounded exponential backoff). kopf keeps no
-state on the object except the finalizer.
+Why an event handler plus a scheduler rather than on.create/on.update: kopf's change detection
+keeps a copy of the whole spec in an annotation (a large spec would outgrow the 256 KiB annotation
+limit) and retries through progress annotations (more writes). Reconcile is level-based: a watch
+event for a new generation or a trigger annotation runs it at once; one scheduler thread
+(scheduler.py) runs it when due (periodic drift detection, or the next attempt of a bounded
+exponential backoff). kopf keeps no state on the object except the finalizer.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -30,6 +31,7 @@ from .background import Background
 from .backoff import delay as backoff_delay
 from .ports import Deps
 from .reconcile import Outcome, comparable_status, reconcile
+from .scheduler import PeeringPause, Scheduler, cap_arenas
 from .teardown import teardown
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
-# Threads for reconciles triggered by events (a new generation, a trigger annotation).
+# Threads for reconciles triggered by events (a new generation, a trigger annotation), and for
+# the periodic ones (resync, retries) that the scheduler runs.
 EVENT_RECONCILES = 4
+RESYNC_RECONCILES = 4
 
 
 class ResourceState:
@@ -68,6 +72,9 @@ class ResourceState:
         self.handled_triggers: tuple[str, str] = ("", "")
         self.next_due: float = 0.0
         self.pending = False  # something arrived while a reconcile ran: run again at the next tick
+        # (generation, triggers) an event reconcile was queued for and has not started yet: later
+        # events for the same (kopf's finalizer patch, our status write) queue no second one.
+        self.queued: tuple[Any, tuple[str, str]] | None = None
         self.failures = 0  # consecutive reconciles that hit a temporary problem (for the backoff)
         self.released: set[str] = set()  # Deployments whose probes teardown already released
         self.deletion_seen = 0.0  # when this process first tried teardown (epoch seconds)
@@ -90,13 +97,13 @@ def _triggers(body: Mapping[str, Any]) -> tuple[str, str]:
     return annotations.get(naming.ANN_REFRESH_NOW, ""), annotations.get(naming.ANN_APPROVE_PLAN, "")
 
 
-def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None:
+def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any) -> None:
     """Reconcile once (serialized per resource), post Events, schedule the next run."""
     if not state.lock.acquire(blocking=False):
         state.pending = True  # a reconcile is running; the next tick runs again with the new body
         return
     try:
-        state.pending = False
+        state.pending, state.queued = False, None
         try:
             current = _current(deps, body, state)
             if current is None:  # deleted meanwhile: on_delete's business
@@ -113,9 +120,10 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         state.failures = state.failures + 1 if temporary else 0
         delay = backoff(deps, state.failures) if temporary or outcome is None else outcome.requeue_after
         state.next_due = 0.0 if state.pending else deps.monotonic() + delay
+        about = body if isinstance(body, kopf.Body) else kopf.Body(cast(kopf.RawBody, dict(body)))
         for event in outcome.events if outcome is not None else []:
             try:
-                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+                kopf.event(about, type=event.type, reason=event.reason, message=event.message)
             except Exception:  # an Event is best effort; never a reason to spin
                 logger.debug("posting an Event failed", exc_info=True)
         if outcome is not None and outcome.events:
@@ -124,7 +132,7 @@ def _run(deps: Deps, body: kopf.Body, state: ResourceState, logger: Any) -> None
         state.lock.release()
 
 
-def _current(deps: Deps, body: kopf.Body, state: ResourceState) -> dict[str, Any] | None:
+def _current(deps: Deps, body: Mapping[str, Any], state: ResourceState) -> dict[str, Any] | None:
     """The object to reconcile: the body as delivered, or read again when its status is not the
     one this process last wrote. Such a body may predate that write (kopf's own annotation patch
     can land between a reconcile's read and its status write; the watch then delivers the old
@@ -192,7 +200,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
     states: dict[str, ResourceState] = {}  # namespace/name -> state, for waking a resource
 
     def wake(key: tuple[str, str]) -> None:
-        """A background job ended: reconcile its resource at the next tick to report the outcome."""
+        """A background job started or ended: reconcile its resource at the next tick to report it."""
         state = states.get(key[0])
         if state is not None:
             state.pending = True  # also when the reconcile that submitted it is still running
@@ -245,23 +253,33 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         state = tracked(body, memo)
-        generation = body.get("metadata", {}).get("generation")
-        if generation != state.handled_generation or _triggers(body) != state.handled_triggers:
+        if scheduler.context is None:  # kopf's context variables (kopf.event's queue) for its threads
+            scheduler.context = contextvars.copy_context()
+        wanted = (body.get("metadata", {}).get("generation"), _triggers(body))
+        if wanted != (state.handled_generation, state.handled_triggers) and wanted != state.queued:
+            # The queued reconcile runs it: the timer must not run the same reconcile beside it
+            # (after a restart every resource was reconciled twice at once). _run sets next_due.
+            state.queued, state.next_due = wanted, math.inf
             # kopf.event() finds its posting queue through context variables: carry them over.
             context = contextvars.copy_context()
             asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run, deps, body, state, logger)
 
-    # backoff: after an exception (e.g. the database session cut mid-reconcile) kopf would wait its
-    # default 60 s before the next tick; retry at the operator's own base delay instead
-    # (found by tests/reliability/test_rel_database.py::test_connections_reset_repeatedly).
-    @kopf.timer(group, version, plural, interval=deps.settings.tick_seconds,
-                backoff=deps.settings.retry_base_seconds, registry=registry)
-    def on_timer(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-        if body.get("metadata", {}).get("deletionTimestamp"):
-            return
-        state = tracked(body, memo)
-        if deps.monotonic() >= state.next_due:
-            _run(deps, body, state, logger)
+    # The periodic reconciles (resync, retries with backoff) run from one scheduler thread, not a
+    # kopf timer per object: kopf keeps a live copy of the body of each object with a timer
+    # (scheduler.py). Started and stopped with the operator; paused while kopf is paused.
+    pause = PeeringPause()
+    scheduler = Scheduler(deps, states, lambda body, state, logger: _run(deps, body, state, logger),
+                          workers=RESYNC_RECONCILES, backoff=lambda failures: backoff(deps, failures), pause=pause)
+
+    @kopf.on.startup(registry=registry)
+    def start_scheduler(**_: Any) -> None:
+        pause.attach()
+        scheduler.start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_scheduler(**_: Any) -> None:
+        scheduler.stop()
+        pause.detach()
 
     @kopf.on.delete(group, version, plural, registry=registry)
     def on_delete(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
@@ -317,6 +335,7 @@ def peering_priority(started: float | None = None) -> int:
 
 def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:
     """Run kopf until stopped (SIGTERM/SIGINT), with the real cluster's credentials."""
+    cap_arenas()  # before kopf's and our threads allocate (scheduler.py: memory)
     registry = kopf.OperatorRegistry()
     register(registry, deps)
 

@@ -163,7 +163,10 @@ def _finish(
         requeue = min(requeue, max(1.0, report.refresh_due_seconds))
     if not temporary and report.pooler_enabled and (report.pooler is None or report.pooler.ready_replicas == 0):
         requeue = min(requeue, 15.0)  # pooler pods starting: look again soon
-    if report.progress is not None:  # background DDL: report its progress (its end wakes us anyway)
+    if report.progress is not None and report.progress.phase != "queued":
+        # Background DDL running: report its progress. A queued job is not polled (at N = 1,000 on
+        # one pool most jobs wait, and a look every progress_seconds at each was most of the
+        # operator's work): its start and its end wake the resource (Background.on_done).
         requeue = min(requeue, deps.settings.progress_seconds)
     return Outcome(events=events, temporary=temporary, requeue_after=requeue, status=rendered)
 

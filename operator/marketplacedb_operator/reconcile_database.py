@@ -39,8 +39,9 @@ def schema(ctx: Context, database: Database, report: Report) -> None:
         if running.started is None and ctx.deps.background is not None:  # still queued: start from today's spec
             manual = ctx.spec.ddl.approval == "Manual"
             approved = (ctx.annotation(naming.ANN_APPROVE_PLAN) or "") if manual else plan.hash
+            policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
             ctx.deps.background.refresh_inputs(running.key, (
-                desired, approved, planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings), manual))
+                jobs.pack(ctx.spec, ctx.owner, previous_settings), approved, policy, manual))
         report.progress = jobs.progress(running, database, len(plan.steps))
     elif not plan.empty and not retry_later:  # a failed run is retried at the next resync, not now
         if ctx.spec.ddl.approval == "Manual" and ctx.annotation(naming.ANN_APPROVE_PLAN) != plan.hash:
@@ -51,7 +52,8 @@ def schema(ctx: Context, database: Database, report: Report) -> None:
             )
         elif ctx.deps.background is not None and ctx.info is not None:
             policy = planning.ExecutionPolicy.from_spec(ctx.spec.ddl, ctx.deps.settings)
-            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, desired,
+            packed = jobs.pack(ctx.spec, ctx.owner, previous_settings)  # not `desired`: most jobs wait (jobs.pack)
+            job = jobs.submit_schema(ctx.deps, jobs.key(ctx.namespace, ctx.name, jobs.SCHEMA), ctx.info, packed,
                                      plan.hash, policy, manual=ctx.spec.ddl.approval == "Manual")
             report.progress = jobs.progress(job, database, len(plan.steps))
         else:  # no background pool (the CLI): inline

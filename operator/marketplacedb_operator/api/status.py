@@ -52,8 +52,9 @@ class DDLProgress(StatusModel):
     """Blocks processed in the current phase."""
     blocks_total: int | None = Field(default=None, ge=0)
     """Blocks to process in the current phase."""
-    seconds: float = Field(ge=0)
-    """Seconds since the work started (or was queued)."""
+    since: datetime.datetime
+    """When the work started (or was queued). A timestamp, not an age: an age would change the
+    status, and cost a write, at every look."""
 
 
 class ViewStatus(StatusModel):

@@ -1,0 +1,78 @@
+"""Scenario 6's explanations (bench/report_rest.py's operator section): what the writes after a
+restart changed, and where the operator's memory goes, both computed from the run's own records."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .report_kit import num
+
+# Owners (bench/operator_proc.py's owner()) grouped for the report, in order.
+_GROUPS = (
+    ("kopf (the watch: object bodies, per-object memory)", ("kopf", "aiohttp", "multidict", "yarl", "aiosignal")),
+    ("Prometheus metrics (per-resource series)", ("prometheus_client",)),
+    ("the operator's own objects", ("operator:",)),
+    ("Kubernetes client, psycopg, pydantic", ("kubernetes", "urllib3", "psycopg", "pydantic", "pydantic_core")),
+)
+
+
+def restart_rows() -> list[tuple[str, str, str]]:
+    return [("idle resync: writes owed (time passed: a view crossed maxStaleness, a refresh ran)",
+             "idle_writes_owed", ""),
+            ("idle resync: spurious writes (nothing changed)", "idle_writes_spurious", "")]
+
+
+def restart_lines(runs: list[dict[str, Any]]) -> list[str]:
+    traced: list[dict[str, Any]] = [r["idle_writes_traced"] for r in runs if r.get("idle_writes_traced")]
+    if not traced:
+        return []
+    first = traced[0]
+    lines = ["Every write after the restart was traced (the emulator records each write's body) and compared "
+             "with the status stored before the restart (`bench/scenarios/restart_writes.py`): *owed* when it "
+             "changes only what time alone changes by design (a view's `stale` and the Stale condition, a refresh "
+             "that ran), *spurious* otherwise. Run 1: "
+             f"{first['owed']} owed, {first['spurious']} spurious."]
+    if first["spurious"]:
+        lines[-1] += (" Spurious, by request: " + ", ".join(f"{k} {v}" for k, v in first["spurious_by_kind"].items())
+                      + "; status fields they changed: "
+                      + (", ".join(f"{k} ({v})" for k, v in first["spurious_status_fields"].items()) or "none")
+                      + ". First ones: " + "; ".join(str(e) for e in first["spurious_examples"][:3]) + ".")
+    return lines + [""]
+
+
+def _group(owner: str) -> str:
+    for label, prefixes in _GROUPS:
+        if any(owner == p or (p.endswith(":") and owner.startswith(p)) for p in prefixes):
+            return label
+    return "other (standard library, asyncio tasks, threads)"
+
+
+def memory_lines(runs: list[dict[str, Any]], count: int) -> list[str]:
+    """Where the memory goes: the first (untraced) process's RSS figures, and the restarted
+    (tracemalloc) process's live Python objects after its resync, by owner."""
+    run = runs[0]
+    base, peak, ready = (float(run.get(k) or math.nan) for k in ("rss_start_mib", "rss_peak_mib", "rss_ready_mib"))
+    lines = ["**Where the memory goes** (run 1; `bench/operator_proc.py` traces the restarted process with "
+             "tracemalloc, so that process's RSS is inflated by the tracing; the peak and Ready figures are the "
+             "untraced first process's):", "",
+             f"- before any resource: {num(base, 'MiB')} (Python, kopf, pydantic, psycopg, the Kubernetes client, "
+             "the metrics server: imports and threads);",
+             f"- at the peak: {num(peak, 'MiB')}, {num((peak - base) * 1024 / count, 'KiB')} per resource above that; "
+             f"when all were Ready: {num(ready, 'MiB')}."]
+    profile = run.get("idle_memory_profile")
+    if not profile:
+        return [*lines, "- live objects per resource: not traced in this run.", ""]
+    grouped: dict[str, float] = {}
+    for owner, mib in profile.get("by_owner_mib", {}).items():
+        grouped[_group(owner)] = grouped.get(_group(owner), 0.0) + mib
+    live = sum(grouped.values())
+    lines.append(f"- live Python objects grown since start-up in the restarted process, every resource reconciled "
+                 f"once: {num(live, 'MiB')}, {num(live * 1024 / count, 'KiB')} per resource: "
+                 + "; ".join(f"{label} {num(mib * 1024 / count, 'KiB')}" for label, mib in
+                             sorted(grouped.items(), key=lambda kv: -kv[1]) if abs(mib) * 1024 / count >= 0.05) + ".")
+    transient = (peak - base) - live
+    lines.append(f"- the rest of the peak, {num(transient, 'MiB')}, is not live at rest: the reconciles' working "
+                 "memory (plans, composed DDL, catalog rows, API replies; at most 8 reconciles and 8 background "
+                 "jobs at once) and freed memory the allocator had not yet handed back.")
+    return [*lines, ""]

@@ -1,0 +1,165 @@
+"""The periodic reconciles (resync, retries with backoff) of every resource, from one thread.
+
+Why not a kopf timer per object: kopf keeps, for each object with a timer, a live copy of its
+whole body (spec and status: ~35 KiB parsed for the example resource) and the timer's task,
+cause and patch (~25 KiB): the largest share of the operator's memory per resource (tracemalloc,
+bench/REPORT-fleet.md). Here one thread looks every tick at each resource's next due time and
+reads the object when it is due (one GET per resync), so no body is kept between reconciles.
+
+Peering: kopf pauses a replica in favour of a peer with a higher priority; its timers stopped
+with it. This thread follows the same decision: kopf logs it (kopf/_core/engines/peering.py,
+"Pausing operations ..." / "Resuming operations ..."), and PeeringPause turns those records
+into a flag. A replica that was never active has no resources to look at anyway (on_event,
+which registers them, does not run while kopf is paused).
+
+Memory: the reconciles' transient allocations (plans, catalog rows, API replies) are freed, but
+glibc keeps freed pages in per-thread arenas. At start the arenas are capped (M_ARENA_MAX) and
+after a pass with work the free pages are handed back (malloc_trim), at most once a minute.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextvars
+import ctypes
+import ctypes.util
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, Protocol
+
+from . import naming
+from .ports import Deps
+
+log = logging.getLogger(__name__)
+
+PEERING_LOGGER = "kopf._core.engines.peering"
+_M_ARENA_MAX = -8  # glibc's mallopt() parameter number
+TRIM_EVERY = 60.0  # seconds between malloc_trim() calls (each costs a few ms)
+
+
+class Due(Protocol):
+    """What the scheduler needs of a resource's state (handlers.ResourceState)."""
+
+    next_due: float
+    failures: int
+    lock: threading.Lock
+
+
+class PeeringPause(logging.Handler):
+    """Paused while kopf is paused in favour of a peer (kopf says so in its peering log)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.paused = False
+
+    def attach(self) -> None:
+        peering = logging.getLogger(PEERING_LOGGER)
+        if not peering.isEnabledFor(logging.INFO):  # "Pausing operations ..." is logged at INFO
+            peering.setLevel(logging.INFO)
+        peering.addHandler(self)
+
+    def detach(self) -> None:
+        logging.getLogger(PEERING_LOGGER).removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Pausing operations", "Pausing all operators")):
+            self.paused = True
+        elif message.startswith("Resuming operations"):
+            self.paused = False
+
+
+class _Prefixed(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['resource'] if self.extra else '?'}] {msg}", kwargs
+
+
+class Scheduler:
+    """Runs `run(body, state, logger)` for each resource in `states` (namespace/name -> state)
+    once its next_due (deps.monotonic) has passed, on a pool of `workers` threads."""
+
+    def __init__(self, deps: Deps, states: MutableMapping[str, Any],
+                 run: Callable[[Mapping[str, Any], Any, Any], None], workers: int, backoff: Callable[[int], float],
+                 pause: PeeringPause | None = None) -> None:
+        self.deps, self.states, self.run, self.backoff = deps, states, run, backoff
+        self.pause = pause or PeeringPause()
+        self.context: contextvars.Context | None = None  # kopf's (for kopf.event), from the first event
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._trimmed = 0.0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.deps.settings.tick_seconds):
+            try:
+                self.tick()
+            except Exception:  # never let the loop die: every resource's resync depends on it
+                log.warning("scheduler tick failed", exc_info=True)
+
+    def tick(self) -> int:
+        """Submit every due resource (once: its next_due is infinite until its reconcile ran)."""
+        if self.pause.paused or self.context is None:
+            return 0
+        now, submitted = self.deps.monotonic(), 0
+        for key, state in list(self.states.items()):
+            if now >= state.next_due and not state.lock.locked():
+                state.next_due = math.inf
+                self._pool.submit(self.context.copy().run, self._due, key, state)
+                submitted += 1
+        if submitted and time.monotonic() - self._trimmed > TRIM_EVERY:
+            self._trimmed = time.monotonic()
+            trim()
+        return submitted
+
+    def _due(self, key: str, state: Due) -> None:
+        namespace, name = key.split("/", 1)
+        try:
+            body = self.deps.kube.get(naming.API_VERSION, naming.KIND, namespace, name)
+        except Exception as exc:  # the API is unreachable: try again with backoff
+            state.failures += 1
+            state.next_due = self.deps.monotonic() + self.backoff(state.failures)
+            log.warning("[%s] reading the resource failed, retrying with backoff: %s", key, type(exc).__name__)
+            return
+        if body is None:  # gone (its deletion finished elsewhere)
+            if self.states.get(key) is state:
+                self.states.pop(key, None)
+            return
+        if body.get("metadata", {}).get("deletionTimestamp"):  # kopf's deletion handler has it
+            state.next_due = self.deps.monotonic() + self.deps.settings.resync_seconds
+            return
+        self.run(body, state, _Prefixed(logging.getLogger("kopf.objects"), {"resource": key}))
+
+
+def cap_arenas(arenas: int = 2) -> None:
+    """At most `arenas` glibc malloc arenas (default 8 per core): each thread's arena keeps its
+    own freed pages. No effect where the C library is not glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_ARENA_MAX, arenas)
+
+
+def trim() -> None:
+    """Hand freed malloc pages back to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
