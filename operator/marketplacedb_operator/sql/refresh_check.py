@@ -23,6 +23,10 @@ from .refresh_stats import activity_sql
 # (v2: reads BEGIN ATOMIC bodies, definitions and policies in the signature; v3: no skip while a
 # session may hold unreported writes, sql/refresh_stats.py; older ones are left to their release).
 CHECK_FUNCTION: Final = "refresh_check_v3"
+# sha256 (first 16 hex digits) of check_function_ddl() for this name. The function is created only
+# when missing, so a body changed under the same name would never reach a database that has the
+# old one: tests/test_refresh_decide.py fails until the version above is raised with this value.
+CHECK_FUNCTION_FINGERPRINT: Final = "d898c84584183e13"
 CHECK: Final = sql.Identifier(naming.STATE_SCHEMA, CHECK_FUNCTION)
 CHECK_SIGNATURE: Final = (
     "text, text, integer, timestamptz, double precision, boolean, boolean, text[], boolean, integer"
