@@ -137,5 +137,6 @@ KINDS: Final = tuple(_TEXT)
 def unreported_reason(kinds: tuple[str, ...]) -> str:
     """Why the counters prove nothing now, counted per kind, in KINDS order."""
     counts = Counter(kinds)
-    parts = [f"{counts[k]} {_TEXT[k]}" if k not in (OWN, UNCOUNTED, OLD_SERVER) else _TEXT[k] for k in KINDS if counts[k]]
+    settings = (OWN, UNCOUNTED, OLD_SERVER)  # not sessions: no count
+    parts = [_TEXT[k] if k in settings else f"{counts[k]} {_TEXT[k]}" for k in KINDS if counts[k]]
     return "write statistics may be unreported: " + "; ".join(parts)
