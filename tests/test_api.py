@@ -12,6 +12,7 @@ import yaml
 from marketplacedb_operator.api.conditions import Condition, set_condition
 from marketplacedb_operator.cli import main
 from marketplacedb_operator.durations import parse_duration
+from marketplacedb_operator.reconcile_context import previous_status
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "marketplacedb.yaml"
@@ -143,3 +144,13 @@ def test_set_condition_keeps_transition_time_when_status_is_unchanged() -> None:
     after_same = set_condition([first], same)
     assert after_same[0].last_transition_time == t0 and after_same[0].reason == "StillPending"
     assert set_condition(after_same, flipped)[0].last_transition_time == t1
+
+
+def test_a_status_field_of_an_older_shape_drops_that_field_not_the_whole_status() -> None:
+    """progress.seconds (before progress.since) made the whole status unreadable: teardown then saw
+    no probedDeployments and left the probes on the application's Deployments."""
+    old = {"status": {"probedDeployments": ["shop/web"], "observedGeneration": 3,
+                      "progress": {"steps": 2, "phase": "queued", "seconds": 41}}}
+    status = previous_status(old)
+    assert status is not None and status.probed_deployments == ["shop/web"] and status.progress is None
+    assert previous_status({"status": {"probedDeployments": "not-a-list", "bogus": 1}}) is not None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 from decimal import Decimal
 from typing import Any
 
 from marketplacedb_operator.refresh import RefreshOptions, ViewTarget
+from marketplacedb_operator.sql import refresh_check
 from marketplacedb_operator.sql.refresh import Observation, RefreshState, decide, lock_key, rule_for
 
 HOT = ViewTarget("public", "mv_hot_products")
@@ -118,3 +120,14 @@ def test_unreported_write_statistics_refuse_the_skip_and_say_why() -> None:
         assert text in decision.reason
     # A reason that refreshes anyway comes first (the write is seen: no need to blame sessions).
     assert "counters" in decide(observed(unreported=("recent",), counters=Decimal(11)), OPTIONS, now).reason
+
+
+def test_a_changed_check_function_body_gets_a_new_name() -> None:
+    """The check function is created only when missing: an old body under the same name would stay
+    in every database that has it (and keep the holes a new body closes). Change the body, raise the
+    version in CHECK_FUNCTION and record the new fingerprint together."""
+    ddl = refresh_check.check_function_ddl().as_string(None)
+    fingerprint = hashlib.sha256(ddl.encode()).hexdigest()[:16]
+    assert fingerprint == refresh_check.CHECK_FUNCTION_FINGERPRINT, (
+        f"{refresh_check.CHECK_FUNCTION}'s body changed: raise its version and set "
+        f"CHECK_FUNCTION_FINGERPRINT = {fingerprint!r}")

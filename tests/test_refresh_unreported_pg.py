@@ -25,6 +25,7 @@ from psycopg import sql
 
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
 from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, decide, lock_key, refresh_view
+from marketplacedb_operator.sql import refresh_stats
 
 OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
 MV = ViewTarget("public", "mv_join")
@@ -224,3 +225,15 @@ def test_a_plain_join_over_quiet_tables_still_skips_beside_idle_sessions(shop: A
         reader.execute("SELECT count(*) FROM prices")  # a read since: idle for < 12 s, refused
         assert "active since the last refresh" in refresh(shop).reason
     assert refresh(shop).outcome == "skipped-unchanged"  # both ended: they flushed at exit
+
+
+def test_a_server_older_than_postgresql_15_never_skips(shop: Any) -> None:
+    """The flush rules are PostgreSQL 15's; an older server's collector may drop counts for good.
+    Only PostgreSQL 15 runs here, so the rule is run with the threshold above this server's version
+    (the same SQL, the same comparison), and at its real value."""
+    with connect(shop) as conn:
+        version = conn.execute("SELECT current_setting('server_version_num')::integer").fetchone()[0]
+        above = conn.execute(refresh_stats.activity_sql(sql.SQL("NULL::timestamptz"), version + 1)).fetchone()[0]
+        real = conn.execute(refresh_stats.activity_sql(sql.SQL("NULL::timestamptz"))).fetchone()[0]
+    assert refresh_stats.OLD_SERVER in above and refresh_stats.OLD_SERVER not in real
+    assert "older than PostgreSQL 15" in refresh_stats.unreported_reason((refresh_stats.OLD_SERVER,))

@@ -63,10 +63,20 @@ class Context:
 
 
 def previous_status(body: dict[str, Any]) -> MarketplaceDBStatus | None:
-    try:
-        return MarketplaceDBStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return None  # status written by someone else: recompute from scratch
+    """The status as last written, keeping every top-level field that still parses: a field of an
+    older release's shape (e.g. progress.seconds before progress.since) or written by someone else
+    is dropped, not the whole status (teardown needs probedDeployments to release the probes)."""
+    status = dict(body.get("status") or {})
+    for _ in range(len(status) + 1):
+        try:
+            return MarketplaceDBStatus.model_validate(status)
+        except ValidationError as exc:
+            broken = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+            if not broken & status.keys():
+                return None  # not a field's fault: recompute from scratch
+            for key in broken:
+                status.pop(key, None)
+    return None
 
 
 def close_quietly(database: Database) -> None:

@@ -23,6 +23,10 @@ from .refresh_stats import activity_sql
 # (v2: reads BEGIN ATOMIC bodies, definitions and policies in the signature; v3: no skip while a
 # session may hold unreported writes, sql/refresh_stats.py; older ones are left to their release).
 CHECK_FUNCTION: Final = "refresh_check_v3"
+# sha256 (first 16 hex digits) of check_function_ddl() for this name. The function is created only
+# when missing, so a body changed under the same name would never reach a database that has the
+# old one: tests/test_refresh_decide.py fails until the version above is raised with this value.
+CHECK_FUNCTION_FINGERPRINT: Final = "738a2174420a4987"
 CHECK: Final = sql.Identifier(naming.STATE_SCHEMA, CHECK_FUNCTION)
 CHECK_SIGNATURE: Final = (
     "text, text, integer, timestamptz, double precision, boolean, boolean, text[], boolean, integer"
@@ -105,7 +109,7 @@ def check_function_ddl() -> sql.Composed:
         sql.SQL("s.analysis AS s_analysis, s.analysis_key AS s_analysis_key"),
     ])
     fixed = {"schema": sql.SQL("p_schema"), "name": sql.SQL("p_name"), "depends": sql.SQL("p_depends"),
-             "state": STATE, "signature": sql.SQL(SIGNATURE), "state_columns": state_columns}
+             "state": STATE, "signature": SIGNATURE, "state_columns": state_columns}
     observe = sql.SQL(OBSERVE).format(calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE),
                                       cache_columns=refresh_cache.columns(live=True), **fixed)
     observe_cached = sql.SQL(OBSERVE).format(

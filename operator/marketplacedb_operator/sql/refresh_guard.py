@@ -10,6 +10,7 @@ from typing import Final
 from psycopg import sql
 
 from .. import naming
+from .view_calls import FIRST_NORMAL_OID
 
 # The session's own search_path minus the schema "$user" resolves to when another role owns it:
 # on PostgreSQL 15 CREATE on `public` is no longer granted to PUBLIC, but any role with CREATE on
@@ -104,14 +105,24 @@ def lock_sql(relations: list[tuple[str, str]]) -> sql.Composed:
     )
 
 
-# The observation's signature column (part of refresh_sql.OBSERVE: `t` the view, `base`, `rule_rows` and
-# `fn` its CTEs). Recorded at each refresh; a different value means the rows may differ without a
-# counted write, so the check refreshes.
-SIGNATURE: Final = """\
+# Built-in functions that read a text search configuration (or a dictionary) at run time, besides
+# those taking a regconfig/regdictionary argument: the one-argument forms read
+# default_text_search_config. A call of one puts the text search catalogs into the signature.
+TEXT_SEARCH_DEFAULT: Final = ("to_tsvector", "to_tsquery", "plainto_tsquery", "phraseto_tsquery",
+                              "websearch_to_tsquery", "ts_headline", "json_to_tsvector", "jsonb_to_tsvector",
+                              "get_current_ts_config", "ts_debug")
+
+# The observation's signature column (part of refresh_sql.OBSERVE: `t` the view, `deps` every relation
+# walked (root: the view), `base`, `rule_rows` and `fn` its CTEs). Recorded at each refresh; a different
+# value means the rows may differ without a counted write, so the check refreshes. Catalog reads
+# only (no node tree): row versions (xmin) and a few columns.
+_SIGNATURE: Final = """\
   -- What the rows depend on besides writes: the base tables' storage and row security (policies),
   -- the rules of the view and the plain views it reads (row versions: CREATE OR REPLACE VIEW writes a
   -- new one), the called functions' definitions, and
-  -- the statistics' reset time (a reset sets the counters back: equal sums prove nothing then).
+  -- the statistics' reset time (a reset sets the counters back: equal sums prove nothing then), and
+  -- the server's start time (crash recovery discards every counter with no reset time: a clean
+  -- restart keeps them and costs one refresh).
   pg_catalog.md5(t.oid::text || '/' || coalesce((SELECT pg_catalog.string_agg(
             base.oid::text || ':' || coalesce(pg_catalog.pg_relation_filenode(base.oid), 0)::text || ':'
             || c.relrowsecurity::text || c.relforcerowsecurity::text || coalesce((SELECT pg_catalog.string_agg(
@@ -124,4 +135,52 @@ SIGNATURE: Final = """\
     || '/' || coalesce((SELECT pg_catalog.string_agg(fn.definition, ',' ORDER BY fn.oid) FROM fn), '')
     || '/' || coalesce(pg_catalog.pg_stat_get_db_stat_reset_time(
                          (SELECT d.oid FROM pg_catalog.pg_database AS d
-                          WHERE d.datname = pg_catalog.current_database()))::text, '')) AS signature,"""
+                          WHERE d.datname = pg_catalog.current_database()))::text, '')
+    || '/' || pg_catalog.pg_postmaster_start_time()::text
+{rights}
+{text_search}) AS signature,"""
+
+# Whose rights each relation is read with decides what row security lets through: REFRESH runs as
+# the view's owner; a plain view reads with its owner's rights, or with security_invoker (a
+# reloption) with its reader's; a table's owner bypasses its policies unless FORCE; a superuser or
+# BYPASSRLS role bypasses all; a policy applies to the members of its roles. So, per walked relation:
+# its owner, reloptions, the owner's rolsuper/rolbypassrls, and for an RLS-enabled table which of the
+# walked relations' owners are members of each policy's roles (one pass; the policy part runs only
+# for RLS-enabled tables).
+RIGHTS: Final = """\
+    || '/' || coalesce((SELECT pg_catalog.string_agg(c.oid::text || ':' || c.relowner::text || ':'
+        || coalesce(c.reloptions::text, '') || ':' || (SELECT ro.rolsuper::text || ro.rolbypassrls::text
+                                                       FROM pg_catalog.pg_roles AS ro WHERE ro.oid = c.relowner)
+        || CASE WHEN c.relrowsecurity THEN coalesce((SELECT pg_catalog.string_agg(
+                 pl.oid::text || ':' || o.relowner::text || ':'
+                 || pg_catalog.pg_has_role(o.relowner, pr.role, 'USAGE')::text, ';'
+                 ORDER BY pl.oid, o.relowner, pr.role)
+               FROM pg_catalog.pg_policy AS pl CROSS JOIN LATERAL pg_catalog.unnest(pl.polroles) AS pr (role)
+               CROSS JOIN (SELECT DISTINCT oc.relowner FROM deps
+                           JOIN pg_catalog.pg_class AS oc ON oc.oid = deps.oid) AS o
+               WHERE pl.polrelid = c.oid AND pr.role <> 0), '') ELSE '' END, ',' ORDER BY c.oid)
+      FROM (SELECT DISTINCT deps.oid FROM deps) AS w JOIN pg_catalog.pg_class AS c ON c.oid = w.oid), '')"""
+
+# What a text search function returns is read from the catalog at run time: ALTER TEXT SEARCH
+# CONFIGURATION ... ALTER/DROP MAPPING and ALTER TEXT SEARCH DICTIONARY change every document with
+# no write to a table (to_tsvector(regconfig, text) is IMMUTABLE). When the view calls one: the write
+# counters of pg_ts_config, pg_ts_config_map and pg_ts_dict (any configuration: it may come from a
+# column), read like a base table's (a DDL session's unreported counts are held back by the same
+# session rules, sql/refresh_stats.py; 9 calls instead of reading ~600 mapping rows' versions), and
+# default_text_search_config. Dictionary files on disk (synonyms, stop words) are not seen.
+TEXT_SEARCH: Final = """\
+    || '/' || CASE WHEN EXISTS (SELECT 1 FROM fn JOIN pg_catalog.pg_proc AS p ON p.oid = fn.oid
+                                WHERE p.proargtypes::pg_catalog.oid[] && '{{3734,3769}}'::pg_catalog.oid[]
+                                   OR (p.oid < {first_normal} AND p.proname = ANY ({default_users})))
+      THEN pg_catalog.current_setting('default_text_search_config') || (SELECT pg_catalog.string_agg(
+             (pg_catalog.pg_stat_get_tuples_inserted(x.oid) + pg_catalog.pg_stat_get_tuples_updated(x.oid)
+              + pg_catalog.pg_stat_get_tuples_deleted(x.oid))::text, ':' ORDER BY x.oid)
+           FROM pg_catalog.unnest('{{pg_catalog.pg_ts_config,pg_catalog.pg_ts_config_map,pg_catalog.pg_ts_dict}}'
+                                  ::pg_catalog.regclass[]) AS x (oid))
+      ELSE '' END"""
+
+
+_USERS: Final = sql.SQL("ARRAY[{}]::pg_catalog.name[]").format(
+    sql.SQL(", ").join(map(sql.Literal, TEXT_SEARCH_DEFAULT)))
+_TEXT_SEARCH: Final = sql.SQL(TEXT_SEARCH).format(default_users=_USERS, first_normal=sql.Literal(FIRST_NORMAL_OID))
+SIGNATURE: Final = sql.SQL(_SIGNATURE).format(rights=sql.SQL(RIGHTS), text_search=_TEXT_SEARCH)

@@ -185,12 +185,12 @@ target AS (
 declared AS (
   SELECT d.name, pg_catalog.to_regclass(d.name) AS oid FROM pg_catalog.unnest({depends}::text[]) AS d (name)
 ),
-deps (oid, depth) AS (
-  SELECT oid, 0 FROM target
+deps (oid, root) AS (
+  SELECT oid, true FROM target
   UNION
-  SELECT declared.oid, 1 FROM declared WHERE declared.oid IS NOT NULL
+  SELECT declared.oid, false FROM declared WHERE declared.oid IS NOT NULL
   UNION
-  SELECT x.oid, deps.depth + 1
+  SELECT x.oid, false
   FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   CROSS JOIN LATERAL (
@@ -198,22 +198,21 @@ deps (oid, depth) AS (
     JOIN pg_catalog.pg_depend AS d
       ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
      AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> r.ev_class
-    WHERE r.ev_class = deps.oid AND (deps.depth = 0 OR dc.relkind = 'v')
+    WHERE r.ev_class = deps.oid AND (deps.root OR dc.relkind = 'v')
     UNION
     SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i
     WHERE i.inhparent = deps.oid AND dc.relkind IN ('r', 'p')
   ) AS x (oid)
-  WHERE deps.depth < 32
 ),
 base AS (
   SELECT DISTINCT c.oid, c.relkind FROM deps JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
-  WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
+  WHERE NOT deps.root AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
 ),
 rule_rows AS (
   SELECT DISTINCT r.oid FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
-  WHERE deps.depth = 0 OR dc.relkind = 'v'
+  WHERE deps.root OR dc.relkind = 'v'
 ),
 -- The node trees (large: read only by the call analysis, not when the check's cache is used).
 rules AS (
@@ -249,7 +248,7 @@ LEFT JOIN {state} AS s ON s.view_schema = {schema} AND s.view_name = {name}"""
 
 def _observe(schema: sql.Composable, name: sql.Composable, depends: sql.Composable) -> sql.Composed:
     return sql.SQL(OBSERVE).format(
-        schema=schema, name=name, depends=depends, state=STATE, signature=sql.SQL(SIGNATURE),
+        schema=schema, name=name, depends=depends, state=STATE, signature=SIGNATURE,
         calls=view_calls.CALLS + sql.SQL(refresh_cache.LIVE), cache_columns=refresh_cache.columns(live=True),
         state_columns=sql.SQL(", ").join(sql.Identifier("s", c) for c in STATE_COLUMNS),
     )

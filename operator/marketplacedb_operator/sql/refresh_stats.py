@@ -42,13 +42,22 @@ FLUSHED_AFTER_IDLE_SECONDS: Final = 12
 # Activity this long before `since` still counts (timestamps of one server clock; the margin
 # covers a clock stepped back between the refresh and the check).
 SINCE_MARGIN_SECONDS: Final = 1
+# Every rule here is PostgreSQL 15's (shared-memory statistics). Before 15 a statistics collector
+# process received the counts over UDP and could drop them under load: counters that miss writes
+# for good. On such a server the counters prove nothing, so nothing is skipped.
+MIN_SERVER_VERSION_NUM: Final = 150000
 
-# One row: the kinds of the sessions that may hold unreported counts (one element per session).
+# One row: the kinds of the sessions that may hold unreported counts (one element per session), and
+# of the settings that keep writes from being counted at all.
 # Counted: sessions with a role (usesysid), i.e. client backends, background workers (pg_cron jobs,
 # logical replication apply workers, parallel workers) and walsenders (PostgreSQL 15 pgstat_bestart
-# sets st_userid for those only), minus walsenders (replication connections stream, they do not
-# write) and this session (and its own parallel workers). Autovacuum and auxiliary processes have
-# no role and write no rows (measured: an autovacuum worker shows no usesysid).
+# sets st_userid for those only), minus this session (and its own parallel workers). Physical
+# replication connections have no database (datid NULL): they are not this database's. A logical
+# replication connection (replication=database, what CDC tools open) runs SQL through
+# exec_simple_query with a client backend's flush rules, so it is read like one, except while it
+# streams (START_REPLICATION: pg_stat_get_wal_senders() state other than 'startup'): it writes
+# nothing then, and what it wrote before started before query_start. Autovacuum and auxiliary
+# processes have no role and write no rows (measured: an autovacuum worker shows no usesysid).
 # In order: hidden (another role's session, details hidden without pg_read_all_stats: nothing can
 # be proved); worker (a background worker: no idle flush timer, its flushes are not bounded);
 # committed-inside (a procedure or DO block that committed: counts held until it ends); running
@@ -56,12 +65,20 @@ SINCE_MARGIN_SECONDS: Final = 1
 # committed a moment ago and not reached its flush; also 'disabled' when track_activities is off);
 # recent (active since `since` and not provably flushed: idle for less than the idle timer plus a
 # margin, or idle in a transaction since then). An idle session older than that has flushed.
+# Then uncounted: track_counts off in this session (postgresql.conf, ALTER SYSTEM, this role or
+# database), or turned off by ALTER ROLE/DATABASE ... SET for any role in this database (a bulk
+# loader's role: its writes are never counted). pg_db_role_setting is readable by every role; a
+# superuser's own `SET track_counts = off` in its session, or a function declared with that setting,
+# cannot be seen from here.
 ACTIVITY: Final = """\
 SELECT ARRAY(
   SELECT k.kind FROM (
     SELECT CASE
       WHEN a.backend_type IS NULL THEN 'hidden'
-      WHEN a.backend_type <> 'client backend' THEN 'worker'
+      WHEN a.backend_type = 'walsender' AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_get_wal_senders() AS w
+                                                    WHERE w.pid = a.pid AND w.state <> 'startup') THEN
+        CASE WHEN coalesce(a.query_start, 'infinity') >= coalesce({since}, '-infinity') - {margin} THEN 'recent' END
+      WHEN a.backend_type NOT IN ('client backend', 'walsender') THEN 'worker'
       WHEN a.state = 'active' AND a.xact_start > a.query_start THEN 'committed-inside'
       WHEN a.state IS NULL OR a.state NOT IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')
         THEN 'running'
@@ -73,20 +90,31 @@ SELECT ARRAY(
     WHERE a.datid = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
       AND a.pid <> pg_catalog.pg_backend_pid() AND a.leader_pid IS DISTINCT FROM pg_catalog.pg_backend_pid()
       AND a.usesysid IS NOT NULL
-      AND a.backend_type IS DISTINCT FROM 'walsender'
+    UNION ALL
+    SELECT 'old-server' WHERE pg_catalog.current_setting('server_version_num')::integer < {min_version}
+    UNION ALL
+    SELECT 'uncounted' WHERE NOT pg_catalog.current_setting('track_counts')::boolean OR EXISTS (
+      SELECT 1 FROM pg_catalog.pg_db_role_setting AS rs
+      CROSS JOIN LATERAL pg_catalog.unnest(rs.setconfig) AS c (setting)
+      WHERE rs.setdatabase IN (0, (SELECT d.oid FROM pg_catalog.pg_database AS d
+                                   WHERE d.datname = pg_catalog.current_database()))
+        AND pg_catalog.lower(pg_catalog.split_part(c.setting, '=', 1)) = 'track_counts'
+        AND pg_catalog.lower(pg_catalog.substr(c.setting, 13)) NOT IN ('=on', '=true', '=yes', '=1'))
   ) AS k WHERE k.kind IS NOT NULL ORDER BY 1) AS unreported"""
 
 
-def activity_sql(since: sql.Composable) -> sql.Composed:
+def activity_sql(since: sql.Composable, min_version: int = MIN_SERVER_VERSION_NUM) -> sql.Composed:
     """The sessions' kinds; `since` is a timestamptz expression (NULL: any activity counts)."""
     return sql.SQL(ACTIVITY).format(
-        since=since,
+        since=since, min_version=sql.Literal(min_version),
         flushed=sql.SQL("interval {}").format(sql.Literal(f"{FLUSHED_AFTER_IDLE_SECONDS} seconds")),
         margin=sql.SQL("interval {}").format(sql.Literal(f"{SINCE_MARGIN_SECONDS} seconds")),
     )
 
 
 OWN: Final = "own"  # this session's own counts of the base tables, not flushed yet
+UNCOUNTED: Final = "uncounted"  # a setting keeps writes from being counted (not a session)
+OLD_SERVER: Final = "old-server"  # a server before PostgreSQL 15 (not a session)
 
 _TEXT: Final = {
     OWN: "this session has writes to the tracked tables not reported yet",
@@ -99,6 +127,9 @@ _TEXT: Final = {
     "running": "statement(s) running: what they commit is reported only when they end",
     "recent": "session(s) active since the last refresh, not reported yet (a session reports within ~10 s "
               "of going idle, inside a transaction only when it ends)",
+    OLD_SERVER: "the server is older than PostgreSQL 15, whose statistics collector may drop write counts",
+    UNCOUNTED: "track_counts is off in this session or set off for a role or this database (ALTER ROLE/DATABASE "
+                 "... SET track_counts): such writes are never counted",
 }
 KINDS: Final = tuple(_TEXT)
 
@@ -106,5 +137,6 @@ KINDS: Final = tuple(_TEXT)
 def unreported_reason(kinds: tuple[str, ...]) -> str:
     """Why the counters prove nothing now, counted per kind, in KINDS order."""
     counts = Counter(kinds)
-    parts = [f"{counts[k]} {_TEXT[k]}" if k != OWN else _TEXT[k] for k in KINDS if counts[k]]
+    settings = (OWN, UNCOUNTED, OLD_SERVER)  # not sessions: no count
+    parts = [_TEXT[k] if k in settings else f"{counts[k]} {_TEXT[k]}" for k in KINDS if counts[k]]
     return "write statistics may be unreported: " + "; ".join(parts)

@@ -23,8 +23,8 @@ The rule applied, erring on the side of refusing and refreshing:
   query, recursively; any other body (a quoted SQL string, plpgsql, C) is not: a function declared
   STABLE or IMMUTABLE is trusted to be what it says (PostgreSQL itself refuses INSERT/UPDATE/DELETE
   in such a function, but not a call of `setval()` or `pg_terminate_backend()` inside it).
-  The refresh-time check (sql/refresh_sql.py OBSERVE) is meant to read CALLS too; until it does,
-  it reads only the calls written in the stored rules.
+  The refresh-time check (sql/refresh_sql.py OBSERVE) reads CALLS too (its result cached while
+  the analysed catalog rows are unchanged: sql/refresh_cache.py).
 
 `guard()` repeats the volatility check inside the transaction that creates the view, between
 CREATE ... WITH NO DATA and the first REFRESH: a function made VOLATILE after the plan was
@@ -72,8 +72,11 @@ CLOCK_INPUTS: Final = ("timestamptz_in", "timestamp_in", "date_in", "time_in", "
 # refresh-time check (sql/refresh_sql.py OBSERVE): needs CTEs `rules (action)` (the rules' node
 # trees) and `base (oid, ...)` (base relations), defines `trees`, `fn` (name, volatility, builtin,
 # volatile, clock, untracked, oid, definition: an md5 of what a function runs, for a change
-# signature; NULL oid for the pseudo entries) and `svf` (name). Node trees walked, recursively
-# (depth < 16):
+# signature; NULL oid for the pseudo entries) and `svf` (name). Node trees walked, recursively,
+# with no depth bound (a bound that stops silently reports less than the view calls: a clock read
+# or setval() 17 functions down): UNION discards a row equal to any row already produced, and the
+# rows are catalog rows (a function's body, a domain's constraints, a type's I/O function), so the
+# walk ends after each is read once, cycles (functions replaced to call each other) included:
 # * the rules, and the row-level security policies (USING) of base tables with RLS enabled (a
 #   policy reading another relation is reported untracked: writes there change the view);
 # * every called function's SQL-standard body (BEGIN ATOMIC) and default argument expressions
@@ -84,14 +87,14 @@ CLOCK_INPUTS: Final = ("timestamptz_in", "timestamp_in", "date_in", "time_in", "
 # * I/O conversions (`status::text`, `p::text`: CoerceViaIO, no :funcid in the tree) call the
 #   argument type's output function and the result type's input function; an argument whose type
 #   the tree's text does not show (a nested conversion) is reported as undetermined (untracked).
-CALLS: Final = sql.SQL(r"""trees (kind, oid, tree, depth) AS (
-  SELECT 'r', 0::pg_catalog.oid, rules.action, 0 FROM rules
+CALLS: Final = sql.SQL(r"""trees (kind, oid, tree) AS (
+  SELECT 'r', 0::pg_catalog.oid, rules.action FROM rules
   UNION ALL
-  SELECT 'p', pol.oid, pol.polqual::text, 0 FROM base
+  SELECT 'p', pol.oid, pol.polqual::text FROM base
   JOIN pg_catalog.pg_class AS bc ON bc.oid = base.oid AND bc.relrowsecurity
   JOIN pg_catalog.pg_policy AS pol ON pol.polrelid = base.oid AND pol.polqual IS NOT NULL
   UNION
-  SELECT x.kind, x.oid, x.tree, trees.depth + 1 FROM trees CROSS JOIN LATERAL (
+  SELECT x.kind, x.oid, x.tree FROM trees CROSS JOIN LATERAL (
     SELECT 'f', p.oid, pg_catalog.concat_ws(' ', p.prosqlbody::text, p.proargdefaults::text,
       (SELECT ':funcid ' || pg_catalog.concat_ws(' :funcid ', a.aggtransfn::pg_catalog.oid,
          NULLIF(a.aggfinalfn::pg_catalog.oid, 0), NULLIF(a.aggcombinefn::pg_catalog.oid, 0),
@@ -122,7 +125,6 @@ CALLS: Final = sql.SQL(r"""trees (kind, oid, tree, depth) AS (
     FROM pg_catalog.regexp_matches(trees.tree, ':resulttype (\d+) :resultcollid \d+ :coerceformat', 'g') AS m
     JOIN pg_catalog.pg_type AS t ON t.oid = m[1]::pg_catalog.oid
   ) AS x (kind, oid, tree)
-  WHERE trees.depth < 16
 ),
 fn AS (
   SELECT DISTINCT
@@ -135,7 +137,9 @@ fn AS (
       OR p.proname = ANY ({clock_inputs})) AS clock,
     p.oid >= {first_normal} OR p.provolatile <> 'i' AS untracked,
     p.oid, pg_catalog.md5(p.prosrc || '/' || COALESCE(p.prosqlbody::text, '') || '/' || p.provolatile::text
-      || '/' || COALESCE(p.proconfig::text, '') || '/' || COALESCE(p.proargdefaults::text, '')) AS definition
+      || '/' || COALESCE(p.proconfig::text, '') || '/' || COALESCE(p.proargdefaults::text, '')
+      -- whose rights a SECURITY DEFINER body reads with (row security): ALTER FUNCTION ... OWNER TO
+      || '/' || p.prosecdef::text || '/' || p.proowner::text) AS definition
   FROM (SELECT DISTINCT trees.oid FROM trees WHERE trees.kind = 'f') AS c
   JOIN pg_catalog.pg_proc AS p ON p.oid = c.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace
@@ -163,31 +167,32 @@ svf AS (
 
 # {view}: a text literal naming the view (regclass input). One row; see the module docstring.
 # Sequences read in FROM count as relations without write counters (nextval() elsewhere moves
-# last_value with no table write), like foreign tables.
+# last_value with no table write), like foreign tables. Plain views are walked with no depth bound
+# (UNION ends the walk: view dependencies cannot form a cycle).
 _ANALYZE: Final = r"""WITH RECURSIVE
-deps (oid, depth) AS (
-  SELECT pg_catalog.to_regclass({view})::pg_catalog.oid, 0
+deps (oid, root) AS (
+  SELECT pg_catalog.to_regclass({view})::pg_catalog.oid, true
   UNION
-  SELECT d.refobjid, deps.depth + 1
+  SELECT d.refobjid, false
   FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
   JOIN pg_catalog.pg_depend AS d
     ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = r.oid
    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> r.ev_class
-  WHERE (deps.depth = 0 OR dc.relkind = 'v') AND deps.depth < 32
+  WHERE deps.root OR dc.relkind = 'v'
 ),
 rules AS (
   SELECT DISTINCT r.ev_action::text AS action FROM deps
   JOIN pg_catalog.pg_class AS dc ON dc.oid = deps.oid
   JOIN pg_catalog.pg_rewrite AS r ON r.ev_class = deps.oid
-  WHERE deps.depth = 0 OR dc.relkind = 'v'
+  WHERE deps.root OR dc.relkind = 'v'
 ),
 base AS (
   SELECT DISTINCT c.oid, n.nspname || '.' || c.relname AS name, c.relkind FROM deps
   JOIN pg_catalog.pg_class AS c ON c.oid = deps.oid
   JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
-  WHERE deps.depth > 0 AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
+  WHERE NOT deps.root AND c.relkind IN ('r', 'p', 'm', 'f', 't', 'S')
 ),
 {calls}
 SELECT
