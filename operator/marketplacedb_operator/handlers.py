@@ -18,9 +18,7 @@ import hashlib
 import json
 import logging
 import math
-import random
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -31,7 +29,7 @@ from .background import Background
 from .backoff import delay as backoff_delay
 from .ports import Deps
 from .reconcile import Outcome, comparable_status, reconcile
-from .scheduler import PeeringPause, Scheduler, SchedulerStalled, cap_arenas
+from .scheduler import PeeringPause, Scheduler, SchedulerStalled, cap_arenas, peering_priority
 from .teardown import teardown
 
 log = logging.getLogger(__name__)
@@ -84,6 +82,9 @@ class ResourceState:
         # status may predate that write, and is read again before it is reconciled (_current).
         # A digest, not the status: 32 bytes instead of a copy of it for every resource.
         self.written: bytes | None = None
+        # on_delete tore the resource down (set under the lock): a reconcile still queued with an
+        # older body must not put back what teardown removed (tests/test_loop_deleted.py).
+        self.deleted = False
 
 
 def _state(memo: kopf.Memo) -> ResourceState:
@@ -121,6 +122,8 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
             state.next_due = 0.0
         return
     try:
+        if state.deleted:  # queued before on_delete tore it down: its body is stale, nothing to do
+            return
         try:
             current = _current(deps, body, state)
             if current is None:  # deleted meanwhile: on_delete's business (the scheduler looks again)
@@ -278,6 +281,8 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         state = _state(memo)
+        if state.deleted:  # the name created again (kopf's memo is per uid; this holds regardless)
+            state = memo["state"] = ResourceState()
         if scheduler.context is None:  # kopf's context variables (kopf.event's queue) for its threads
             scheduler.context = contextvars.copy_context()
         wanted = _wanted(body)
@@ -328,8 +333,10 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         # never delayed by a build blocked on an old snapshot, and Drop never races a build.
         for kind in ("schema", "refresh"):
             background.cancel((resource, kind), wait=10.0)
-        states.pop(resource, None)
+        if states.get(resource) is state:
+            states.pop(resource, None)
         with state.lock:
+            state.deleted = True  # a reconcile queued meanwhile takes the lock after teardown: it stops
             # Again under the lock: a reconcile that was running when the first cancel ran may
             # have queued new work since, which would plan against the database after teardown.
             for kind in ("schema", "refresh"):
@@ -351,24 +358,6 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
             kopf.event(body, type="Warning", reason="TeardownTimedOut", message=message[:1000])
         except Exception:  # the Event is best effort; the deletion must finish regardless
             logger.debug("posting the TeardownTimedOut Event failed", exc_info=True)
-
-
-# kopf peering (https://kopf.readthedocs.io/en/stable/peering/) pauses every replica that sees a
-# live peer with a higher priority, and *all* replicas when two share the highest one ("Pausing all
-# operators, including self"), so equal priorities mean nobody reconciles. Priorities here are
-# distinct and ordered by start time: the oldest live replica is the active one, a newer one
-# waits (kopf starts a peered operator paused until it has seen the peering object, so a
-# restarting or rolling replica never preempts the active one). When the active replica exits it
-# removes its entry and the next oldest resumes at once; when it is SIGKILLed, its entry expires
-# after MARKETPLACEDB_PEERING_LIFETIME_SECONDS and the standby resumes then.
-_PRIORITY_CEILING = 2**53  # exact in every JSON parser; above start-time-ms x 1000 until 2255
-
-
-def peering_priority(started: float | None = None) -> int:
-    """Higher for an older process: the ceiling minus the start time in milliseconds x 1000, minus
-    a random tie-breaker below 1000 (two replicas started in the same millisecond still differ)."""
-    at = time.time() if started is None else started
-    return _PRIORITY_CEILING - int(at * 1000) * 1000 - random.randrange(1000)
 
 
 def run_operator(deps: Deps, *, namespaces: list[str], peering: str | None, liveness_endpoint: str) -> None:

@@ -34,6 +34,7 @@ import ctypes
 import functools
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -59,6 +60,7 @@ class Due(Protocol):
     failures: int
     pending: bool  # a reconcile was asked for and did not run; a read that starts after it covers it
     lock: threading.Lock
+    deleted: bool  # on_delete tore it down: never reconciled again
 
 
 class PeeringPause(logging.Handler):
@@ -143,6 +145,10 @@ class Scheduler:
             return 0
         now, submitted = self.deps.monotonic(), 0
         for key, state in list(self.states.items()):
+            if state.deleted:  # on_delete popped it; a read in flight may have put it back
+                if self.states.get(key) is state:
+                    self.states.pop(key, None)
+                continue
             if now >= state.next_due and not state.lock.locked():
                 state.next_due = math.inf
                 self._reads.submit(self._read, key, state, self.context.copy())
@@ -170,11 +176,31 @@ class Scheduler:
         if body.get("metadata", {}).get("deletionTimestamp"):  # kopf's deletion handler has it
             state.next_due = self.deps.monotonic() + self.deps.settings.resync_seconds
             return
+        if state.deleted:  # on_delete ran while it was read
+            return
         logger = _Prefixed(logging.getLogger("kopf.objects"), {"resource": key})
         try:
             self._pool.submit(context.run, self.run, body, state, logger)
         except RuntimeError:  # stopped meanwhile (shutdown): nothing more runs
             pass
+
+
+# kopf peering (https://kopf.readthedocs.io/en/stable/peering/) pauses every replica that sees a
+# live peer with a higher priority, and *all* replicas when two share the highest one ("Pausing all
+# operators, including self"), so equal priorities mean nobody reconciles. Priorities here are
+# distinct and ordered by start time: the oldest live replica is the active one, a newer one
+# waits (kopf starts a peered operator paused until it has seen the peering object, so a
+# restarting or rolling replica never preempts the active one). When the active replica exits it
+# removes its entry and the next oldest resumes at once; when it is SIGKILLed, its entry expires
+# after MARKETPLACEDB_PEERING_LIFETIME_SECONDS and the standby resumes then.
+_PRIORITY_CEILING = 2**53  # exact in every JSON parser; above start-time-ms x 1000 until 2255
+
+
+def peering_priority(started: float | None = None) -> int:
+    """Higher for an older process: the ceiling minus the start time in milliseconds x 1000, minus
+    a random tie-breaker below 1000 (two replicas started in the same millisecond still differ)."""
+    at = time.time() if started is None else started
+    return _PRIORITY_CEILING - int(at * 1000) * 1000 - random.randrange(1000)
 
 
 class SchedulerStalled(Exception):
