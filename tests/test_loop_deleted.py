@@ -158,3 +158,42 @@ async def test_a_reconcile_queued_before_the_deletion_does_not_undo_teardown(
             assert recorder.states["shop"] is not state and not recorder.states["shop"].deleted
     finally:
         recorder.gate.set()
+
+
+async def test_a_resource_a_read_missed_keeps_its_resync_once_tracked_again(
+    kube_api: Any, kube_objects: KubeObjects, kube_client: kubernetes.client.ApiClient,
+    items_db: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = _Recorder(monkeypatch)
+    await kube_objects.ensure_namespace(NS)
+    await _secret(kube_objects, "shop", items_db)
+    settings = Settings(resync_seconds=1.0, tick_seconds=0.1, retry_base_seconds=1.0, max_backoff_seconds=4.0)
+    deps = make_deps(settings, kube_client)
+    # The scheduler's next read of shop finds nothing (as when discovery cached the kind as missing).
+    missing, missed = threading.Event(), threading.Event()
+    get = deps.kube.get
+
+    def flaky_get(api_version: str, kind: str, namespace: str, name: str) -> Any:
+        scheduler_read = threading.current_thread().name.startswith("scheduler-read")
+        if kind == "MarketplaceDB" and name == "shop" and scheduler_read and missing.is_set():
+            missing.clear()
+            missed.set()
+            return None
+        return get(api_version, kind, namespace, name)
+
+    monkeypatch.setattr(deps.kube, "get", flaky_get)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, deps)
+    async with kopf_runner(kube_api, registry, namespaces=[NS]):
+        shop = await kube_objects.create(_resource("shop", items_db, "Retain", indexes=False))
+        await eventually(lambda: _ready(kube_objects, "shop"), timeout=90, interval=0.1, message="shop Ready")
+        missing.set()
+        await eventually(missed.is_set, timeout=30, interval=0.05, message="a read of shop found nothing")
+        # An event with nothing new for a reconcile (a label) tracks the state again.
+        await kube_objects.patch(shop, {"metadata": {"labels": {"team": "search"}}})
+        await eventually(lambda: (_get(kube_objects, "shop").get("metadata", {}).get("labels") or {}).get("team"),
+                         timeout=10, interval=0.05, message="label written")
+        runs = recorder.reconciled.count("shop")
+        # Resyncs go on (one a second): before the fix next_due stayed infinite and none ran.
+        await eventually(lambda: recorder.reconciled.count("shop") >= runs + 2, timeout=60, interval=0.1,
+                         message="shop resynced after it was tracked again")

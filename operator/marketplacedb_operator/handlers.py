@@ -242,9 +242,12 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         )
     background = deps.background
 
-    def tracked(body: kopf.Body, state: ResourceState) -> None:
+    def tracked(body: kopf.Body, state: ResourceState) -> bool:
+        """Track the state; True when it was not tracked (new, or dropped by a read that found nothing)."""
         meta = body.get("metadata", {})
-        states[f"{meta.get('namespace')}/{meta.get('name')}"] = state
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        new, states[key] = states.get(key) is not state, state
+        return new
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -292,7 +295,8 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
             # (after a restart every resource was reconciled twice at once). _run sets next_due,
             # also when it cannot run. Set before the scheduler sees a new resource (tracked).
             state.queued, state.next_due = wanted, math.inf
-        tracked(body, state)
+        if tracked(body, state) and not run and state.queued is None:
+            state.next_due = 0.0  # re-tracked with nothing new: due now, else no resync ever again
         if run:
             # kopf.event() finds its posting queue through context variables: carry them over.
             context = contextvars.copy_context()

@@ -169,7 +169,9 @@ class Scheduler:
             state.next_due = self.deps.monotonic() + self.backoff(state.failures)
             log.warning("[%s] reading the resource failed, retrying with backoff: %s", key, type(exc).__name__)
             return
-        if body is None:  # gone (its deletion finished elsewhere)
+        if body is None:  # gone (its deletion finished elsewhere), or a kind discovery cached as missing
+            # Not left infinite: an event that tracks it again (nothing changed) runs no reconcile.
+            state.next_due = self.deps.monotonic() + self.deps.settings.resync_seconds
             if self.states.get(key) is state:
                 self.states.pop(key, None)
             return
