@@ -109,3 +109,23 @@ async def test_a_call_the_api_never_answers_gives_up_after_the_timeout(
         assert str(failed.value) == "HTTP 0: no answer from the API server (ReadTimeoutError)"
     finally:
         released.set()
+
+
+async def test_discovery_the_api_never_answers_gives_up_after_the_timeout(
+        kube_api: KubeEmulator, kube_client: kubernetes.client.ApiClient) -> None:
+    """Discovery (first use of a gateway, or a kind re-discovered while absent) passed no timeout and
+    runs under the gateway's lock: one unanswered discovery GET held every API call of every thread."""
+    gateway = KubeGateway(kube_client, timeout=(2.0, 1.0))
+    released = asyncio.Event()
+
+    async def hold(_: Any) -> int:
+        await released.wait()
+        return 503
+
+    kube_api[lambda r: r.method == "GET"] << hold
+    try:  # held until the test ends (60 s) without a timeout
+        with pytest.raises(KubeError) as failed:
+            await asyncio.wait_for(asyncio.to_thread(gateway.get, "v1", "ConfigMap", NS, "cfg"), 60)
+        assert "no answer from the API server" in str(failed.value)
+    finally:
+        released.set()

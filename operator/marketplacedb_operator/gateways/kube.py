@@ -109,6 +109,20 @@ class _MemoryDiscoverer(LazyDiscoverer):
         return None
 
 
+class _TimedDynamicClient(DynamicClient):
+    """The dynamic client with a timeout on every request it makes, discovery included: discovery
+    passes none, and one unanswered discovery GET (first use, or a kind re-discovered while absent)
+    would hold the gateway's lock, and with it every API call of every thread."""
+
+    def __init__(self, client: k8s.ApiClient, timeout: tuple[float, float], **kwargs: Any) -> None:
+        self._timeout = timeout  # before super().__init__: the discoverer may call the server there
+        super().__init__(client, **kwargs)  # type: ignore[no-untyped-call]
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", self._timeout)
+        return super().request(*args, **kwargs)
+
+
 def _raw(_client: Any, data: Any) -> Any:
     """The dynamic client's serializer: the parsed JSON as is (plain dicts, no ResourceInstance)."""
     return data
@@ -154,7 +168,7 @@ class KubeGateway:
     def _discover(self) -> DynamicClient:
         # A cache path that never exists: nothing is read from (or written to) the temp directory.
         nowhere = Path("/nonexistent") / f"marketplacedb-{uuid.uuid4().hex}.json"
-        return DynamicClient(self._api, cache_file=str(nowhere), discoverer=_MemoryDiscoverer)  # type: ignore[no-untyped-call]
+        return _TimedDynamicClient(self._api, self._timeout, cache_file=str(nowhere), discoverer=_MemoryDiscoverer)
 
     def _served(self, api_version: str, kind: str, name: str) -> Resource:
         resource = self._resource(api_version, kind)
