@@ -46,8 +46,13 @@ from .ports import Deps
 log = logging.getLogger(__name__)
 
 PEERING_LOGGER = "kopf._core.engines.peering"
-_M_ARENA_MAX = -8  # glibc's mallopt() parameter number
-TRIM_EVERY = 60.0  # seconds between malloc_trim() calls (each costs a few ms)
+_M_ARENA_MAX = -8  # glibc's mallopt() parameter numbers
+_M_MMAP_THRESHOLD = -3
+# Fixed, not glibc's dynamic threshold (which rises to 32 MiB once a large block is freed): a
+# reconcile's large transient buffers (API replies, plans) are mapped and unmapped, not kept in the heap.
+MMAP_THRESHOLD = 128 * 1024
+TRIM_EVERY = 10.0  # seconds between malloc_trim() calls (each costs a few ms), work or not: event
+# reconciles (a bulk create) run outside the scheduler's passes
 READERS_PER_WORKER = 4  # reads are I/O only: more reader threads than reconcile threads
 STALL_TICKS = 10  # health(): a scheduler that has not ticked for this many ticks is stalled
 STALL_MIN_SECONDS = 60.0
@@ -153,7 +158,7 @@ class Scheduler:
                 state.next_due = math.inf
                 self._reads.submit(self._read, key, state, self.context.copy())
                 submitted += 1
-        if submitted and time.monotonic() - self._trimmed > TRIM_EVERY:
+        if time.monotonic() - self._trimmed > TRIM_EVERY:
             self._trimmed = time.monotonic()
             trim()
         return submitted
@@ -215,6 +220,7 @@ def cap_arenas(arenas: int = 2) -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_ARENA_MAX, arenas)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def trim() -> None:
