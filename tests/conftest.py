@@ -6,8 +6,6 @@ nothing here needs a cluster, a container engine or a pre-started service.
 
 from __future__ import annotations
 
-import secrets
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import kubernetes.client
@@ -15,7 +13,7 @@ import pytest
 
 from harness.kube import KubeEmulator, KubeObjects, kube_emulator
 from harness.pgbouncer import PgBouncerFactory, PgBouncerProcess
-from harness.postgres import FreshDatabase, PostgresServer
+from harness.postgres import FreshDatabase, PostgresServer, new_database
 
 # Every teardown is bounded, failed test or not (pytest-timeout disarms itself on a failure).
 # security_env: the `sec` and `fake` fixtures of the security tests.
@@ -33,15 +31,6 @@ def pg() -> Iterator[PostgresServer]:
         server.cleanup()
 
 
-def _new_database(pg: PostgresServer) -> FreshDatabase:
-    suffix = uuid.uuid4().hex[:10]
-    name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
-    pg.create_role(owner, password)
-    pg.create_database(name, owner)
-    return FreshDatabase(name=name, owner=owner, owner_password=password, dsn=pg.dsn(name, owner, password),
-                         superuser_dsn=pg.dsn(name), server=pg)
-
-
 def _drop_database(pg: PostgresServer, db: FreshDatabase) -> None:
     pg.drop_database(db.name)
     pg.drop_role(db.owner)
@@ -50,7 +39,7 @@ def _drop_database(pg: PostgresServer, db: FreshDatabase) -> None:
 @pytest.fixture
 def fresh_db(pg: PostgresServer) -> Iterator[FreshDatabase]:
     """An empty database owned by a new login role (unique names), dropped after the test."""
-    db = _new_database(pg)
+    db = new_database(pg)
     try:
         yield db
     finally:
@@ -66,7 +55,7 @@ def workload_db(pg: PostgresServer) -> Iterator[FreshDatabase]:
     """
     from marketplacedb_operator import workload
 
-    db = _new_database(pg)
+    db = new_database(pg)
     try:
         with db.connect() as conn:
             conn.execute(workload.schema_sql())  # one session: data_sql uses temporary functions

@@ -8,9 +8,7 @@ it is not delayed by the build. kopf in-process against KMock, real PostgreSQL 1
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +18,7 @@ import psycopg
 import pytest
 
 from harness.kube import KubeEmulator, KubeObjects, eventually, kopf_runner
-from harness.postgres import FreshDatabase, PostgresServer
+from harness.postgres import FreshDatabase, PostgresServer, new_database
 from marketplacedb_operator import handlers, metrics, naming
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
@@ -35,24 +33,9 @@ READY_BOUND = 90
 DELETE_BOUND = 20
 
 
-def _new_database(pg: PostgresServer) -> FreshDatabase:
-    suffix = uuid.uuid4().hex[:10]
-    name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
-    pg.create_role(owner, password)
-    pg.create_database(name, owner)
-    return FreshDatabase(
-        name=name,
-        owner=owner,
-        owner_password=password,
-        dsn=pg.dsn(name, owner, password),
-        superuser_dsn=pg.dsn(name),
-        server=pg,
-    )
-
-
 @pytest.fixture
 def databases(pg: PostgresServer) -> Iterator[list[FreshDatabase]]:
-    made = [_new_database(pg) for _ in range(COUNT)]  # (not conftest's helpers: a name clash with tests/reliability)
+    made = [new_database(pg) for _ in range(COUNT)]
     try:
         for db in made:
             with psycopg.connect(db.dsn, autocommit=True) as conn:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import pathlib
-import secrets
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +27,7 @@ import psycopg
 import pytest
 
 from harness.kube import KubeObjects, eventually, kopf_runner
-from harness.postgres import FreshDatabase, PostgresServer
+from harness.postgres import FreshDatabase, PostgresServer, new_database
 from marketplacedb_operator import handlers, jobs, naming
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.background import Job
@@ -46,18 +44,9 @@ PROGRESS_SECONDS = 0.5
 WATCHED_PERIODS = 8  # the queued resource's status is watched this many progress periods
 
 
-def _new_database(pg: PostgresServer) -> FreshDatabase:
-    suffix = uuid.uuid4().hex[:10]
-    name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
-    pg.create_role(owner, password)
-    pg.create_database(name, owner)
-    return FreshDatabase(name=name, owner=owner, owner_password=password, dsn=pg.dsn(name, owner, password),
-                         superuser_dsn=pg.dsn(name), server=pg)
-
-
 @pytest.fixture
 def two_databases(pg: PostgresServer) -> Iterator[list[FreshDatabase]]:
-    made = [_new_database(pg) for _ in range(2)]
+    made = [new_database(pg) for _ in range(2)]
     try:
         for db in made:
             with psycopg.connect(db.dsn, autocommit=True) as conn:

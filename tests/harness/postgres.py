@@ -275,6 +275,16 @@ class FreshDatabase:
         return psycopg.connect(self.dsn, autocommit=True, **kwargs)
 
 
+def new_database(pg: PostgresServer) -> FreshDatabase:
+    """A database of its own, owned by a new login role with a random password."""
+    suffix = secrets.token_hex(5)
+    name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
+    pg.create_role(owner, password)
+    pg.create_database(name, owner)
+    return FreshDatabase(name=name, owner=owner, owner_password=password, dsn=pg.dsn(name, owner, password),
+                         superuser_dsn=pg.dsn(name), server=pg)
+
+
 def _child_env() -> dict[str, str]:
     # A minimal, predictable environment: no inherited PG* variables pointing elsewhere.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
