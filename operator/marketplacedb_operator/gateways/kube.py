@@ -134,7 +134,7 @@ class KubeGateway:
     def __init__(self, api_client: k8s.ApiClient, monotonic: Callable[[], float] = time.monotonic,
                  timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> None:
         self._api = api_client
-        # (connect, read) seconds for every call: urllib3 waits forever by default.
+        # (connect, read) seconds for every call (_TimedDynamicClient): urllib3 waits forever by default.
         self._timeout = timeout
         self._monotonic = monotonic
         self._dynamic: DynamicClient | None = None  # discovery on first use, not at construction
@@ -186,7 +186,7 @@ class KubeGateway:
         self.writes += 1
         result: dict[str, Any] = _call(lambda: resource.server_side_apply(
             body=obj, name=meta["name"], namespace=meta["namespace"], field_manager=field_manager,
-            force_conflicts=True if force else None, serializer=_raw, _request_timeout=self._timeout))
+            force_conflicts=True if force else None, serializer=_raw))
         return result
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +195,7 @@ class KubeGateway:
         resource = self._served(obj["apiVersion"], obj["kind"], meta["name"])
         self.writes += 1
         created: dict[str, Any] = _call(lambda: resource.create(
-            body=obj, namespace=meta["namespace"], field_manager=naming.FIELD_MANAGER, serializer=_raw,
-            _request_timeout=self._timeout))
+            body=obj, namespace=meta["namespace"], field_manager=naming.FIELD_MANAGER, serializer=_raw))
         return created
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -204,15 +203,13 @@ class KubeGateway:
         resource = self._served(naming.API_VERSION, naming.KIND, name)
         self.writes += 1
         _call(lambda: resource.status.patch(body={"status": status}, name=name, namespace=namespace,
-                                            content_type="application/merge-patch+json", serializer=_raw,
-                                            _request_timeout=self._timeout))
+                                            content_type="application/merge-patch+json", serializer=_raw))
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         resource = self._resource(api_version, kind)
         if resource is None:
             return None
-        found: dict[str, Any] | None = _call(lambda: resource.get(name=name, namespace=namespace, serializer=_raw,
-                                                                  _request_timeout=self._timeout),
+        found: dict[str, Any] | None = _call(lambda: resource.get(name=name, namespace=namespace, serializer=_raw),
                                              missing=None)
         return found
 
@@ -221,8 +218,7 @@ class KubeGateway:
         if resource is None:
             return []
         label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        result = _call(lambda: resource.get(namespace=namespace, label_selector=label_selector, serializer=_raw,
-                                                  _request_timeout=self._timeout),
+        result = _call(lambda: resource.get(namespace=namespace, label_selector=label_selector, serializer=_raw),
                        missing=None)
         items: list[dict[str, Any]] = (result or {}).get("items") or []
         return items
@@ -233,8 +229,7 @@ class KubeGateway:
         if resource is None:
             return False
         self.writes += 1
-        return _call(lambda: resource.delete(name=name, namespace=namespace, serializer=_raw,
-                                                   _request_timeout=self._timeout), missing=None) is not None
+        return _call(lambda: resource.delete(name=name, namespace=namespace, serializer=_raw), missing=None) is not None
 
 
 _RAISE = object()
