@@ -11,10 +11,15 @@ and the largest growths since start-up, by allocation site, are rewritten to PAT
 BENCH_TRACEMALLOC_SECONDS (30) and at SIGUSR1, with BENCH_TRACEMALLOC_FRAMES (12) frames per
 allocation; PATH.json holds the traced total and the growth by owner (see owner()). Tracing
 slows the process down and inflates its RSS: for profiling, not for figures.
+
+With BENCH_ALLOCATOR_STATS=PATH set, SIGUSR2 writes the allocators' own accounts to PATH: pymalloc's
+arenas, used and free blocks (sys._debugmallocstats) and glibc's per-arena totals (malloc_stats).
+No tracing cost: this is how a burst's live objects were told apart from freed-but-kept memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -100,11 +105,34 @@ def trace_memory(path: str, every: float, frames: int = 12) -> None:
     threading.Thread(target=dump, name="tracemalloc", daemon=True).start()
 
 
+def dump_allocator_stats(path: str) -> None:
+    """At SIGUSR2, write the allocators' own accounts to `path`: pymalloc's arenas and free pools
+    (sys._debugmallocstats) and glibc's per-arena totals (malloc_stats), both on stderr's fd."""
+
+    def dump(*_: Any) -> None:
+        with open(path, "w") as out:
+            saved = os.dup(2)
+            os.dup2(out.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+                libc = ctypes.CDLL(None)
+                if hasattr(libc, "malloc_stats"):
+                    libc.malloc_stats()
+                    libc.fflush(None)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+    signal.signal(signal.SIGUSR2, dump)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[1] != "--":
         print("usage: python -m bench.operator_proc LOG -- <marketplacedb args>", file=sys.stderr)
         return 2
     instrument(argv[0])
+    if os.environ.get("BENCH_ALLOCATOR_STATS"):
+        dump_allocator_stats(os.environ["BENCH_ALLOCATOR_STATS"])
     if os.environ.get("BENCH_TRACEMALLOC"):
         trace_memory(os.environ["BENCH_TRACEMALLOC"], float(os.environ.get("BENCH_TRACEMALLOC_SECONDS", "30")),
                      int(os.environ.get("BENCH_TRACEMALLOC_FRAMES", "12")))
