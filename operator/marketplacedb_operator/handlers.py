@@ -59,6 +59,12 @@ RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
 # the periodic ones (resync, retries) that the scheduler runs.
 EVENT_RECONCILES = 4
 RESYNC_RECONCILES = 4
+# kopf runs one worker task per object while it has events, and the worker keeps the object's last
+# event (its whole parsed body, ~21 KiB for the example resource) until it has been idle this long
+# (kopf's default: 5 s). A bulk create of 1,000 resources had ~1,000 bodies live at once; python's
+# allocator keeps the arenas they filled (bench/REPORT-fleet.md: the peak was reached in the first
+# 15 s and never left). Shorter idling frees them sooner; a worker is re-created by the next event.
+KOPF_WORKER_IDLE_SECONDS = 0.5
 
 
 class ResourceState:
@@ -257,6 +263,7 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         settings.persistence.diffbase_storage = SeenMarkerStorage()
         # Events are posted on condition transitions by us, not for every kopf log line.
         settings.posting.level = logging.CRITICAL
+        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.peering.lifetime = max(2, deps.settings.peering_lifetime_seconds)
