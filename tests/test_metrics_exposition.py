@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import threading
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
@@ -226,3 +227,52 @@ def test_created_is_when_the_series_first_appeared() -> None:
     assert f'marketplacedb_reconcile_errors_created{{namespace="created",reason="X",resource="c"}} {first[1]}' in again
     assert 'marketplacedb_reconcile_errors_total{namespace="created",reason="X",resource="c"} 2.0' in again
     metrics.forget_resource("created", "c")
+
+
+def test_a_deleted_resource_leaves_no_series() -> None:
+    """forget_resource (teardown) removes every series of the resource: refresh, reconcile, DDL, progress."""
+    metrics.set_view_metrics("deleted", "gone", [FRESH, NEVER, FAILING], NOW)
+    metrics.record_reconcile("deleted", "gone", 0.2, invalid_indexes=1, drifted=1, pooler_ready=1,
+                             problems=["DatabaseUnreachable"])
+    metrics.record_ddl("deleted", "gone", 3, 1)
+    metrics.record_progress("deleted", "gone", True, 1, 2)
+    metrics.record_reconcile("deleted", "kept", 0.2, invalid_indexes=0, drifted=0, pooler_ready=None, problems=[])
+    assert len(scrape("deleted")) > 40
+    metrics.forget_resource("deleted", "gone")
+    assert {key[0] for key in scrape("deleted")} == {  # only the other resource's series remain
+        *(f"marketplacedb_reconcile_duration_seconds_{s}" for s in ("bucket", "count", "sum", "created")),
+        "marketplacedb_invalid_indexes", "marketplacedb_drifted_objects"}
+    assert all(("resource", "kept") in key[1] for key in scrape("deleted"))
+    metrics.forget_resource("deleted", "kept")
+    assert scrape("deleted") == {}
+
+
+def test_a_scrape_sees_whole_reconciles_never_half_of_one() -> None:
+    """Reconciles run on handler threads while the HTTP server scrapes on its own."""
+    stop = threading.Event()
+
+    def reconciles() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            metrics.record_reconcile("torn", "r", 1.0, invalid_indexes=i, drifted=i, pooler_ready=i, problems=["X"])
+
+    writer = threading.Thread(target=reconciles)
+    writer.start()
+    try:
+        for _ in range(300):
+            series = scrape("torn")
+            if not series:
+                continue
+            values = {name: value for (name, labels), value in series.items() if ("le", "+Inf") in labels
+                      or not name.endswith("_bucket")}
+            count = values["marketplacedb_reconcile_duration_seconds_count"]
+            assert values["marketplacedb_reconcile_duration_seconds_sum"] == count  # every observation is 1.0
+            assert values["marketplacedb_reconcile_duration_seconds_bucket"] == count
+            assert values["marketplacedb_reconcile_errors_total"] == count
+            assert values["marketplacedb_invalid_indexes"] == values["marketplacedb_drifted_objects"] == \
+                values["marketplacedb_pooler_ready_replicas"] == count
+    finally:
+        stop.set()
+        writer.join()
+        metrics.forget_resource("torn", "r")
