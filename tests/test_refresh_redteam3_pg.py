@@ -7,7 +7,7 @@ plan did not refuse the view, or a refresh was skipped while the view's query re
 
 from __future__ import annotations
 
-import datetime
+import functools
 import secrets
 import threading
 from typing import Any
@@ -16,17 +16,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec
-from marketplacedb_operator.gateways.postgres import schema as gateway
-from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
-from marketplacedb_operator.sql import report
-from marketplacedb_operator.sql.plan import ExecutionPolicy, desired_state, plan
-
-OWNER = "default/shop"
-FAST = ExecutionPolicy(lock_timeout_seconds=2.0, statement_timeout_seconds=60.0, index_lock_timeout_seconds=10.0,
-                       retries=1, retry_base_seconds=0.05)
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
+import refresh_kit
+from marketplacedb_operator.refresh import RefreshOptions
+from refresh_kit import OPTIONS, apply, connect, refresh, rows, side_effects, stale, view, wait_for_lock_wait
 
 SETUP = """
 CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
@@ -40,6 +32,11 @@ CREATE FUNCTION touch(p int) RETURNS int LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO audit DEFAULT VALUES; PERFORM setval('s_ids', 1000); RETURN p; END $$;
 """
 
+# Every statement this file runs asks for its write counts to be reported at once, as its setup
+# does (flush=True): the attacks need current counters. The one about unreported counts writes in a
+# session still running (a procedure), which the request does not reach before it goes idle.
+run = functools.partial(refresh_kit.run, flush=True)
+
 
 @pytest.fixture
 def shop(fresh_db: Any) -> Any:
@@ -47,53 +44,6 @@ def shop(fresh_db: Any) -> Any:
         conn.execute(SETUP)
         conn.execute("SELECT pg_stat_force_next_flush()")
     return fresh_db
-
-
-def connect(db: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(db.dsn, autocommit=True)
-
-
-def run(db: Any, *statements: str) -> None:
-    with connect(db) as conn:
-        for statement in statements:
-            conn.execute(statement)
-        conn.execute("SELECT pg_stat_force_next_flush()")
-
-
-def rows(db: Any, query: str) -> list[tuple[Any, ...]]:
-    with connect(db) as conn:
-        return conn.execute(query).fetchall()
-
-
-def side_effects(db: Any) -> tuple[Any, ...]:
-    return rows(db, "SELECT (SELECT count(*) FROM audit), last_value, is_called FROM s_ids")[0]
-
-
-def spec(*views: dict[str, Any]) -> MarketplaceDBSpec:
-    return MarketplaceDBSpec.model_validate({
-        "database": {"host": "h", "dbname": "d", "credentialsSecretRef": {"name": "s"}},
-        "materializedViews": list(views),
-    })
-
-
-def view(name: str, query: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "query": query, "uniqueKey": ["id"], **extra}
-
-
-def apply(db: Any, *views: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """plan + execute as the operator does; (plan, outcomes, statuses)."""
-    desired = desired_state(spec(*views), OWNER)
-    with connect(db) as conn:
-        observed = gateway.observe(conn, desired)
-        the_plan = plan(desired, observed)
-        outcomes = gateway.execute(conn, the_plan, FAST)
-    return the_plan, outcomes, report.view_statuses(desired, observed)
-
-
-def refresh(db: Any, name: str, options: RefreshOptions = OPTIONS, force: bool = False) -> Any:
-    with connect(db) as conn:
-        return refresh_view(PostgresRefresh(conn), ViewTarget("public", name), options,
-                            datetime.datetime.now(datetime.UTC), force=force)
 
 
 def assert_refused_and_nothing_ran(db: Any, query: str, before: tuple[Any, ...]) -> None:
@@ -243,22 +193,15 @@ def test_a_failing_first_refresh_in_the_creating_transaction_names_no_row_value(
 def skipped_while_stale(db: Any, name: str, query: str) -> tuple[str, bool]:
     """(outcome, stale): refresh once and compare the view with its query."""
     outcome = refresh(db, name).outcome
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    stale = sorted(stored) != sorted(rows(db, query))
-    return outcome, stale
+    return outcome, stale(db, name, query)
 
 
 def changed_then_refreshed(db: Any, name: str, query: str, options: RefreshOptions = OPTIONS) -> tuple[str, bool]:
     """(outcome, stale_after) of one refresh, after asserting the setup changed the query's result
     (compared before the refresh: a refresh that runs makes view and query equal again)."""
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    assert sorted(stored) != sorted(rows(db, query)), "the setup did not change the query's result"
+    assert stale(db, name, query), "the setup did not change the query's result"
     outcome = refresh(db, name, options).outcome
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    return outcome, sorted(stored) != sorted(rows(db, query))
+    return outcome, stale(db, name, query)
 
 
 def test_a_sequence_read_in_from_is_tracked(shop: Any) -> None:
@@ -347,12 +290,7 @@ def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) 
         batch = threading.Thread(target=run, args=(shop, "CALL batch()"))
         batch.start()
         try:
-            with connect(shop) as probe:  # wait until the UPDATE is committed (visible), no clock involved
-                for _ in range(600):
-                    if probe.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                     "AND objid = 4242 AND NOT granted").fetchone() == (1,):
-                        break
-                    probe.execute("SELECT pg_sleep(0.05)")
+            wait_for_lock_wait(shop, 4242)  # until the UPDATE is committed (visible), no clock involved
             assert rows(shop, "SELECT price FROM prices WHERE product_id = 1") == [(20,)]
             outcome, stale = changed_then_refreshed(shop, "mv_join", query)
         finally:
