@@ -82,6 +82,13 @@ def apply(db: Any, *views: dict[str, Any]) -> tuple[Any, Any, Any]:
     return the_plan, outcomes, report.view_statuses(desired, observed)
 
 
+def created(db: Any, *views: dict[str, Any]) -> Any:
+    """apply() whose every outcome is ok (the views exist); the views' statuses."""
+    _, outcomes, statuses = apply(db, *views)
+    assert all(o.ok for o in outcomes), outcomes
+    return statuses
+
+
 def refresh(db: Any, name: str, options: RefreshOptions = OPTIONS, force: bool = False, *,
             now: datetime.datetime | None = None) -> Any:
     """One refresh of public.`name` in a session of its own, at `now` (the clock when not given)."""

@@ -26,6 +26,7 @@ from refresh_kit import (
     SHOP_TABLES,
     apply,
     connect,
+    created,
     own_server,
     refresh,
     rows,
@@ -142,9 +143,8 @@ def test_a_clock_read_deeper_than_the_analysis_bound_is_time_dependent(shop: Any
     query = sql.SQL("SELECT id FROM products WHERE {}(created_at)").format(
         sql.Identifier(f"is_new_{depth - 1}")).as_string(None)
     declared = RefreshOptions(max_staleness=3600, depends_on=("products",))
-    _, outcomes, statuses = apply(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
-                                                                          "dependsOn": ["products"]}))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
+                                                           "dependsOn": ["products"]}))
     assert refresh(shop, "mv_new", declared).outcome.startswith("refreshed")
     outcome = refresh(shop, "mv_new", declared)
     assert outcome.outcome != "skipped-unchanged", \
@@ -173,8 +173,7 @@ def test_held_a_callee_of_a_callee_replaced_after_a_cached_skip_refreshes(shop: 
         "BEGIN ATOMIC SELECT vat(price) FROM prices WHERE product_id = p; END")
     query = "SELECT id, price_of(id) AS price FROM products"
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
-    _, outcomes, _ = apply(shop, view("mv_priced", query, refresh=PRICED))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", query, refresh=PRICED))
     skipped_once_cached(shop, "mv_priced", declared)
     run(shop, "CREATE OR REPLACE FUNCTION vat(p numeric) RETURNS numeric LANGUAGE sql IMMUTABLE "
               "BEGIN ATOMIC SELECT p * 1.19; END")
@@ -188,8 +187,7 @@ def test_held_row_security_enabled_over_an_existing_policy_after_a_cached_skip_i
     only); ENABLE + FORCE brings it in, and its clock read turns skip off from then on."""
     run(shop, "CREATE POLICY recent ON products USING (now() > '2000-01-01' AND id <= 10)")
     query = "SELECT id, name FROM products"
-    _, outcomes, _ = apply(shop, view("mv_products", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_products", query))
     skipped_once_cached(shop, "mv_products", OPTIONS)
     run(shop, "ALTER TABLE products ENABLE ROW LEVEL SECURITY", "ALTER TABLE products FORCE ROW LEVEL SECURITY")
     assert stale(shop, "mv_products", query)
@@ -209,8 +207,7 @@ def test_held_a_function_search_path_changed_after_a_cached_skip_refreshes(shop:
         "AS 'SELECT price * rate() FROM public.prices WHERE product_id = p'")
     query = "SELECT id, price_of(id) AS price FROM products"
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
-    _, outcomes, _ = apply(shop, view("mv_priced", query, refresh=PRICED))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", query, refresh=PRICED))
     skipped_once_cached(shop, "mv_priced", declared)
     run(shop, "ALTER FUNCTION price_of(int) SET search_path = high, pg_catalog")
     assert stale(shop, "mv_priced", query)
@@ -226,8 +223,7 @@ def test_a_text_search_configuration_changed_between_refreshes_is_not_skipped(sh
     search view keeps the old lexemes (the reference workload's search is built this way)."""
     run(shop, "CREATE TEXT SEARCH CONFIGURATION shop_ts (COPY = pg_catalog.simple)")
     query = "SELECT id, to_tsvector('shop_ts', name) AS doc FROM products"
-    _, outcomes, statuses = apply(shop, view("mv_search", query))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_search", query))
     assert refresh(shop, "mv_search").outcome.startswith("refreshed")
     run(shop, "ALTER TEXT SEARCH CONFIGURATION shop_ts DROP MAPPING FOR numword")  # 'p1', 'p2', ...
     assert stale(shop, "mv_search", query), "the setup did not change the documents"
