@@ -97,6 +97,14 @@ WARMUP_SECONDS = 0.3
 _connect_cost: dict[str, float] = {}  # path -> measured seconds per client
 
 
+# pgbench (15) reads its clock once per pass of a client's state machine (advanceConnectionState's
+# cached `now`). A transaction whose results were all in when pgbench looked (it was descheduled
+# right after sending, as on a loaded machine, and the server answered meanwhile) ends in the pass
+# it began in: logged with a latency of 0 us. A meta-command clears that clock (executeMetaCommand),
+# so every script runs with one appended: a transaction's end is read after its last result.
+CLOCK_READ = "\n\\set mdb_clock_read 0\n"
+
+
 def connect_allowance(path: str, clients: int) -> float:
     """Seconds to add to -T for `clients` to connect on `path` (direct or pooled)."""
     per_client = _connect_cost.get(path, CONNECT_SECONDS_PER_CLIENT / CONNECT_MARGIN) * CONNECT_MARGIN
@@ -130,8 +138,10 @@ def run(label: str, target: Target, scripts: Sequence[tuple[Path, int]], *, clie
             args += ["-R", str(rate)]
         if connect_each:
             args.append("-C")
-        for path, weight in scripts:
-            args += ["-f", f"{path}@{weight}"]
+        for number, (path, weight) in enumerate(scripts):
+            timed = Path(tmp) / f"script-{number}.sql"
+            timed.write_text(path.read_text() + CLOCK_READ)
+            args += ["-f", f"{timed}@{weight}"]
         args.append(target.dbname)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["PGPASSWORD"] = target.password

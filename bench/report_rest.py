@@ -309,7 +309,9 @@ def setup_notes(results: dict[str, Any]) -> list[str]:
             "sized by `specs/pooler_sizing.py` from the server's real max_connections; only ports and paths differ.",
             "- pgbench 15 runs on the same CPUs as PostgreSQL and pgbouncer: every figure includes that "
             "contention, as a single-host setup would. The machine's load is sampled every 0.5 s through the "
-            "run (`bench/load.py`) and printed beside each scenario.",
+            "run (`bench/load.py`) and printed beside each scenario. A transaction's latency is read after its "
+            "last result (every script ends with a `\\set`: pgbench 15 otherwise logs a transaction answered "
+            "before it looked, as on a loaded machine, with 0 us).",
             "- Scenario 6 uses a second PostgreSQL whose data directory is on tmpfs (/dev/shm, when it has room), "
             "because CREATE DATABASE copies the template and checkpoints twice: here "
             f"{fleet.get('database_create_seconds', math.nan) / max(1, fleet.get('databases', 0) or 1):.2f} s per "

@@ -21,42 +21,27 @@ import kubernetes
 import psycopg
 import pytest
 
+import loop_kit
 from harness.kube import KubeObjects, eventually, kopf_runner
 from marketplacedb_operator import handlers, naming
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
 
 NS = "prod"
-API = "marketplacedb.io/v1alpha1"
 INDEX = "idx_items_sku"
 
 
 def _resource(name: str, db: Any, policy: str, indexes: bool) -> dict[str, Any]:
-    return {
-        "apiVersion": API,
-        "kind": "MarketplaceDB",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "database": {"host": db.server.host, "port": db.server.port, "dbname": db.name, "sslMode": "disable",
-                         "credentialsSecretRef": {"name": f"{name}-owner"}},
-            "ddl": {"deletionPolicy": policy},
-            "indexes": [{"name": INDEX, "table": "items", "columns": [{"name": "sku"}]}] if indexes else [],
-            "pooler": {"enabled": False},
-        },
-    }
+    index = {"name": INDEX, "table": "items", "columns": [{"name": "sku"}]}
+    return loop_kit.resource(name, NS, db, ddl={"deletionPolicy": policy}, indexes=[index] if indexes else [])
 
 
 async def _secret(objects: KubeObjects, name: str, db: Any) -> None:
-    await objects.create({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": f"{name}-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
-                     "annotations": {naming.ANN_CREDENTIALS_FOR: name}},
-        "stringData": {"username": db.owner, "password": db.owner_password},
-    })
+    await objects.create(loop_kit.credentials_secret(name, NS, db.owner, db.owner_password))
 
 
 def _get(objects: KubeObjects, name: str) -> dict[str, Any]:
-    return dict(objects.get(API, "MarketplaceDB", name, NS) or {})
+    return loop_kit.get(objects, name, NS)
 
 
 def _ready(objects: KubeObjects, name: str) -> bool:

@@ -24,46 +24,31 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import loop_kit
 from admission_corpus import CORPUS, EXAMPLE, Case
 from harness.kube import KubeEmulator, KubeObjects, eventually, iter_requests, kopf_runner
-from marketplacedb_operator import handlers, jobs, naming, scheduler
+from marketplacedb_operator import handlers, jobs, scheduler
 from marketplacedb_operator.api.v1alpha1 import MarketplaceDB
 from marketplacedb_operator.cli.wiring import make_deps
 from marketplacedb_operator.settings import Settings
 from marketplacedb_operator.sql import plan as planning
 
 NS = "prod"
-API = "marketplacedb.io/v1alpha1"
 PASSWORD = "redloop4-Pa55-w0rd-19d2"
 
 
 def _resource(name: str, db: Any) -> dict[str, Any]:
     """A small resource: one setting, no index or view (a reconcile is quick and needs no job)."""
-    return {
-        "apiVersion": API,
-        "kind": "MarketplaceDB",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "database": {"host": db.server.host, "port": db.server.port, "dbname": db.name, "sslMode": "disable",
-                         "credentialsSecretRef": {"name": f"{name}-owner"},
-                         "settings": {"work_mem": "32MB"}},
-            "ddl": {"deletionPolicy": "Retain"},
-            "pooler": {"enabled": False},
-        },
-    }
+    return loop_kit.resource(name, NS, db, database={"settings": {"work_mem": "32MB"}},
+                             ddl={"deletionPolicy": "Retain"})
 
 
 async def _secret(objects: KubeObjects, name: str, db: Any) -> None:
-    await objects.create({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": f"{name}-owner", "namespace": NS, "labels": {naming.LABEL_CREDENTIALS: "true"},
-                     "annotations": {naming.ANN_CREDENTIALS_FOR: name}},
-        "stringData": {"username": db.owner, "password": PASSWORD},
-    })
+    await objects.create(loop_kit.credentials_secret(name, NS, db.owner, PASSWORD))
 
 
 def _get(objects: KubeObjects, name: str) -> dict[str, Any]:
-    return dict(objects.get(API, "MarketplaceDB", name, NS) or {})
+    return loop_kit.get(objects, name, NS)
 
 
 def _observed(objects: KubeObjects, name: str) -> Any:

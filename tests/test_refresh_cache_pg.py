@@ -15,11 +15,11 @@ import datetime
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
 from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, decide, lock_key, refresh_view
+from refresh_kit import connect
 
 MV = ViewTarget("public", "mv")
 DECLARED = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5,
@@ -77,10 +77,6 @@ def create(db: Any, setup: str, query: str) -> None:
         conn.execute(setup)
         conn.execute(f"CREATE MATERIALIZED VIEW mv AS {query}")
         conn.execute("CREATE UNIQUE INDEX ON mv (id)")
-
-
-def connect(db: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(db.dsn, autocommit=True)
 
 
 def refresh(db: Any) -> Any:

@@ -23,27 +23,16 @@ from marketplacedb_operator.cli import main
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh, read_history, read_refresh_states
 from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
 from marketplacedb_operator.sql import refresh_truth
-
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
+from refresh_kit import OPTIONS, connect, refresh, rows, run
 
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def connect(db: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(db.dsn, autocommit=True)
-
-
-def refresh(db: Any, name: str, options: RefreshOptions = OPTIONS, now: datetime.datetime | None = None) -> Any:
-    with connect(db) as conn:
-        return refresh_view(PostgresRefresh(conn), ViewTarget("public", name), options, now or utcnow())
-
-
 def write(db: Any, statement: str) -> None:
-    with connect(db) as conn:
-        conn.execute(statement)
-        conn.execute("SELECT pg_stat_force_next_flush()")
+    """The write's counts are reported at once (flush=True): these tests are on the skip rules."""
+    run(db, statement, flush=True)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -79,11 +68,6 @@ def prices_db(fresh_db: Any) -> Any:
     return fresh_db
 
 
-def view_rows(db: Any, query: str) -> list[tuple[Any, ...]]:
-    with connect(db) as conn:
-        return conn.execute(query).fetchall()
-
-
 # --- finding 1: tables read through functions -------------------------------------------------
 
 
@@ -94,7 +78,7 @@ def test_function_case_refreshes_and_says_why(prices_db: Any) -> None:
     assert outcome.outcome == "refreshed", outcome
     assert "public.price_of" in outcome.reason and "dependsOn" in outcome.reason
     # The view returns what the query returns (before: the old price, skipped-unchanged).
-    assert view_rows(prices_db, "SELECT price FROM mv_priced WHERE id = 1") == [(999,)]
+    assert rows(prices_db, "SELECT price FROM mv_priced WHERE id = 1") == [(999,)]
     with connect(prices_db) as conn:
         state = {s.name: s for s in read_refresh_states(conn)}["mv_priced"]
     assert state.rule is not None and "public.price_of" in state.rule and "always refreshed" in state.rule
@@ -108,7 +92,7 @@ def test_depends_on_makes_the_function_case_skip_correctly(prices_db: Any) -> No
     write(prices_db, "UPDATE prices SET price = 7 WHERE product_id = 2")
     again = refresh(prices_db, "mv_priced", declared)
     assert again.outcome == "refreshed" and "written since the last refresh" in again.reason, again
-    assert view_rows(prices_db, "SELECT price FROM mv_priced WHERE id = 2") == [(7,)]
+    assert rows(prices_db, "SELECT price FROM mv_priced WHERE id = 2") == [(7,)]
     assert refresh(prices_db, "mv_priced", declared).outcome == "skipped-unchanged"
     missing = refresh(prices_db, "mv_priced", RefreshOptions(depends_on=("no_such_table",)))
     assert missing.outcome == "refreshed" and "no_such_table" in missing.reason
@@ -323,7 +307,7 @@ def test_row_count_after_a_refresh_does_not_rescan_the_view(prices_db: Any) -> N
                      "DELETE FROM prices WHERE product_id IN (1, 2, 3)")
     second = counted()
     assert second.outcome == "refreshed" and second.rows == 57, second  # 48 + 12 - 3, from the diff
-    assert view_rows(prices_db, "SELECT count(*) FROM mv_join") == [(57,)]
+    assert rows(prices_db, "SELECT count(*) FROM mv_join") == [(57,)]
     assert not [s for s in statements if "FROM \"public\".\"mv_join\"" in s or "FROM mv_join" in s], statements
 
 
@@ -348,10 +332,10 @@ def test_the_server_side_skip_agrees_with_decide(prices_db: Any) -> None:
     now = utcnow()
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
     for view, options in (("mv_join", OPTIONS), ("mv_priced", declared), ("mv_new_arrivals", declared)):
-        assert refresh(prices_db, view, options, now).ok
+        assert refresh(prices_db, view, options, now=now).ok
     write(prices_db, "UPDATE products SET name = name WHERE id = 5")
-    assert refresh(prices_db, "mv_join", OPTIONS, now).outcome == "refreshed"  # the write is seen
-    assert refresh(prices_db, "mv_priced", declared, now).outcome == "refreshed"
+    assert refresh(prices_db, "mv_join", OPTIONS, now=now).outcome == "refreshed"  # the write is seen
+    assert refresh(prices_db, "mv_priced", declared, now=now).outcome == "refreshed"
     later = now + datetime.timedelta(minutes=1)
     cases = [
         ("mv_join", OPTIONS, later, False), ("mv_join", OPTIONS, later, True),

@@ -7,7 +7,7 @@ plan did not refuse the view, or a refresh was skipped while the view's query re
 
 from __future__ import annotations
 
-import datetime
+import functools
 import secrets
 import threading
 from typing import Any
@@ -16,17 +16,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec
-from marketplacedb_operator.gateways.postgres import schema as gateway
-from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
-from marketplacedb_operator.sql import report
-from marketplacedb_operator.sql.plan import ExecutionPolicy, desired_state, plan
-
-OWNER = "default/shop"
-FAST = ExecutionPolicy(lock_timeout_seconds=2.0, statement_timeout_seconds=60.0, index_lock_timeout_seconds=10.0,
-                       retries=1, retry_base_seconds=0.05)
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
+import refresh_kit
+from marketplacedb_operator.refresh import RefreshOptions
+from refresh_kit import OPTIONS, apply, connect, created, refresh, rows, side_effects, stale, view, wait_for_lock_wait
 
 SETUP = """
 CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
@@ -40,6 +32,11 @@ CREATE FUNCTION touch(p int) RETURNS int LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO audit DEFAULT VALUES; PERFORM setval('s_ids', 1000); RETURN p; END $$;
 """
 
+# Every statement this file runs asks for its write counts to be reported at once, as its setup
+# does (flush=True): the attacks need current counters. The one about unreported counts writes in a
+# session still running (a procedure), which the request does not reach before it goes idle.
+run = functools.partial(refresh_kit.run, flush=True)
+
 
 @pytest.fixture
 def shop(fresh_db: Any) -> Any:
@@ -47,53 +44,6 @@ def shop(fresh_db: Any) -> Any:
         conn.execute(SETUP)
         conn.execute("SELECT pg_stat_force_next_flush()")
     return fresh_db
-
-
-def connect(db: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(db.dsn, autocommit=True)
-
-
-def run(db: Any, *statements: str) -> None:
-    with connect(db) as conn:
-        for statement in statements:
-            conn.execute(statement)
-        conn.execute("SELECT pg_stat_force_next_flush()")
-
-
-def rows(db: Any, query: str) -> list[tuple[Any, ...]]:
-    with connect(db) as conn:
-        return conn.execute(query).fetchall()
-
-
-def side_effects(db: Any) -> tuple[Any, ...]:
-    return rows(db, "SELECT (SELECT count(*) FROM audit), last_value, is_called FROM s_ids")[0]
-
-
-def spec(*views: dict[str, Any]) -> MarketplaceDBSpec:
-    return MarketplaceDBSpec.model_validate({
-        "database": {"host": "h", "dbname": "d", "credentialsSecretRef": {"name": "s"}},
-        "materializedViews": list(views),
-    })
-
-
-def view(name: str, query: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "query": query, "uniqueKey": ["id"], **extra}
-
-
-def apply(db: Any, *views: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """plan + execute as the operator does; (plan, outcomes, statuses)."""
-    desired = desired_state(spec(*views), OWNER)
-    with connect(db) as conn:
-        observed = gateway.observe(conn, desired)
-        the_plan = plan(desired, observed)
-        outcomes = gateway.execute(conn, the_plan, FAST)
-    return the_plan, outcomes, report.view_statuses(desired, observed)
-
-
-def refresh(db: Any, name: str, options: RefreshOptions = OPTIONS, force: bool = False) -> Any:
-    with connect(db) as conn:
-        return refresh_view(PostgresRefresh(conn), ViewTarget("public", name), options,
-                            datetime.datetime.now(datetime.UTC), force=force)
 
 
 def assert_refused_and_nothing_ran(db: Any, query: str, before: tuple[Any, ...]) -> None:
@@ -181,8 +131,7 @@ def test_a_refresh_reads_sql_standard_bodies_as_the_plan_does(shop: Any) -> None
     check reads only the view's rules. A STABLE SQL-standard function replaced after creation by one
     whose body calls setval() runs it at the next refresh (the plan would refuse the same view)."""
     run(shop, "CREATE FUNCTION plain_id(p int) RETURNS bigint LANGUAGE sql STABLE BEGIN ATOMIC SELECT p; END")
-    _, outcomes, _ = apply(shop, view("mv", "SELECT id, plain_id(id) AS n FROM products"))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv", "SELECT id, plain_id(id) AS n FROM products"))
     run(shop, "CREATE OR REPLACE FUNCTION plain_id(p int) RETURNS bigint LANGUAGE sql STABLE "
               "BEGIN ATOMIC SELECT setval('s_ids', 4242); END")
     before = side_effects(shop)
@@ -198,8 +147,7 @@ def test_a_plain_view_replaced_while_the_refresh_waits_for_its_lock_is_refused(s
     plain view's lock, the replacement commits, and the REFRESH runs touch(). Not 'milliseconds': the
     window is as long as the lock is held (views, unlike functions, can be locked first)."""
     run(shop, "CREATE VIEW listed AS SELECT id, name FROM products")
-    _, outcomes, _ = apply(shop, view("mv_listed", "SELECT id, name FROM listed"))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_listed", "SELECT id, name FROM listed"))
     assert refresh(shop, "mv_listed").outcome.startswith("refreshed")
     before = side_effects(shop)
     result: list[Any] = []
@@ -243,30 +191,22 @@ def test_a_failing_first_refresh_in_the_creating_transaction_names_no_row_value(
 def skipped_while_stale(db: Any, name: str, query: str) -> tuple[str, bool]:
     """(outcome, stale): refresh once and compare the view with its query."""
     outcome = refresh(db, name).outcome
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    stale = sorted(stored) != sorted(rows(db, query))
-    return outcome, stale
+    return outcome, stale(db, name, query)
 
 
 def changed_then_refreshed(db: Any, name: str, query: str, options: RefreshOptions = OPTIONS) -> tuple[str, bool]:
     """(outcome, stale_after) of one refresh, after asserting the setup changed the query's result
     (compared before the refresh: a refresh that runs makes view and query equal again)."""
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    assert sorted(stored) != sorted(rows(db, query)), "the setup did not change the query's result"
+    assert stale(db, name, query), "the setup did not change the query's result"
     outcome = refresh(db, name, options).outcome
-    with connect(db) as conn:
-        stored = conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(name))).fetchall()
-    return outcome, sorted(stored) != sorted(rows(db, query))
+    return outcome, stale(db, name, query)
 
 
 def test_a_sequence_read_in_from_is_tracked(shop: Any) -> None:
     """A sequence (relkind 'S') read in FROM is left out of the base relations: nextval() elsewhere
     changes last_value with no table write, and the view is skipped with the old value."""
     query = "SELECT p.id, s.last_value FROM products AS p CROSS JOIN s_ids AS s"
-    _, outcomes, statuses = apply(shop, view("mv_seq", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_seq", query))
     assert refresh(shop, "mv_seq").outcome.startswith("refreshed")
     run(shop, "SELECT nextval('s_ids')", "SELECT nextval('s_ids')")
     outcome, stale = skipped_while_stale(shop, "mv_seq", query)
@@ -280,8 +220,7 @@ def test_an_enum_label_cast_to_text_is_not_skipped_after_a_rename(shop: Any) -> 
         "CREATE TABLE orders (id int PRIMARY KEY, status order_status NOT NULL)",
         "INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 10) AS g")
     query = "SELECT id, status::text AS status FROM orders"
-    _, outcomes, _ = apply(shop, view("mv_orders", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_orders", query))
     assert refresh(shop, "mv_orders").outcome.startswith("refreshed")
     run(shop, "ALTER TYPE order_status RENAME VALUE 'new' TO 'fresh'")
     outcome, stale = skipped_while_stale(shop, "mv_orders", query)
@@ -292,8 +231,7 @@ def test_a_whole_row_cast_to_text_is_not_skipped_after_add_column(shop: Any) -> 
     """`p::text` (record_out through CoerceViaIO) includes every column; ADD COLUMN ... DEFAULT
     rewrites nothing and counts no write, so the view keeps the old rows."""
     query = "SELECT p.id, p::text AS doc FROM products AS p"
-    _, outcomes, _ = apply(shop, view("mv_doc", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_doc", query))
     assert refresh(shop, "mv_doc").outcome.startswith("refreshed")
     run(shop, "ALTER TABLE products ADD COLUMN tag text NOT NULL DEFAULT 'sale'")
     outcome, stale = skipped_while_stale(shop, "mv_doc", query)
@@ -306,8 +244,7 @@ def test_a_time_value_read_through_a_text_cast_is_time_dependent(shop: Any) -> N
     run(shop, "ALTER TABLE products ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()")
     # timestamptz - timestamptz and interval < interval are IMMUTABLE: only the cast reads the clock.
     query = "SELECT id FROM products WHERE ('now'::text)::timestamptz - created_at < interval '1 day'"
-    _, outcomes, statuses = apply(shop, view("mv_recent", query))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_recent", query))
     rule = statuses[0].refresh_rule
     assert rule is not None and not rule.startswith("skip-if-unchanged: on"), rule
 
@@ -317,8 +254,7 @@ def test_a_statistics_reset_does_not_make_a_changed_view_skip(shop: Any) -> None
     (a DBA, or PostgreSQL itself after crash recovery, which discards all counters) sets them back;
     as many writes as were counted before bring the sum back to the recorded value: skipped, stale."""
     query = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
-    _, outcomes, _ = apply(shop, view("mv_join", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_join", query))
     assert refresh(shop, "mv_join").outcome.startswith("refreshed")
     assert refresh(shop, "mv_join").outcome == "skipped-unchanged"
     counted = rows(shop, "SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables WHERE relname = 'prices'")
@@ -337,8 +273,7 @@ def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) 
     meanwhile was skipped with the old prices. Fixed: a session that committed inside its running
     statement (xact_start > query_start) refuses the skip (sql/refresh_stats.py)."""
     query = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
-    _, outcomes, _ = apply(shop, view("mv_join", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_join", query))
     assert refresh(shop, "mv_join").outcome.startswith("refreshed")
     run(shop, "CREATE PROCEDURE batch() LANGUAGE plpgsql AS $$ BEGIN "
               "UPDATE prices SET price = price * 2; COMMIT; PERFORM pg_advisory_lock(4242); END $$")
@@ -347,12 +282,7 @@ def test_a_write_committed_inside_a_running_procedure_is_not_skipped(shop: Any) 
         batch = threading.Thread(target=run, args=(shop, "CALL batch()"))
         batch.start()
         try:
-            with connect(shop) as probe:  # wait until the UPDATE is committed (visible), no clock involved
-                for _ in range(600):
-                    if probe.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                     "AND objid = 4242 AND NOT granted").fetchone() == (1,):
-                        break
-                    probe.execute("SELECT pg_sleep(0.05)")
+            wait_for_lock_wait(shop, 4242)  # until the UPDATE is committed (visible), no clock involved
             assert rows(shop, "SELECT price FROM prices WHERE product_id = 1") == [(20,)]
             outcome, stale = changed_then_refreshed(shop, "mv_join", query)
         finally:
@@ -367,8 +297,7 @@ def test_a_plain_view_redefined_between_refreshes_is_not_skipped(shop: Any) -> N
     filenode, no write: the signature (base oids and filenodes) and the counters match, skipped."""
     run(shop, "CREATE VIEW cheap AS SELECT product_id AS id, price FROM prices WHERE price <= 50")
     query = "SELECT id, price FROM cheap"
-    _, outcomes, _ = apply(shop, view("mv_cheap", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_cheap", query))
     assert refresh(shop, "mv_cheap").outcome.startswith("refreshed")
     run(shop, "CREATE OR REPLACE VIEW cheap AS SELECT product_id AS id, price FROM prices WHERE price <= 150")
     outcome, stale = changed_then_refreshed(shop, "mv_cheap", query)
@@ -382,8 +311,7 @@ def test_a_function_redefined_between_refreshes_is_not_skipped_with_depends_on(s
               "AS 'SELECT price FROM prices WHERE product_id = p'")
     query = "SELECT id, price_of(id) AS price FROM products"
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
-    _, outcomes, _ = apply(shop, view("mv_priced", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", query))
     assert refresh(shop, "mv_priced", declared).outcome.startswith("refreshed")
     run(shop, "CREATE OR REPLACE FUNCTION price_of(p int) RETURNS numeric LANGUAGE sql STABLE "
               "AS 'SELECT price * 1.19 FROM prices WHERE product_id = p'")
@@ -399,8 +327,7 @@ def test_a_row_level_security_policy_changed_between_refreshes_is_not_skipped(sh
         "ALTER TABLE listings ENABLE ROW LEVEL SECURITY", "ALTER TABLE listings FORCE ROW LEVEL SECURITY",
         "CREATE POLICY p ON listings USING (visible_to <= 3)")
     query = "SELECT id FROM listings"
-    _, outcomes, _ = apply(shop, view("mv_listings", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_listings", query))
     assert refresh(shop, "mv_listings").outcome.startswith("refreshed")
     run(shop, "ALTER POLICY p ON listings USING (visible_to <= 8)")
     outcome, stale = changed_then_refreshed(shop, "mv_listings", query)
@@ -415,9 +342,8 @@ def test_a_time_dependent_sql_standard_function_is_not_skipped_with_depends_on(s
         "CREATE FUNCTION is_new(at timestamptz) RETURNS boolean LANGUAGE sql STABLE "
         "BEGIN ATOMIC SELECT at > now() - interval '1 day'; END")
     query = "SELECT id FROM products WHERE is_new(created_at)"
-    _, outcomes, statuses = apply(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
-                                                                          "dependsOn": ["products"]}))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
+                                                           "dependsOn": ["products"]}))
     rule = statuses[0].refresh_rule
     assert rule is not None and "time-dependent" in rule, rule  # what plan and status promise
     declared = RefreshOptions(max_staleness=3600, depends_on=("products",))
@@ -485,8 +411,7 @@ def test_a_function_shadowed_in_the_user_schema_does_not_run_at_refresh(shop: An
     role, dsn = planter
     run(shop, "CREATE FUNCTION helper(p int) RETURNS int LANGUAGE sql STABLE AS 'SELECT p'",
         "CREATE FUNCTION price_of(p int) RETURNS int LANGUAGE sql STABLE AS 'SELECT helper(p)'")
-    _, outcomes, _ = apply(shop, view("mv_priced", "SELECT id, price_of(id) AS n FROM products"))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", "SELECT id, price_of(id) AS n FROM products"))
     body = sql.SQL("BEGIN EXECUTE pg_catalog.format('GRANT SELECT ON public.prices TO %I', {role}); "
                    "RETURN p; END").format(role=sql.Literal(role)).as_string(None)
     with psycopg.connect(dsn, autocommit=True) as app:
@@ -544,8 +469,7 @@ def test_held_a_shadowing_function_earlier_in_search_path_is_refused(shop: Any) 
 
 def test_held_truncate_of_a_read_table_refreshes(shop: Any) -> None:
     query = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
-    _, outcomes, _ = apply(shop, view("mv_join", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_join", query))
     assert refresh(shop, "mv_join").outcome.startswith("refreshed")
     run(shop, "TRUNCATE prices")
     outcome, stale = skipped_while_stale(shop, "mv_join", query)
@@ -557,8 +481,7 @@ def test_held_a_write_to_a_partition_of_a_read_table_refreshes(shop: Any) -> Non
         "CREATE TABLE sales_eu PARTITION OF sales FOR VALUES IN ('eu')",
         "INSERT INTO sales SELECT g, 'eu', 1 FROM generate_series(1, 5) AS g")
     query = "SELECT id, amount FROM sales"
-    _, outcomes, _ = apply(shop, view("mv_sales", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_sales", query))
     assert refresh(shop, "mv_sales").outcome.startswith("refreshed")
     run(shop, "CREATE TABLE sales_us PARTITION OF sales FOR VALUES IN ('us')",
         "INSERT INTO sales_us VALUES (6, 'us', 9)")
@@ -571,8 +494,7 @@ def test_held_a_write_to_a_partition_of_a_read_table_refreshes(shop: Any) -> Non
 
 def test_held_a_plain_view_redefined_to_call_a_volatile_function_fails_the_next_refresh(shop: Any) -> None:
     run(shop, "CREATE VIEW listed AS SELECT id, name FROM products")
-    _, outcomes, _ = apply(shop, view("mv_listed", "SELECT id, name FROM listed"))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_listed", "SELECT id, name FROM listed"))
     assert refresh(shop, "mv_listed").outcome.startswith("refreshed")
     run(shop, "CREATE OR REPLACE VIEW listed AS SELECT id, name || touch(id)::text AS name FROM products")
     before = side_effects(shop)
@@ -584,9 +506,7 @@ def test_held_a_plain_view_redefined_to_call_a_volatile_function_fails_the_next_
 @pytest.mark.parametrize("concurrently", [True, False], ids=["concurrently", "plain"])
 def test_held_a_view_over_a_refreshed_materialized_view_refreshes(shop: Any, concurrently: bool) -> None:
     query = "SELECT id, price FROM mv_inner"
-    _, outcomes, _ = apply(shop, view("mv_inner", "SELECT product_id AS id, price FROM prices"),
-                           view("mv_outer", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_inner", "SELECT product_id AS id, price FROM prices"), view("mv_outer", query))
     assert refresh(shop, "mv_outer").outcome.startswith("refreshed")
     assert refresh(shop, "mv_outer").outcome == "skipped-unchanged"
     run(shop, "UPDATE prices SET price = price + 1")
@@ -600,8 +520,7 @@ def test_held_an_immutable_function_that_reads_a_table_turns_skip_off(shop: Any)
     run(shop, "CREATE FUNCTION price_fixed(p int) RETURNS numeric LANGUAGE sql IMMUTABLE "
               "AS 'SELECT price FROM prices WHERE product_id = p'")
     query = "SELECT id, price_fixed(id) AS price FROM products"
-    _, outcomes, statuses = apply(shop, view("mv_fixed", query))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_fixed", query))
     assert statuses[0].refresh_rule is not None and "off" in statuses[0].refresh_rule
     assert refresh(shop, "mv_fixed").outcome.startswith("refreshed")
     run(shop, "UPDATE prices SET price = 1 WHERE product_id = 1")

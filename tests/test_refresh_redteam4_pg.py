@@ -9,11 +9,8 @@ regressions for promises nothing else tested.
 
 from __future__ import annotations
 
-import datetime
-import secrets
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,95 +18,33 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness.postgres import FreshDatabase, PostgresServer
-from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec
-from marketplacedb_operator.gateways.postgres import schema as gateway
-from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
-from marketplacedb_operator.sql import report
-from marketplacedb_operator.sql.plan import ExecutionPolicy, desired_state, plan
-
-OWNER = "default/shop"
-FAST = ExecutionPolicy(lock_timeout_seconds=2.0, statement_timeout_seconds=60.0, index_lock_timeout_seconds=10.0,
-                       retries=1, retry_base_seconds=0.05)
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
-JOIN = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
-
-SETUP = """
-CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
-CREATE TABLE prices (product_id int PRIMARY KEY, price numeric NOT NULL);
-INSERT INTO products SELECT g, 'p' || g FROM generate_series(1, 20) AS g;
-INSERT INTO prices SELECT g, g * 10 FROM generate_series(1, 20) AS g;
-"""
+from harness.postgres import FreshDatabase
+from marketplacedb_operator.refresh import RefreshOptions
+from refresh_kit import (
+    JOIN,
+    OPTIONS,
+    SHOP_TABLES,
+    apply,
+    connect,
+    created,
+    own_server,
+    refresh,
+    rows,
+    run,
+    stale,
+    view,
+    wait_for_lock_wait,
+)
 
 
 def load(db: Any) -> Any:
-    with psycopg.connect(db.dsn, autocommit=True) as conn:
-        conn.execute(SETUP)
+    run(db, SHOP_TABLES)
     return db
 
 
 @pytest.fixture
 def shop(fresh_db: Any) -> Any:
     return load(fresh_db)
-
-
-def connect(db: Any, dsn: str | None = None) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn or db.dsn, autocommit=True)
-
-
-def run(db: Any, *statements: str) -> None:
-    with connect(db) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def rows(db: Any, query: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-    with connect(db) as conn:
-        return conn.execute(query, params).fetchall()
-
-
-def spec(*views: dict[str, Any]) -> MarketplaceDBSpec:
-    return MarketplaceDBSpec.model_validate({
-        "database": {"host": "h", "dbname": "d", "credentialsSecretRef": {"name": "s"}},
-        "materializedViews": list(views),
-    })
-
-
-def view(name: str, query: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "query": query, "uniqueKey": ["id"], **extra}
-
-
-def apply(db: Any, *views: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """plan + execute as the operator does; (plan, outcomes, statuses)."""
-    desired = desired_state(spec(*views), OWNER)
-    with connect(db) as conn:
-        observed = gateway.observe(conn, desired)
-        the_plan = plan(desired, observed)
-        outcomes = gateway.execute(conn, the_plan, FAST)
-    return the_plan, outcomes, report.view_statuses(desired, observed)
-
-
-def refresh(db: Any, name: str, options: RefreshOptions = OPTIONS, force: bool = False) -> Any:
-    with connect(db) as conn:
-        return refresh_view(PostgresRefresh(conn), ViewTarget("public", name), options,
-                            datetime.datetime.now(datetime.UTC), force=force)
-
-
-def stale(db: Any, name: str, query: str) -> bool:
-    stored = rows(db, sql.SQL("SELECT * FROM {}").format(sql.Identifier(name)).as_string(None))
-    return sorted(stored) != sorted(rows(db, query))
-
-
-def wait_for_lock_wait(db: Any, key: int) -> None:
-    """Until a session waits for advisory lock `key` (no clock involved); the probe session ends."""
-    with psycopg.connect(db.superuser_dsn, autocommit=True) as probe:
-        for _ in range(600):
-            if probe.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s "
-                             "AND NOT granted", [key]).fetchone() == (1,):
-                return
-            probe.execute("SELECT pg_sleep(0.05)")
-    raise AssertionError("the writer never reached its lock")
 
 
 # --- unreported write statistics ----------------------------------------------------------------
@@ -134,11 +69,11 @@ def test_a_write_held_by_a_logical_replication_connection_is_not_skipped(shop: A
         worker = threading.Thread(target=lambda: replication.execute(message))
         worker.start()
         try:
-            wait_for_lock_wait(shop, 4261)  # the message runs, nothing committed yet
+            wait_for_lock_wait(shop, 4261, shop.superuser_dsn)  # the message runs, nothing committed yet
             time.sleep(1.2)  # the holders' last activity is older than the baseline by more than the margin
             assert refresh(shop, "mv_join", force=True).outcome == "refreshed"  # baseline (counters_at)
             first.close()  # its session ends: the message goes on, commits the UPDATE, waits for 4262
-            wait_for_lock_wait(shop, 4262)
+            wait_for_lock_wait(shop, 4262, shop.superuser_dsn)
             backend = rows(shop, "SELECT backend_type FROM pg_stat_activity WHERE wait_event = 'advisory'")
             assert backend == [("walsender",)], backend
             assert stale(shop, "mv_join", JOIN), "the setup did not commit a change the view misses"
@@ -153,29 +88,20 @@ def test_a_write_held_by_a_logical_replication_connection_is_not_skipped(shop: A
 
 
 @pytest.fixture
-def own_server() -> Iterator[FreshDatabase]:
+def crashable() -> Iterator[FreshDatabase]:
     """A server of this test's own: it is crashed (immediate stop) and restarted."""
-    server = PostgresServer(max_connections=20)
-    try:
-        server.start()
-        suffix = uuid.uuid4().hex[:10]
-        name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", secrets.token_urlsafe(16)
-        server.create_role(owner, password)
-        server.create_database(name, owner)
-        yield FreshDatabase(name=name, owner=owner, owner_password=password, dsn=server.dsn(name, owner, password),
-                            superuser_dsn=server.dsn(name), server=server)
-    finally:
-        server.cleanup()
+    with own_server(max_connections=20) as db:
+        yield db
 
 
-def test_counters_discarded_by_crash_recovery_do_not_make_a_changed_view_skip(own_server: Any) -> None:
+def test_counters_discarded_by_crash_recovery_do_not_make_a_changed_view_skip(crashable: Any) -> None:
     """After an immediate shutdown (a crash, an OOM kill, a failover restart of the same data
     directory) PostgreSQL 15 discards the cumulative statistics: every counter starts again at 0
     and pg_stat_database.stats_reset stays NULL (no reset was asked for), so the signature's reset
     time does not change. As many writes as were counted before bring the sum back to the recorded
     value: skipped, old prices served (redteam3 covered pg_stat_reset_*; this is the other way the
     counters go back, named in that test's docstring and not covered by its fix)."""
-    db = load(own_server)
+    db = load(crashable)
     run(db, f"CREATE MATERIALIZED VIEW mv_join AS {JOIN}", "CREATE UNIQUE INDEX ON mv_join (id)")
     assert refresh(db, "mv_join", force=True).outcome == "refreshed"
     counted = rows(db, "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del)::int FROM pg_stat_user_tables "
@@ -217,9 +143,8 @@ def test_a_clock_read_deeper_than_the_analysis_bound_is_time_dependent(shop: Any
     query = sql.SQL("SELECT id FROM products WHERE {}(created_at)").format(
         sql.Identifier(f"is_new_{depth - 1}")).as_string(None)
     declared = RefreshOptions(max_staleness=3600, depends_on=("products",))
-    _, outcomes, statuses = apply(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
-                                                                          "dependsOn": ["products"]}))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_new", query, refresh={"schedule": "*/5 * * * *",
+                                                           "dependsOn": ["products"]}))
     assert refresh(shop, "mv_new", declared).outcome.startswith("refreshed")
     outcome = refresh(shop, "mv_new", declared)
     assert outcome.outcome != "skipped-unchanged", \
@@ -248,8 +173,7 @@ def test_held_a_callee_of_a_callee_replaced_after_a_cached_skip_refreshes(shop: 
         "BEGIN ATOMIC SELECT vat(price) FROM prices WHERE product_id = p; END")
     query = "SELECT id, price_of(id) AS price FROM products"
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
-    _, outcomes, _ = apply(shop, view("mv_priced", query, refresh=PRICED))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", query, refresh=PRICED))
     skipped_once_cached(shop, "mv_priced", declared)
     run(shop, "CREATE OR REPLACE FUNCTION vat(p numeric) RETURNS numeric LANGUAGE sql IMMUTABLE "
               "BEGIN ATOMIC SELECT p * 1.19; END")
@@ -263,8 +187,7 @@ def test_held_row_security_enabled_over_an_existing_policy_after_a_cached_skip_i
     only); ENABLE + FORCE brings it in, and its clock read turns skip off from then on."""
     run(shop, "CREATE POLICY recent ON products USING (now() > '2000-01-01' AND id <= 10)")
     query = "SELECT id, name FROM products"
-    _, outcomes, _ = apply(shop, view("mv_products", query))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_products", query))
     skipped_once_cached(shop, "mv_products", OPTIONS)
     run(shop, "ALTER TABLE products ENABLE ROW LEVEL SECURITY", "ALTER TABLE products FORCE ROW LEVEL SECURITY")
     assert stale(shop, "mv_products", query)
@@ -284,8 +207,7 @@ def test_held_a_function_search_path_changed_after_a_cached_skip_refreshes(shop:
         "AS 'SELECT price * rate() FROM public.prices WHERE product_id = p'")
     query = "SELECT id, price_of(id) AS price FROM products"
     declared = RefreshOptions(max_staleness=3600, depends_on=("prices",))
-    _, outcomes, _ = apply(shop, view("mv_priced", query, refresh=PRICED))
-    assert all(o.ok for o in outcomes), outcomes
+    created(shop, view("mv_priced", query, refresh=PRICED))
     skipped_once_cached(shop, "mv_priced", declared)
     run(shop, "ALTER FUNCTION price_of(int) SET search_path = high, pg_catalog")
     assert stale(shop, "mv_priced", query)
@@ -301,8 +223,7 @@ def test_a_text_search_configuration_changed_between_refreshes_is_not_skipped(sh
     search view keeps the old lexemes (the reference workload's search is built this way)."""
     run(shop, "CREATE TEXT SEARCH CONFIGURATION shop_ts (COPY = pg_catalog.simple)")
     query = "SELECT id, to_tsvector('shop_ts', name) AS doc FROM products"
-    _, outcomes, statuses = apply(shop, view("mv_search", query))
-    assert all(o.ok for o in outcomes), outcomes
+    statuses = created(shop, view("mv_search", query))
     assert refresh(shop, "mv_search").outcome.startswith("refreshed")
     run(shop, "ALTER TEXT SEARCH CONFIGURATION shop_ts DROP MAPPING FOR numword")  # 'p1', 'p2', ...
     assert stale(shop, "mv_search", query), "the setup did not change the documents"

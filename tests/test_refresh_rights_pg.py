@@ -11,11 +11,9 @@ cycle of functions ends.
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,44 +22,10 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from harness.postgres import FreshDatabase, PostgresServer
-from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh, analyze_query
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
-
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
-JOIN = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
-SETUP = """
-CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
-CREATE TABLE prices (product_id int PRIMARY KEY, price numeric NOT NULL);
-INSERT INTO products SELECT g, 'p' || g FROM generate_series(1, 20) AS g;
-INSERT INTO prices SELECT g, g * 10 FROM generate_series(1, 20) AS g;
-"""
-
-
-def connect(db: Any, dsn: str | None = None) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn or db.dsn, autocommit=True)
-
-
-def run(db: Any, *statements: str | sql.Composable, dsn: str | None = None) -> None:
-    with connect(db, dsn) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def rows(db: Any, query: str) -> list[tuple[Any, ...]]:
-    with connect(db) as conn:
-        return conn.execute(query).fetchall()
-
-
-def refresh(db: Any, name: str, force: bool = False, options: RefreshOptions = OPTIONS) -> Any:
-    with connect(db) as conn:
-        return refresh_view(PostgresRefresh(conn), ViewTarget("public", name), options,
-                            datetime.datetime.now(datetime.UTC), force=force)
-
-
-def stale(db: Any, name: str, query: str) -> bool:
-    stored = rows(db, sql.SQL("SELECT * FROM {}").format(sql.Identifier(name)).as_string(None))
-    return sorted(stored) != sorted(rows(db, query))
+from harness.postgres import FreshDatabase
+from marketplacedb_operator.gateways.postgres.refresh import analyze_query
+from marketplacedb_operator.refresh import RefreshOptions
+from refresh_kit import JOIN, OPTIONS, SHOP_TABLES, connect, own_server, refresh, rows, run, stale
 
 
 def not_skipped_while_stale(db: Any, name: str, query: str, options: RefreshOptions = OPTIONS) -> Any:
@@ -74,7 +38,7 @@ def not_skipped_while_stale(db: Any, name: str, query: str, options: RefreshOpti
 
 @pytest.fixture
 def shop(fresh_db: Any) -> Any:
-    run(fresh_db, SETUP)
+    run(fresh_db, SHOP_TABLES)
     fresh_db.server.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(fresh_db.owner)))
     return fresh_db
 
@@ -197,17 +161,8 @@ def test_the_analysis_of_functions_calling_each_other_ends(shop: Any) -> None:
 @pytest.fixture
 def logical_server() -> Iterator[FreshDatabase]:
     """A server of this test's own with wal_level = logical (a replication slot can stream)."""
-    server = PostgresServer(max_connections=20, extra_conf={"wal_level": "logical"})
-    try:
-        server.start()
-        suffix = uuid.uuid4().hex[:10]
-        name, owner, password = f"mdb_{suffix}", f"mdb_{suffix}_owner", "pw-owner-5"
-        server.create_role(owner, password)
-        server.create_database(name, owner)
-        yield FreshDatabase(name=name, owner=owner, owner_password=password, dsn=server.dsn(name, owner, password),
-                            superuser_dsn=server.dsn(name), server=server)
-    finally:
-        server.cleanup()
+    with own_server(max_connections=20, extra_conf={"wal_level": "logical"}) as db:
+        yield db
 
 
 def test_a_streaming_logical_replication_connection_does_not_stop_skipping(logical_server: Any) -> None:
@@ -215,7 +170,7 @@ def test_a_streaming_logical_replication_connection_does_not_stop_skipping(logic
     a running statement, no view of the database could ever skip. Streaming since before the last
     refresh, it holds no write: an unchanged view is skipped."""
     db = logical_server
-    run(db, SETUP, f"CREATE MATERIALIZED VIEW mv_join AS {JOIN}", "CREATE UNIQUE INDEX ON mv_join (id)")
+    run(db, SHOP_TABLES, f"CREATE MATERIALIZED VIEW mv_join AS {JOIN}", "CREATE UNIQUE INDEX ON mv_join (id)")
     db.server.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(sql.Identifier(db.owner)))
     conninfo = make_conninfo(host=db.server.host, port=db.server.port, dbname=db.name, user="postgres")
     env = {**os.environ, "PGPASSWORD": db.server.superuser_password}

@@ -24,12 +24,12 @@ import pytest
 from psycopg import sql
 
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh
-from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, decide, lock_key, refresh_view
+from marketplacedb_operator.refresh import ViewTarget, decide, lock_key, refresh_view
 from marketplacedb_operator.sql import refresh_stats
+from refresh_kit import JOIN as QUERY
+from refresh_kit import OPTIONS, connect, wait_for_lock_wait
 
-OPTIONS = RefreshOptions(skip_if_unchanged=True, max_staleness=3600, timeout=60, lock_timeout=5)
 MV = ViewTarget("public", "mv_join")
-QUERY = "SELECT p.id, x.price FROM products AS p JOIN prices AS x ON x.product_id = p.id"
 
 SETUP = """
 CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
@@ -51,10 +51,6 @@ def shop(fresh_db: Any) -> Iterator[Any]:
     first = refresh(fresh_db)
     assert first.outcome == "refreshed", first
     yield fresh_db
-
-
-def connect(db: Any, dsn: str | None = None) -> psycopg.Connection[Any]:
-    return psycopg.connect(dsn or db.dsn, autocommit=True)
 
 
 def refresh(db: Any, conn: psycopg.Connection[Any] | None = None) -> Any:
@@ -86,17 +82,6 @@ def agree_and_refresh(db: Any, kind: str) -> None:
     outcome = refresh(db)
     assert outcome.outcome == "refreshed" and kind in outcome.reason, outcome
     assert not stale(db)
-
-
-def wait_for_lock_wait(db: Any, key: int) -> None:
-    """Until a session waits for advisory lock `key` (no clock involved)."""
-    with connect(db) as probe:
-        for _ in range(600):
-            if probe.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s "
-                             "AND NOT granted", [key]).fetchone() == (1,):
-                return
-            probe.execute("SELECT pg_sleep(0.05)")
-    raise AssertionError("the writer never reached its lock")
 
 
 @contextlib.contextmanager

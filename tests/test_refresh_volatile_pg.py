@@ -14,20 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import yaml
 
-from marketplacedb_operator.api.v1alpha1 import MarketplaceDBSpec
 from marketplacedb_operator.gateways.postgres import schema as gateway
 from marketplacedb_operator.gateways.postgres.refresh import PostgresRefresh, analyze_query
 from marketplacedb_operator.refresh import RefreshOptions, ViewTarget, refresh_view
 from marketplacedb_operator.sql import report
-from marketplacedb_operator.sql.plan import ExecutionPolicy, desired_state, plan
-
-OWNER = "default/shop"
-FAST = ExecutionPolicy(lock_timeout_seconds=2.0, statement_timeout_seconds=60.0, index_lock_timeout_seconds=10.0,
-                       retries=1, retry_base_seconds=0.05)
+from marketplacedb_operator.sql.plan import desired_state, plan
+from refresh_kit import FAST, OWNER, connect, side_effects, spec, view
 
 SETUP = """
 CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
@@ -73,28 +68,6 @@ def shop(fresh_db: Any) -> Any:
         conn.execute(SETUP)
         conn.execute("CREATE VIEW touched AS SELECT id, touch(id) AS t FROM products")
     return fresh_db
-
-
-def connect(db: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(db.dsn, autocommit=True)
-
-
-def spec(*views: dict[str, Any]) -> MarketplaceDBSpec:
-    return MarketplaceDBSpec.model_validate({
-        "database": {"host": "h", "dbname": "d", "credentialsSecretRef": {"name": "s"}},
-        "materializedViews": list(views),
-    })
-
-
-def view(name: str, query: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "query": query, "uniqueKey": ["id"], **extra}
-
-
-def side_effects(db: Any) -> tuple[Any, ...]:
-    with connect(db) as conn:
-        row = conn.execute("SELECT (SELECT count(*) FROM audit), last_value, is_called FROM s_ids").fetchone()
-        assert row is not None
-        return tuple(row)
 
 
 def exists(db: Any, name: str) -> bool:

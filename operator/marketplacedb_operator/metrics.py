@@ -5,26 +5,34 @@ too briefly to be scraped, so the operator reads every view's row and sets these
 Labels are namespace, resource and view only (never a DSN, user or secret).
 https://prometheus.io/docs/practices/naming/
 
-Structure: module-level metric objects, plus pure-ish functions that set them from rows
-(`set_refresh_metrics`, `forget_resource`). Reconcile metrics are added here the same way.
+Memory (issue 14): a prometheus_client labelled child is an object with a lock and a value object
+per sample (a histogram child ~15): 18.7 KiB per resource, ~18 MiB of the operator at 1,000
+resources. So the values live here as plain floats in one `_Resource` per (namespace, resource),
+under one lock, and one collector builds the families at scrape time: same names, HELP, TYPE,
+labels, buckets, `_total` and `_created` as the Gauge/Counter/Histogram objects exposed.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import math
+import sys
 import threading
+import time
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 VIEW_LABELS = ("namespace", "resource", "view")
+RESOURCE_LABELS = ("namespace", "resource")
 
 
 class RefreshRow(Protocol):
@@ -48,86 +56,86 @@ class RefreshRow(Protocol):
     def outcomes(self) -> dict[str, int]: ...
 
 
-def _view_gauge(name: str, documentation: str) -> Gauge:
-    """A per-view gauge of the refresh state (labels: namespace, resource, schema, view)."""
-    return Gauge(name, documentation, VIEW_LABELS, registry=REGISTRY)
+class DeclaredView(Protocol):
+    """One declared view of a resource and its state row, if any (sql.refresh_truth.ViewSeries)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def max_staleness(self) -> float | None: ...
+    @property
+    def first_seen(self) -> datetime.datetime | None: ...
+    @property
+    def state(self) -> RefreshRow | None: ...
 
 
-REFRESH_LAST_SUCCESS = _view_gauge(
-    "marketplacedb_refresh_last_success_timestamp_seconds",
-    "Unix time of the last successful refresh of a materialized view.",
+# Per-view gauges: (name, HELP), in exposition order; a view's values are a tuple in this order.
+VIEW_GAUGES = (
+    ("marketplacedb_refresh_last_success_timestamp_seconds",
+     "Unix time of the last successful refresh of a materialized view."),
+    ("marketplacedb_refresh_last_duration_seconds", "Duration of the last successful refresh (REFRESH and row count)."),
+    ("marketplacedb_refresh_rows", "Rows in the view after its last successful refresh."),
+    ("marketplacedb_refresh_staleness_seconds",
+     "Seconds since the last successful refresh; never refreshed: since the view was first seen declared "
+     "(+Inf when unknown)."),
+    ("marketplacedb_refresh_never_refreshed",
+     "1 when no successful refresh of a declared view was ever recorded (whatever the scheduler)."),
+    ("marketplacedb_refresh_stale", "1 when staleness exceeds the view's maxStaleness (or it never refreshed)."),
+    ("marketplacedb_refresh_max_staleness_seconds", "The view's maxStaleness policy."),
+    ("marketplacedb_refresh_consecutive_failures", "Failed refreshes since the last success."),
 )
-REFRESH_LAST_DURATION = _view_gauge(
-    "marketplacedb_refresh_last_duration_seconds",
-    "Duration of the last successful refresh (REFRESH and row count).",
-)
-REFRESH_ROWS = _view_gauge(
-    "marketplacedb_refresh_rows", "Rows in the view after its last successful refresh.",
-)
-REFRESH_STALENESS = _view_gauge(
-    "marketplacedb_refresh_staleness_seconds",
-    "Seconds since the last successful refresh; never refreshed: since the view was first seen declared "
-    "(+Inf when unknown).",
-)
-REFRESH_NEVER = _view_gauge(
-    "marketplacedb_refresh_never_refreshed",
-    "1 when no successful refresh of a declared view was ever recorded (whatever the scheduler).",
-)
-REFRESH_STALE = _view_gauge(
-    "marketplacedb_refresh_stale", "1 when staleness exceeds the view's maxStaleness (or it never refreshed).",
-)
-REFRESH_MAX_STALENESS = _view_gauge(
-    "marketplacedb_refresh_max_staleness_seconds", "The view's maxStaleness policy.",
-)
-REFRESH_FAILURES = _view_gauge(
-    "marketplacedb_refresh_consecutive_failures", "Failed refreshes since the last success.",
-)
-_GAUGES = (REFRESH_LAST_SUCCESS, REFRESH_LAST_DURATION, REFRESH_ROWS, REFRESH_STALENESS, REFRESH_STALE,
-           REFRESH_MAX_STALENESS, REFRESH_FAILURES, REFRESH_NEVER)
+LAST_SUCCESS, LAST_DURATION, ROWS, STALENESS, NEVER, STALE, MAX_STALENESS, FAILURES = range(len(VIEW_GAUGES))
+_UNSET: tuple[float | None, ...] = (None,) * len(VIEW_GAUGES)
+_ZERO, _ONE = 0.0, 1.0  # shared: most gauges are flags or zero counts, no float object per series
 
 
-class OutcomeCounters(Collector):
-    """`marketplacedb_refresh_outcomes_total{result}`: the state table's cumulative counts.
+class _View(NamedTuple):
+    """One view's series: gauge values (None: series not set) and the state table's outcome counts."""
 
-    The counts are kept in the database (every CronJob pod and the operator add to them), so the
-    exporter mirrors them rather than incrementing a process-local Counter, which has no `set`.
-    A reset (state row dropped) looks like a counter reset, which Prometheus' rate() handles.
-    """
+    gauges: tuple[float | None, ...]
+    outcomes: dict[str, float]
+
+
+BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, math.inf)
+_LE = (*(repr(float(b)) for b in BUCKETS[:-1]), "+Inf")  # as prometheus_client writes `le`
+_SUM, _CREATED = len(BUCKETS), len(BUCKETS) + 1  # a histogram: per-bucket counts, then sum, created
+
+
+class _Resource:
+    """Every series of one resource. Written only under `_lock`; `views` is replaced, never mutated."""
+
+    __slots__ = ("views", "duration", "errors", "ddl", "invalid", "drifted", "pooler", "in_progress", "blocks")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: dict[tuple[str, str, str, str], int] = {}
+        self.views: dict[str, _View] = {}
+        self.duration: array[float] | None = None
+        self.errors: dict[str, tuple[float, float]] = {}  # reason -> (count, created)
+        self.ddl: dict[str, tuple[float, float]] = {}  # result -> (count, created)
+        self.invalid: float | None = None
+        self.drifted: float | None = None
+        self.pooler: float | None = None
+        self.in_progress: float | None = None
+        self.blocks: tuple[float | None, float | None] = (None, None)  # done, total
 
-    def set(self, namespace: str, resource: str, view: str, outcomes: Mapping[str, int]) -> None:
-        with self._lock:
-            for result, count in outcomes.items():
-                self._values[(namespace, resource, view, result)] = int(count)
-
-    def forget(self, namespace: str, resource: str, keep_views: Iterable[str] = ()) -> None:
-        keep = set(keep_views)
-        with self._lock:
-            for key in [k for k in self._values if k[:2] == (namespace, resource) and k[2] not in keep]:
-                del self._values[key]
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "marketplacedb_refresh_outcomes", "Refresh outcomes by result (refreshed, refreshed-plain, "
-            "skipped-busy, skipped-unchanged, failed), from the state table.", labels=[*VIEW_LABELS, "result"],
-        )
-        with self._lock:
-            for key, value in sorted(self._values.items()):
-                family.add_metric(list(key), value)
-        yield family
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("marketplacedb_refresh_outcomes", "", labels=[*VIEW_LABELS, "result"])
-
-
-REFRESH_OUTCOMES = OutcomeCounters()
-REGISTRY.register(REFRESH_OUTCOMES)
 
 _lock = threading.Lock()
-_views: dict[tuple[str, str], set[str]] = {}
+_resources: dict[tuple[str, str], _Resource] = {}
+
+
+def _resource(namespace: str, resource: str) -> _Resource:
+    """The resource's record, created on first use (call with `_lock` held)."""
+    found = _resources.get((namespace, resource))
+    if found is None:
+        found = _resources[(namespace, resource)] = _Resource()
+    return found
+
+
+def _flag(value: bool) -> float:
+    return _ONE if value else _ZERO
+
+
+def _num(value: float) -> float:
+    return _ZERO if value == 0 else float(value)
 
 
 def staleness_seconds(last_success: datetime.datetime | None, now: datetime.datetime) -> float:
@@ -143,19 +151,6 @@ def stale(last_success: datetime.datetime | None, now: datetime.datetime, max_st
     return max_staleness is not None and staleness_seconds(last_success, now) > max_staleness
 
 
-class DeclaredView(Protocol):
-    """One declared view of a resource and its state row, if any (sql.refresh_truth.ViewSeries)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def max_staleness(self) -> float | None: ...
-    @property
-    def first_seen(self) -> datetime.datetime | None: ...
-    @property
-    def state(self) -> RefreshRow | None: ...
-
-
 def set_view_metrics(namespace: str, resource: str, views: Iterable[DeclaredView], now: datetime.datetime) -> None:
     """Set the refresh series of a resource's *declared* views (and remove every other view's).
 
@@ -163,39 +158,48 @@ def set_view_metrics(namespace: str, resource: str, views: Iterable[DeclaredView
     counted from when it was first seen declared, so `marketplacedb_refresh_stale` turns 1 after
     maxStaleness even when no refresh could ever record anything.
     """
-    seen: set[str] = set()
-    for view in views:
-        labels = (namespace, resource, view.name)
-        seen.add(view.name)
-        row = view.state
-        if row is not None:  # the spec's maxStaleness; none (refreshed on demand only): never stale, as in status
-            _set_row(labels, row, now, view.max_staleness)
-        if row is None or row.last_success is None:
-            if row is None:
-                REFRESH_FAILURES.labels(*labels).set(0)
-            age = math.inf if view.first_seen is None else max(0.0, (now - view.first_seen).total_seconds())
-            REFRESH_STALENESS.labels(*labels).set(age)
-            limit = view.max_staleness
-            if limit is not None:
-                REFRESH_MAX_STALENESS.labels(*labels).set(limit)
-            REFRESH_STALE.labels(*labels).set(1 if limit is not None and age > limit else 0)
-        REFRESH_NEVER.labels(*labels).set(1 if row is None or row.last_success is None else 0)
-    _forget_others(namespace, resource, seen)
+    with _lock:
+        record = _resource(namespace, resource)
+        updated: dict[str, _View] = {}
+        for view in views:
+            row = view.state
+            old = updated.get(view.name) or record.views.get(view.name) or _View(_UNSET, {})
+            values = list(old.gauges)
+            outcomes = old.outcomes
+            if row is not None:  # the spec's maxStaleness; none (refreshed on demand only): never stale, as in status
+                outcomes = _set_row(values, old.outcomes, row, now, view.max_staleness)
+            if row is None or row.last_success is None:
+                if row is None:
+                    values[FAILURES] = _ZERO
+                age = math.inf if view.first_seen is None else max(0.0, (now - view.first_seen).total_seconds())
+                values[STALENESS] = age
+                limit = view.max_staleness
+                if limit is not None:
+                    values[MAX_STALENESS] = float(limit)
+                values[STALE] = _flag(limit is not None and age > limit)
+            values[NEVER] = _flag(row is None or row.last_success is None)
+            updated[view.name] = _View(tuple(values), outcomes)
+        record.views = updated  # views not passed (left the spec) lose every series
 
 
-def _set_row(labels: tuple[str, str, str], row: RefreshRow, now: datetime.datetime, limit: float | None) -> None:
+def _set_row(values: list[float | None], outcomes: dict[str, float], row: RefreshRow, now: datetime.datetime,
+             limit: float | None) -> dict[str, float]:
+    """Write a state row into a view's gauge values; returns its outcome counts merged into `outcomes`."""
     if row.last_success is not None:
-        REFRESH_LAST_SUCCESS.labels(*labels).set(row.last_success.timestamp())
+        values[LAST_SUCCESS] = row.last_success.timestamp()
     if row.last_seconds is not None:
-        REFRESH_LAST_DURATION.labels(*labels).set(row.last_seconds)
+        values[LAST_DURATION] = float(row.last_seconds)
     if row.rows is not None:
-        REFRESH_ROWS.labels(*labels).set(row.rows)
+        values[ROWS] = _num(row.rows)
     if limit is not None:
-        REFRESH_MAX_STALENESS.labels(*labels).set(limit)
-    REFRESH_STALENESS.labels(*labels).set(staleness_seconds(row.last_success, now))
-    REFRESH_STALE.labels(*labels).set(1 if stale(row.last_success, now, limit) else 0)
-    REFRESH_FAILURES.labels(*labels).set(row.consecutive_failures)
-    REFRESH_OUTCOMES.set(labels[0], labels[1], labels[2], row.outcomes)
+        values[MAX_STALENESS] = float(limit)
+    values[STALENESS] = staleness_seconds(row.last_success, now)
+    values[STALE] = _flag(stale(row.last_success, now, limit))
+    values[FAILURES] = _num(row.consecutive_failures)
+    if not row.outcomes:
+        return outcomes
+    # Results are a handful of words read anew from every row: interned, one copy for all views.
+    return {**outcomes, **{sys.intern(result): _num(count) for result, count in row.outcomes.items()}}
 
 
 def set_refresh_metrics(namespace: str, resource: str, rows: Iterable[RefreshRow], now: datetime.datetime,
@@ -206,85 +210,25 @@ def set_refresh_metrics(namespace: str, resource: str, rows: Iterable[RefreshRow
     row. Views no longer passed are removed, so deleted views leave no stale series behind.
     The operator uses set_view_metrics (declared views only); this is for rows read directly.
     """
-    seen: set[str] = set()
-    for row in rows:
-        labels = (namespace, resource, row.name)
-        seen.add(row.name)
-        _set_row(labels, row, now, (max_staleness or {}).get(row.name, row.max_staleness))
-        REFRESH_NEVER.labels(*labels).set(1 if row.last_success is None else 0)
-    _forget_others(namespace, resource, seen)
-
-
-def _forget_others(namespace: str, resource: str, seen: set[str]) -> None:
     with _lock:
-        gone = _views.get((namespace, resource), set()) - seen
-        _views[(namespace, resource)] = seen
-    for view in gone:
-        _remove(namespace, resource, view)
-    REFRESH_OUTCOMES.forget(namespace, resource, keep_views=seen)
+        record = _resource(namespace, resource)
+        updated: dict[str, _View] = {}
+        for row in rows:
+            old = updated.get(row.name) or record.views.get(row.name) or _View(_UNSET, {})
+            values = list(old.gauges)
+            outcomes = _set_row(values, old.outcomes, row, now, (max_staleness or {}).get(row.name, row.max_staleness))
+            values[NEVER] = _flag(row.last_success is None)
+            updated[row.name] = _View(tuple(values), outcomes)
+        record.views = updated
 
 
 def forget_resource(namespace: str, resource: str) -> None:
-    """Remove every refresh series of a deleted resource."""
-    forget_reconcile(namespace, resource)
+    """Remove every series of a deleted resource (refresh, reconcile, DDL and progress)."""
     with _lock:
-        views = _views.pop((namespace, resource), set())
-    for view in views:
-        _remove(namespace, resource, view)
-    REFRESH_OUTCOMES.forget(namespace, resource)
-
-
-def _remove(namespace: str, resource: str, view: str) -> None:
-    for gauge in _GAUGES:
-        try:
-            gauge.remove(namespace, resource, view)
-        except KeyError:
-            pass  # this series was never set (e.g. no success yet)
+        _resources.pop((namespace, resource), None)
 
 
 # --- reconcile metrics --------------------------------------------------------------------------
-
-RESOURCE_LABELS = ("namespace", "resource")
-
-RECONCILE_DURATION = Histogram(
-    "marketplacedb_reconcile_duration_seconds",
-    "Time one reconcile took (observe, plan, act, report).",
-    RESOURCE_LABELS,
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
-    registry=REGISTRY,
-)
-RECONCILE_ERRORS = Counter(
-    "marketplacedb_reconcile_errors_total",
-    "Reconciles that ended with a part not converged, by condition reason.",
-    (*RESOURCE_LABELS, "reason"),
-    registry=REGISTRY,
-)
-DDL_STEPS = Counter(
-    "marketplacedb_ddl_objects_total",
-    "Database objects the executor worked on, by result (ok, failed).",
-    (*RESOURCE_LABELS, "result"),
-    registry=REGISTRY,
-)
-INVALID_INDEXES = Gauge(
-    "marketplacedb_invalid_indexes",
-    "Declared indexes that are INVALID or failed to build.",
-    RESOURCE_LABELS,
-    registry=REGISTRY,
-)
-DRIFTED_OBJECTS = Gauge(
-    "marketplacedb_drifted_objects",
-    "Declared database objects whose definition differs from the spec (not yet repaired).",
-    RESOURCE_LABELS,
-    registry=REGISTRY,
-)
-POOLER_READY = Gauge(
-    "marketplacedb_pooler_ready_replicas",
-    "Ready PgBouncer pods of the resource's pooler.",
-    RESOURCE_LABELS,
-    registry=REGISTRY,
-)
-_RESOURCE_SERIES = (RECONCILE_DURATION, INVALID_INDEXES, DRIFTED_OBJECTS, POOLER_READY)
-
 
 def record_reconcile(
     namespace: str,
@@ -296,54 +240,149 @@ def record_reconcile(
     pooler_ready: int | None,
     problems: Iterable[str],
 ) -> None:
-    labels = (namespace, resource)
-    RECONCILE_DURATION.labels(*labels).observe(seconds)
-    INVALID_INDEXES.labels(*labels).set(invalid_indexes)
-    DRIFTED_OBJECTS.labels(*labels).set(drifted)
-    if pooler_ready is not None:
-        POOLER_READY.labels(*labels).set(pooler_ready)
-    for reason in problems:
-        RECONCILE_ERRORS.labels(*labels, reason).inc()
+    reasons = list(problems)
+    now = time.time()
+    with _lock:  # one acquisition: a scrape sees all of this reconcile or none of it
+        record = _resource(namespace, resource)
+        if record.duration is None:
+            record.duration = array("d", [0.0] * _SUM + [0.0, now])
+        record.duration[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket with seconds <= le
+        record.duration[_SUM] += seconds
+        record.invalid = _num(invalid_indexes)
+        record.drifted = _num(drifted)
+        if pooler_ready is not None:
+            record.pooler = _num(pooler_ready)
+        for reason in reasons:
+            count, created = record.errors.get(reason, (0.0, now))
+            record.errors[reason] = (count + 1, created)
 
 
 def record_ddl(namespace: str, resource: str, ok: int, failed: int) -> None:
-    if ok:
-        DDL_STEPS.labels(namespace, resource, "ok").inc(ok)
-    if failed:
-        DDL_STEPS.labels(namespace, resource, "failed").inc(failed)
-
-
-def forget_reconcile(namespace: str, resource: str) -> None:
-    for metric in _RESOURCE_SERIES:
-        try:
-            metric.remove(namespace, resource)
-        except KeyError:
-            pass
+    if not ok and not failed:
+        return
+    now = time.time()
+    with _lock:
+        record = _resource(namespace, resource)
+        for result, amount in (("ok", ok), ("failed", failed)):
+            if amount:
+                count, created = record.ddl.get(result, (0.0, now))
+                record.ddl[result] = (count + amount, created)
 
 
 # --- background DDL progress (issue 14: long DDL off the handler threads) ------------------------
 
-DDL_IN_PROGRESS = Gauge(
-    "marketplacedb_ddl_in_progress",
-    "1 while DDL of the resource runs (or waits for a slot) in the background, else 0.",
-    RESOURCE_LABELS,
-    registry=REGISTRY,
-)
-INDEX_BUILD_BLOCKS = Gauge(
-    "marketplacedb_index_build_blocks",
-    "Blocks of the running index build's current phase (pg_stat_progress_create_index), done and total.",
-    (*RESOURCE_LABELS, "kind"),
-    registry=REGISTRY,
-)
-
-
 def record_progress(namespace: str, resource: str, running: bool, done: int | None, total: int | None) -> None:
-    DDL_IN_PROGRESS.labels(namespace, resource).set(1 if running else 0)
-    for kind, value in (("done", done), ("total", total)):
-        if running and value is not None:
-            INDEX_BUILD_BLOCKS.labels(namespace, resource, kind).set(value)
-        else:
-            try:
-                INDEX_BUILD_BLOCKS.remove(namespace, resource, kind)
-            except KeyError:
-                pass
+    """In progress 0/1; the blocks series only while running and known (removed otherwise)."""
+    with _lock:
+        record = _resource(namespace, resource)
+        record.in_progress = _flag(running)
+        record.blocks = (_num(done) if running and done is not None else None,
+                         _num(total) if running and total is not None else None)
+
+
+# --- exposition ---------------------------------------------------------------------------------
+
+class _Snapshot(NamedTuple):
+    namespace: str
+    resource: str
+    views: dict[str, _View]
+    duration: array[float] | None
+    errors: list[tuple[str, tuple[float, float]]]
+    ddl: list[tuple[str, tuple[float, float]]]
+    gauges: tuple[float | None, float | None, float | None, float | None]
+    blocks: tuple[float | None, float | None]
+
+
+def _snapshot() -> list[_Snapshot]:
+    """A consistent copy of every resource, taken under the lock; the families are built after it."""
+    with _lock:
+        return [_Snapshot(ns, res, r.views, None if r.duration is None else array("d", r.duration),
+                          list(r.errors.items()), list(r.ddl.items()),
+                          (r.invalid, r.drifted, r.pooler, r.in_progress), r.blocks)
+                for (ns, res), r in _resources.items()]
+
+
+RESOURCE_GAUGES = (  # (name, HELP), the order of _Snapshot.gauges
+    ("marketplacedb_invalid_indexes", "Declared indexes that are INVALID or failed to build."),
+    ("marketplacedb_drifted_objects", "Declared database objects whose definition differs from the spec (not yet "
+     "repaired)."),
+    ("marketplacedb_pooler_ready_replicas", "Ready PgBouncer pods of the resource's pooler."),
+    ("marketplacedb_ddl_in_progress",
+     "1 while DDL of the resource runs (or waits for a slot) in the background, else 0."),
+)
+OUTCOMES = ("marketplacedb_refresh_outcomes", "Refresh outcomes by result (refreshed, refreshed-plain, skipped-busy, "
+            "skipped-unchanged, failed), from the state table.")
+DURATION = ("marketplacedb_reconcile_duration_seconds", "Time one reconcile took (observe, plan, act, report).")
+ERRORS = ("marketplacedb_reconcile_errors", "Reconciles that ended with a part not converged, by condition reason.")
+DDL_OBJECTS = ("marketplacedb_ddl_objects", "Database objects the executor worked on, by result (ok, failed).")
+BLOCKS = ("marketplacedb_index_build_blocks",
+          "Blocks of the running index build's current phase (pg_stat_progress_create_index), done and total.")
+
+
+def _families(snapshot: list[_Snapshot]) -> Iterator[Metric]:
+    """The families in the order the Gauge/Counter/Histogram objects were registered."""
+    for index, (name, documentation) in enumerate(VIEW_GAUGES):
+        gauge = GaugeMetricFamily(name, documentation, labels=VIEW_LABELS)
+        for s in snapshot:
+            for view, series in s.views.items():
+                if (value := series.gauges[index]) is not None:
+                    gauge.add_metric((s.namespace, s.resource, view), value)
+        yield gauge
+    # The outcome counts mirror the state table (CronJob pods and the operator add to them): no
+    # `_created`, as this process did not create them; a dropped row looks like a counter reset.
+    outcomes = CounterMetricFamily(*OUTCOMES, labels=(*VIEW_LABELS, "result"))
+    for s in snapshot:
+        for view, series in s.views.items():
+            for result, count in sorted(series.outcomes.items()):
+                outcomes.add_metric((s.namespace, s.resource, view, result), count)
+    yield outcomes
+    yield _histogram(snapshot)
+    yield _counter(ERRORS, "reason", ((s, s.errors) for s in snapshot))
+    yield _counter(DDL_OBJECTS, "result", ((s, s.ddl) for s in snapshot))
+    for index, (name, documentation) in enumerate(RESOURCE_GAUGES):
+        gauge = GaugeMetricFamily(name, documentation, labels=RESOURCE_LABELS)
+        for s in snapshot:
+            if (value := s.gauges[index]) is not None:
+                gauge.add_metric((s.namespace, s.resource), value)
+        yield gauge
+    blocks = GaugeMetricFamily(*BLOCKS, labels=(*RESOURCE_LABELS, "kind"))
+    for s in snapshot:
+        for kind, value in zip(("done", "total"), s.blocks, strict=True):
+            if value is not None:
+                blocks.add_metric((s.namespace, s.resource, kind), value)
+    yield blocks
+
+
+def _counter(family: tuple[str, str], label: str,
+             counts: Iterable[tuple[_Snapshot, list[tuple[str, tuple[float, float]]]]]) -> CounterMetricFamily:
+    counter = CounterMetricFamily(*family, labels=(*RESOURCE_LABELS, label))
+    for s, values in counts:
+        for value, (count, created) in values:
+            counter.add_metric((s.namespace, s.resource, value), count, created=created)
+    return counter
+
+
+def _histogram(snapshot: list[_Snapshot]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(*DURATION, labels=RESOURCE_LABELS)
+    for s in snapshot:
+        if s.duration is None:
+            continue
+        cumulative, buckets = 0.0, []
+        for le, count in zip(_LE, s.duration[:_SUM], strict=True):
+            cumulative += count
+            buckets.append((le, cumulative))
+        family.add_metric((s.namespace, s.resource), buckets, s.duration[_SUM])
+        family.add_sample(f"{DURATION[0]}_created", {"namespace": s.namespace, "resource": s.resource},
+                          s.duration[_CREATED])
+    return family
+
+
+class _Exporter(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield from _families(_snapshot())  # the lock is released before the first family is built
+
+    def describe(self) -> Iterator[Metric]:
+        yield from _families([])
+
+
+REGISTRY.register(_Exporter())
