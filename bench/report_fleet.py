@@ -7,11 +7,12 @@ import math
 from typing import Any
 
 from .report_kit import num
+from .scenarios.fleet_procs import SCRAPE_EVERY
 
 # Owners (bench/operator_proc.py's owner()) grouped for the report, in order.
 _GROUPS = (
     ("kopf (the watch: object bodies, per-object memory)", ("kopf", "aiohttp", "multidict", "yarl", "aiosignal")),
-    ("Prometheus metrics (per-resource series)", ("prometheus_client",)),
+    ("Prometheus metrics (per-resource series)", ("prometheus_client", "operator:metrics.py")),
     ("the operator's own objects", ("operator:",)),
     ("Kubernetes client, psycopg, pydantic", ("kubernetes", "urllib3", "psycopg", "pydantic", "pydantic_core")),
 )
@@ -78,7 +79,9 @@ def memory_lines(runs: list[dict[str, Any]], count: int) -> list[str]:
              f"- before any resource: {num(base, 'MiB')} (Python, kopf, pydantic, psycopg, the Kubernetes client, "
              "the metrics server: imports and threads);",
              f"- at the peak: {num(peak, 'MiB')}, {num((peak - base) * 1024 / count, 'KiB')} per resource above that; "
-             f"when all were Ready: {num(ready, 'MiB')}."]
+             f"when all were Ready: {num(ready, 'MiB')}; /metrics was scraped every "
+             f"{SCRAPE_EVERY:g} s meanwhile, as the chart's ServiceMonitor does ({run.get('metrics_scrapes', 0):,} "
+             f"scrapes, the last {num(run.get('metrics_scrape_bytes', 0) / 2**20, 'MiB')} of text)."]
     lines += _burst_lines(run, base, peak, count)
     profile = run.get("idle_memory_profile")
     if not profile:

@@ -242,6 +242,8 @@ def _create_phase(kube: KubeServer, operator: Operator, fleet: Fleet, resources:
         "rss_peak_mib": operator.status_mib("VmHWM"),
         "ready_times": ready_times,
         "rss_timeline": [(t - t0, v) for t, v in operator.rss_samples],
+        "metrics_scrapes": len(operator.scrapes),
+        "metrics_scrape_bytes": operator.scrapes[-1] if operator.scrapes else 0,
     }
 
 
