@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime
-import inspect
 import logging
 import threading
 import time
@@ -24,7 +23,6 @@ from kopf._cogs.structs.references import Resource
 from kopf._core.actions import lifecycles
 from kopf._core.engines import activities, peering
 from kopf._core.intents import causes
-from kopf._core.reactor import queueing
 
 from harness.kube import KubeObjects, eventually
 from marketplacedb_operator import handlers
@@ -159,24 +157,3 @@ async def test_a_dead_or_stalled_scheduler_fails_liveness(
                                       settings=OperatorSettings(), activity=causes.Activity.CLEANUP,
                                       indices={}, memo=kopf.Memo())
 
-
-async def test_kopf_workers_let_go_of_an_objects_body_soon_after_its_last_event(
-    kube_client: kubernetes.client.ApiClient,
-) -> None:
-    """kopf's per-object worker keeps the object's last event (the whole parsed body) until it has
-    idled settings.queueing.idle_timeout (5 s by default): a bulk create of 1,000 resources held
-    ~1,000 bodies at once and the allocator kept the arenas they filled (bench/REPORT-fleet.md,
-    issue 14's memory goal). The operator's startup shortens it; the value must reach the setting
-    kopf's worker reads (a renamed setting in a kopf upgrade would fail here, not silently)."""
-    assert "settings.queueing.idle_timeout" in inspect.getsource(queueing.worker)
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry, make_deps(Settings(), kube_client))
-    settings = OperatorSettings()
-    assert settings.queueing.idle_timeout == 5.0  # kopf's default, for the record
-    await activities.run_activity(lifecycle=lifecycles.all_at_once, registry=registry, settings=settings,
-                                  activity=causes.Activity.STARTUP, indices={}, memo=kopf.Memo())
-    try:
-        assert settings.queueing.idle_timeout == handlers.KOPF_WORKER_IDLE_SECONDS <= 1.0
-    finally:
-        await activities.run_activity(lifecycle=lifecycles.all_at_once, registry=registry, settings=settings,
-                                      activity=causes.Activity.CLEANUP, indices={}, memo=kopf.Memo())

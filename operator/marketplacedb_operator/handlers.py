@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -42,9 +43,8 @@ RBAC_NEEDS: list[tuple[str, str, tuple[str, ...]]] = [
     ("", "events", ("create",)),  # kopf.event() posts core v1 Events
 ]
 # Cluster-scoped in every mode: kopf watches CRDs so a re-installed CRD is noticed without a restart
-# (without it kopf logs "Not enough permissions to watch for resources" and carries on). Namespaces
-# are deliberately not granted: kopf lists them only when watching named namespaces, and then falls
-# back to the exact names given (kopf/_core/reactor/observation.py).
+# (else it logs "Not enough permissions to watch for resources" and carries on). Namespaces are not
+# granted: kopf lists them only for named namespaces, falling back to the names given (observation.py).
 RBAC_NEEDS_CLUSTER: list[tuple[str, str, tuple[str, ...]]] = [
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
 ]
@@ -59,11 +59,8 @@ RBAC_NEEDS_PEERING: list[tuple[str, str, tuple[str, ...]]] = [
 # the periodic ones (resync, retries) that the scheduler runs.
 EVENT_RECONCILES = 4
 RESYNC_RECONCILES = 4
-# kopf runs one worker task per object while it has events, and the worker keeps the object's last
-# event (its whole parsed body, ~21 KiB for the example resource) until it has been idle this long
-# (kopf's default: 5 s). A bulk create of 1,000 resources had ~1,000 bodies live at once; python's
-# allocator keeps the arenas they filled (bench/REPORT-fleet.md: the peak was reached in the first
-# 15 s and never left). Shorter idling frees them sooner; a worker is re-created by the next event.
+# kopf's worker per object keeps its last event (the parsed body, ~21 KiB) until idle this long (5 s by
+# default): a bulk create of 1,000 held ~1,000 at once (tests/test_operator_memory.py); re-created on events.
 KOPF_WORKER_IDLE_SECONDS = 0.5
 
 
@@ -165,6 +162,14 @@ def _run(deps: Deps, body: Mapping[str, Any], state: ResourceState, logger: Any)
         state.lock.release()
     if state.pending:  # asked for after next_due was chosen above (a run that found the lock held)
         state.next_due = 0.0
+
+
+def _pack(body: Mapping[str, Any]) -> bytes:  # compressed JSON: ~1.7 KB, not ~21 KiB parsed, while queued
+    return zlib.compress(json.dumps(dict(body), separators=(",", ":")).encode(), 1)
+
+
+def _run_packed(deps: Deps, packed: bytes, state: ResourceState, logger: Any) -> None:
+    _run(deps, kopf.Body(cast(kopf.RawBody, json.loads(zlib.decompress(packed)))), state, logger)
 
 
 def _current(deps: Deps, body: Mapping[str, Any], state: ResourceState) -> dict[str, Any] | None:
@@ -305,9 +310,10 @@ def register(registry: kopf.OperatorRegistry, deps: Deps) -> None:
         if tracked(body, state) and not run and state.queued is None:
             state.next_due = 0.0  # re-tracked with nothing new: due now, else no resync ever again
         if run:
-            # kopf.event() finds its posting queue through context variables: carry them over.
-            context = contextvars.copy_context()
-            asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run, deps, body, state, logger)
+            # kopf.event() finds its posting queue through context variables: carry them over. Packed:
+            context = contextvars.copy_context()  # after a bulk create ~1,000 wait here for minutes
+            asyncio.get_running_loop().run_in_executor(reconciles, context.run, _run_packed, deps, _pack(body), state,
+                                                       logger)
 
     # The periodic reconciles (resync, retries with backoff) run from one scheduler thread, not a
     # kopf timer per object: kopf keeps a live copy of the body of each object with a timer

@@ -15,7 +15,10 @@ which registers them, does not run while kopf is paused).
 Reads: each due resource is read (GET) on a pool of READERS_PER_WORKER x workers threads, and
 only a body that was read is handed to the `workers` reconcile threads: a few reads the API server
 never answers (the gateway's request timeout bounds each) hold reader threads, not every
-reconcile thread, so the other resources keep their resync (tests/test_loop_redteam4.py).
+reconcile thread, so the other resources keep their resync (tests/test_loop_redteam4.py). A reader
+hands its body on only when a reconcile thread is free (one slot each): reads are fast and
+reconciles slow, so otherwise every due body waited in the pool's queue (at N = 1,000 a resync
+pass queued hundreds, ~12 KiB each: tests/test_operator_scheduler.py); now at most one per reader.
 
 Health: health() (kopf's liveness probe, handlers.py) fails when the thread died or its last tick
 is older than STALL_TICKS ticks (at least STALL_MIN_SECONDS): /healthz then fails and the kubelet
@@ -110,6 +113,7 @@ class Scheduler:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resync")
         self._reads = concurrent.futures.ThreadPoolExecutor(max_workers=workers * READERS_PER_WORKER,
                                                             thread_name_prefix="scheduler-read")
+        self._slots = threading.BoundedSemaphore(workers)  # a free reconcile thread, taken before a hand-over
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._trimmed = 0.0
@@ -186,10 +190,19 @@ class Scheduler:
         if state.deleted:  # on_delete ran while it was read
             return
         logger = _Prefixed(logging.getLogger("kopf.objects"), {"resource": key})
+        while not self._slots.acquire(timeout=1.0):  # the body waits here, one per reader, not in a queue
+            if self._stop.is_set():
+                return
         try:
-            self._pool.submit(context.run, self.run, body, state, logger)
+            self._pool.submit(context.run, self._reconcile, body, state, logger)
         except RuntimeError:  # stopped meanwhile (shutdown): nothing more runs
-            pass
+            self._slots.release()
+
+    def _reconcile(self, body: Mapping[str, Any], state: Due, logger: Any) -> None:
+        try:
+            self.run(body, state, logger)
+        finally:
+            self._slots.release()
 
 
 # kopf peering (https://kopf.readthedocs.io/en/stable/peering/) pauses every replica that sees a
