@@ -1,21 +1,20 @@
 """Prometheus metrics of the operator, on one dedicated registry (`REGISTRY`).
 
 Refresh metrics come from the state table, not from the process that refreshed: CronJob pods live
-too briefly to be scraped, so the operator reads every view's row and sets these series.
-Labels are namespace, resource and view only (never a DSN, user or secret).
-https://prometheus.io/docs/practices/naming/
+too briefly to be scraped, so the operator reads every view's row and sets these series. Labels are
+namespace, resource and view only (never a DSN, user or secret): prometheus.io/docs/practices/naming/
 
 Memory (issue 14): a prometheus_client labelled child is an object with a lock and a value object
-per sample (a histogram child ~15): 18.7 KiB per resource, ~18 MiB of the operator at 1,000
-resources. So the values live here as plain floats in one `_Resource` per (namespace, resource),
-under one lock, and one collector builds the families at scrape time: same names, HELP, TYPE,
-labels, buckets, `_total` and `_created` as the Gauge/Counter/Histogram objects exposed.
+per sample: 18.7 KiB per resource. So the values live here as plain floats in one `_Resource` per
+(namespace, resource), under one lock, and one collector builds the families at scrape time (same
+names, HELP, TYPE, labels, buckets, `_total`, `_created`), sample by sample (metrics_exposition.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import datetime
+import functools
 import math
 import sys
 import threading
@@ -26,8 +25,11 @@ from decimal import Decimal
 from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from .metrics_exposition import LazyFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -320,61 +322,70 @@ BLOCKS = ("marketplacedb_index_build_blocks",
 
 
 def _families(snapshot: list[_Snapshot]) -> Iterator[Metric]:
-    """The families in the order the Gauge/Counter/Histogram objects were registered."""
+    """The families in the order the Gauge/Counter/Histogram objects were registered; each makes
+    its samples when read (metrics_exposition.LazyFamily): a scrape holds one sample at a time."""
     for index, (name, documentation) in enumerate(VIEW_GAUGES):
-        gauge = GaugeMetricFamily(name, documentation, labels=VIEW_LABELS)
-        for s in snapshot:
-            for view, series in s.views.items():
-                if (value := series.gauges[index]) is not None:
-                    gauge.add_metric((s.namespace, s.resource, view), value)
-        yield gauge
+        yield LazyFamily(name, documentation, "gauge", functools.partial(_view_gauge, snapshot, name, index))
     # The outcome counts mirror the state table (CronJob pods and the operator add to them): no
     # `_created`, as this process did not create them; a dropped row looks like a counter reset.
-    outcomes = CounterMetricFamily(*OUTCOMES, labels=(*VIEW_LABELS, "result"))
+    yield LazyFamily(*OUTCOMES, "counter", functools.partial(_outcomes, snapshot))
+    yield LazyFamily(*DURATION, "histogram", functools.partial(_histogram, snapshot))
+    yield LazyFamily(*ERRORS, "counter", functools.partial(_counter, snapshot, ERRORS[0], "reason", 0))
+    yield LazyFamily(*DDL_OBJECTS, "counter", functools.partial(_counter, snapshot, DDL_OBJECTS[0], "result", 1))
+    for index, (name, documentation) in enumerate(RESOURCE_GAUGES):
+        yield LazyFamily(name, documentation, "gauge", functools.partial(_resource_gauge, snapshot, name, index))
+    yield LazyFamily(*BLOCKS, "gauge", functools.partial(_blocks, snapshot))
+
+
+def _view_gauge(snapshot: list[_Snapshot], name: str, index: int) -> Iterator[Sample]:
+    for s in snapshot:
+        for view, series in s.views.items():
+            if (value := series.gauges[index]) is not None:
+                yield Sample(name, {"namespace": s.namespace, "resource": s.resource, "view": view}, value)
+
+
+def _outcomes(snapshot: list[_Snapshot]) -> Iterator[Sample]:
     for s in snapshot:
         for view, series in s.views.items():
             for result, count in sorted(series.outcomes.items()):
-                outcomes.add_metric((s.namespace, s.resource, view, result), count)
-    yield outcomes
-    yield _histogram(snapshot)
-    yield _counter(ERRORS, "reason", ((s, s.errors) for s in snapshot))
-    yield _counter(DDL_OBJECTS, "result", ((s, s.ddl) for s in snapshot))
-    for index, (name, documentation) in enumerate(RESOURCE_GAUGES):
-        gauge = GaugeMetricFamily(name, documentation, labels=RESOURCE_LABELS)
-        for s in snapshot:
-            if (value := s.gauges[index]) is not None:
-                gauge.add_metric((s.namespace, s.resource), value)
-        yield gauge
-    blocks = GaugeMetricFamily(*BLOCKS, labels=(*RESOURCE_LABELS, "kind"))
+                labels = {"namespace": s.namespace, "resource": s.resource, "view": view, "result": result}
+                yield Sample(f"{OUTCOMES[0]}_total", labels, count)
+
+
+def _counter(snapshot: list[_Snapshot], name: str, label: str, which: int) -> Iterator[Sample]:
     for s in snapshot:
-        for kind, value in zip(("done", "total"), s.blocks, strict=True):
-            if value is not None:
-                blocks.add_metric((s.namespace, s.resource, kind), value)
-    yield blocks
+        for value, (count, created) in s.errors if which == 0 else s.ddl:
+            labels = {"namespace": s.namespace, "resource": s.resource, label: value}
+            yield Sample(f"{name}_total", labels, count)
+            yield Sample(f"{name}_created", labels, created)
 
 
-def _counter(family: tuple[str, str], label: str,
-             counts: Iterable[tuple[_Snapshot, list[tuple[str, tuple[float, float]]]]]) -> CounterMetricFamily:
-    counter = CounterMetricFamily(*family, labels=(*RESOURCE_LABELS, label))
-    for s, values in counts:
-        for value, (count, created) in values:
-            counter.add_metric((s.namespace, s.resource, value), count, created=created)
-    return counter
-
-
-def _histogram(snapshot: list[_Snapshot]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(*DURATION, labels=RESOURCE_LABELS)
+def _histogram(snapshot: list[_Snapshot]) -> Iterator[Sample]:
+    name = DURATION[0]
     for s in snapshot:
         if s.duration is None:
             continue
-        cumulative, buckets = 0.0, []
+        labels = {"namespace": s.namespace, "resource": s.resource}
+        cumulative = 0.0
         for le, count in zip(_LE, s.duration[:_SUM], strict=True):
             cumulative += count
-            buckets.append((le, cumulative))
-        family.add_metric((s.namespace, s.resource), buckets, s.duration[_SUM])
-        family.add_sample(f"{DURATION[0]}_created", {"namespace": s.namespace, "resource": s.resource},
-                          s.duration[_CREATED])
-    return family
+            yield Sample(f"{name}_bucket", {**labels, "le": le}, cumulative)
+        yield Sample(f"{name}_count", labels, cumulative)
+        yield Sample(f"{name}_sum", labels, s.duration[_SUM])
+        yield Sample(f"{name}_created", labels, s.duration[_CREATED])
+
+
+def _resource_gauge(snapshot: list[_Snapshot], name: str, index: int) -> Iterator[Sample]:
+    for s in snapshot:
+        if (value := s.gauges[index]) is not None:
+            yield Sample(name, {"namespace": s.namespace, "resource": s.resource}, value)
+
+
+def _blocks(snapshot: list[_Snapshot]) -> Iterator[Sample]:
+    for s in snapshot:
+        for kind, value in zip(("done", "total"), s.blocks, strict=True):
+            if value is not None:
+                yield Sample(BLOCKS[0], {"namespace": s.namespace, "resource": s.resource, "kind": kind}, value)
 
 
 class _Exporter(Collector):

@@ -11,9 +11,8 @@ from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from prometheus_client import start_http_server
 
-from .. import handlers, metrics
+from .. import handlers, metrics, metrics_exposition
 from ..settings import Settings
 from .wiring import make_deps
 
@@ -74,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     namespaces = args.namespace or list(settings.namespaces)
     deps = make_deps(settings, _api_client())
-    start_http_server(args.metrics_port, registry=metrics.REGISTRY)
+    metrics_exposition.serve(args.metrics_port, metrics.REGISTRY)  # not start_http_server: memory (its docstring)
     handlers.run_operator(
         deps,
         namespaces=namespaces,
