@@ -12,14 +12,16 @@ from __future__ import annotations
 import datetime
 import re
 import threading
+import urllib.request
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
 from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-from marketplacedb_operator import metrics
+from marketplacedb_operator import metrics, metrics_exposition
 from marketplacedb_operator.sql.refresh import RefreshState
 from marketplacedb_operator.sql.refresh_truth import ViewSeries
 
@@ -68,7 +70,7 @@ HEADERS = "".join(f"# HELP {name} {text}\n# TYPE {name} {kind}\n" for name, kind
 def scrape(namespace: str = NS) -> Series:
     """Every sample of `namespace`, as Prometheus parses the text exposition (labels in text order)."""
     series: Series = {}
-    for family in text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode()):
+    for family in text_string_to_metric_families(metrics_exposition.exposition(metrics.REGISTRY).decode()):
         for sample in family.samples:
             if sample.labels.get("namespace") == namespace:
                 key = (sample.name, tuple(sample.labels.items()))
@@ -276,3 +278,28 @@ def test_a_scrape_sees_whole_reconciles_never_half_of_one() -> None:
         stop.set()
         writer.join()
         metrics.forget_resource("torn", "r")
+
+
+def test_the_served_page_is_prometheus_clients_text_byte_for_byte() -> None:
+    """The operator streams /metrics itself (metrics_exposition.py: memory); the page must be the
+    text prometheus_client's generate_latest writes, hostile view names included (a quote, a
+    backslash, a newline: escaped in label values), and the same over HTTP."""
+    hostile = ['mv_"quoted"', "mv_back\\slash", "mv_new\nline"]
+    metrics.set_view_metrics(NS, "hostile", [ViewSeries(name, 60.0, NOW, row(name, 30.0)) for name in hostile], NOW)
+    metrics.record_reconcile(NS, "hostile", 0.3, invalid_indexes=1, drifted=0, pooler_ready=None, problems=["X"])
+    metrics.record_ddl(NS, "hostile", 2, 1)
+    metrics.record_progress(NS, "hostile", True, 3, 9)
+    try:
+        expected = generate_latest(metrics.REGISTRY)
+        assert metrics_exposition.exposition(metrics.REGISTRY) == expected
+        assert b'view="mv_\\"quoted\\""' in expected and b'view="mv_new\\nline"' in expected
+        server = metrics_exposition.serve(0, metrics.REGISTRY, addr="127.0.0.1")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics", timeout=10) as reply:
+                assert reply.headers["Content-Type"] == CONTENT_TYPE_LATEST
+                assert reply.read() == expected
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        metrics.forget_resource(NS, "hostile")
