@@ -379,3 +379,42 @@ def test_a_page_cut_short_is_not_a_successful_scrape() -> None:
         for server in (old, new):
             server.shutdown()
             server.server_close()
+
+
+async def test_readers_waiting_for_slots_behind_slow_reconciles_keep_the_scheduler_live(
+    kube_objects: KubeObjects, kube_client: kubernetes.client.ApiClient,
+) -> None:
+    """PROBE (held): workers=1 and its one reconcile hangs; every reader ends up holding a body and
+    waiting for the slot. The scheduler thread still ticks (health() holds), a resource deleted
+    meanwhile leaves `states`, and once the reconcile ends every waiting body is reconciled."""
+    await kube_objects.ensure_namespace(NS)
+    count = 12
+    for i in range(count):
+        await kube_objects.create({"apiVersion": naming.API_VERSION, "kind": naming.KIND,
+                                   "metadata": {"name": f"w{i}", "namespace": NS}, "spec": {}})
+    deps = make_deps(Settings(tick_seconds=0.05), kube_client)
+    ran: list[str] = []
+    hang = threading.Event()
+
+    def run(body: Any, state: Any, logger: Any) -> None:
+        ran.append(body["metadata"]["name"])
+        hang.wait(30)
+        state.next_due = time.monotonic() + 3600
+
+    states = {f"{NS}/w{i}": handlers.ResourceState() for i in range(count)}
+    scheduler = Scheduler(deps, states, run, workers=1, backoff=lambda failures: 1.0, pause=PeeringPause())
+    scheduler.context = contextvars.copy_context()
+    try:
+        scheduler.start()
+        await eventually(lambda: len(ran) == 1, timeout=30, message="the first reconcile hangs")
+        deleted = next(state for key, state in states.items() if key != f"{NS}/{ran[0]}")
+        deleted.deleted = True
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            scheduler.health()  # raises SchedulerStalled if the thread stopped ticking
+        assert deleted not in states.values()
+        hang.set()
+        await eventually(lambda: len(set(ran)) >= count - 1, timeout=60, message="every waiting body ran")
+    finally:
+        hang.set()
+        scheduler.stop()
