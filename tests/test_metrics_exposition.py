@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
 from marketplacedb_operator import metrics, metrics_exposition
@@ -296,7 +296,7 @@ def test_the_served_page_is_prometheus_clients_text_byte_for_byte() -> None:
         server = metrics_exposition.serve(0, metrics.REGISTRY, addr="127.0.0.1")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics", timeout=10) as reply:
-                assert reply.headers["Content-Type"] == CONTENT_TYPE_LATEST
+                assert reply.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
                 assert reply.read() == expected
         finally:
             server.shutdown()
