@@ -4,6 +4,7 @@ subprocess of its own so that the operator's resident memory is its own."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -21,6 +22,9 @@ NAMESPACE = "bench"
 # /metrics is scraped as the chart's ServiceMonitor does (interval 30 s): a scrape builds the whole
 # exposition (~5 MB at N = 1,000) in the operator, and production pays that, so the peak includes it.
 SCRAPE_EVERY = 30.0
+# Prometheus 2.x's scrape Accept header (scrape/scrape.go); it always asks for gzip too.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 
 class KubeServer:
@@ -131,10 +135,15 @@ class Operator:
             self.rss_samples.append((time.time(), self.status_mib("VmRSS")))
 
     def _scrape(self) -> None:
+        """As Prometheus scrapes: its Accept header (OpenMetrics first) and gzip."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics", headers={
+            "Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
         while not self._stop.wait(SCRAPE_EVERY):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=20) as resp:
-                    self.scrapes.append(len(resp.read()))
+                with urllib.request.urlopen(request, timeout=20) as resp:
+                    body = resp.read()
+                    gzipped = resp.headers.get("Content-Encoding") == "gzip"
+                self.scrapes.append(len(gzip.decompress(body) if gzipped else body))
             except OSError:
                 pass  # not up yet, or stopping: the next interval tries again
 
